@@ -1,0 +1,48 @@
+"""functorch_reg: regularized training in the ``torch.func`` style.
+
+Penalties and proximal operators are pure functions of a parameter pytree; the
+update rules are pure ``init``/``step`` functions that compile, vmap over
+hyperparameters and match ``torch.optim`` step for step::
+
+    import functorch_reg as fr
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    opt = fr.adamw(lr=1e-3, weight_decay=1e-2, mask=fr.select.weights())
+    state = opt.init(params)
+    grads = torch.func.grad(objective)(params, x, y)
+    params, state = opt.step(params, grads, state)
+"""
+
+from . import penalties, prox, select
+from .optim import (
+    AdamState,
+    Optimizer,
+    SGDState,
+    adam,
+    adamw,
+    load_state_dict,
+    schedules,
+    sgd,
+    state_dict,
+)
+from .tree import leaf_names, stack, unstack
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamState",
+    "Optimizer",
+    "SGDState",
+    "adam",
+    "adamw",
+    "leaf_names",
+    "load_state_dict",
+    "penalties",
+    "prox",
+    "schedules",
+    "select",
+    "sgd",
+    "stack",
+    "state_dict",
+    "unstack",
+]

@@ -1,0 +1,92 @@
+"""Validation of scalar hyperparameters, shared by penalties, prox and optimizers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Scalar = float | Tensor
+"""A hyperparameter: a Python number or a 0-d floating-point tensor."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Allowed values ``low <= x <= high`` (``x < high`` when ``high_open``)."""
+
+    low: float = 0.0
+    high: float = math.inf
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        return f"[{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+    def holds(self, value: float) -> bool:
+        below_high = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and self.low <= value and below_high
+
+
+NON_NEGATIVE = Interval()
+UNIT = Interval(0.0, 1.0)
+UNIT_OPEN = Interval(0.0, 1.0, high_open=True)
+
+
+def check_scalars(
+    owner: str,
+    values: Mapping[str, object],
+    intervals: Mapping[str, Interval],
+    *,
+    read_tensors: bool = True,
+) -> None:
+    """Raise a clear error unless every named value is a finite scalar inside its interval.
+
+    Types and shapes are always checked. Values are checked for Python numbers and,
+    with ``read_tensors``, for tensors (one host sync for all of them), except where
+    they cannot be read without breaking the program: under ``torch.compile`` (which
+    may trace a float as symbolic) and, for tensors, inside ``vmap``.
+    """
+    compiling = torch.compiler.is_compiling()
+    tensors = {}
+    for name, value in values.items():
+        interval = intervals[name]
+        if isinstance(value, Tensor):
+            if not value.is_floating_point():
+                raise TypeError(
+                    f"{owner}: {name} must be a floating-point tensor, got {value.dtype}"
+                )
+            if value.ndim != 0:
+                raise ValueError(
+                    f"{owner}: {name} must be a scalar (0-d) tensor, got shape "
+                    f"{tuple(value.shape)}; to sweep it, vmap over its leading dim"
+                )
+            if read_tensors and _readable(value):
+                tensors[name] = value
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{owner}: {name} must be a float or a tensor, got {value!r}")
+        elif not compiling and not interval.holds(float(value)):
+            raise ValueError(f"{owner}: {name}={value!r} is outside {interval} or not finite")
+    if tensors and not _all_hold(tensors, intervals):
+        bad = {
+            name: value.item()
+            for name, value in tensors.items()
+            if not intervals[name].holds(value.item())
+        }
+        name, value = next(iter(bad.items()))
+        raise ValueError(f"{owner}: {name}={value!r} is outside {intervals[name]} or not finite")
+
+
+def _readable(value: Tensor) -> bool:
+    return not torch.compiler.is_compiling() and not torch._C._functorch.is_batchedtensor(value)
+
+
+def _all_hold(tensors: Mapping[str, Tensor], intervals: Mapping[str, Interval]) -> bool:
+    checks = []
+    for name, value in tensors.items():
+        interval = intervals[name]
+        value = value.detach()
+        below_high = value < interval.high if interval.high_open else value <= interval.high
+        checks.append(torch.isfinite(value) & (value >= interval.low) & below_high)
+    return bool(torch.stack([check.to(checks[0].device) for check in checks]).all())

@@ -1,0 +1,202 @@
+"""Adam and AdamW, as ``torch.optim.Adam`` and ``torch.optim.AdamW``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
+from ..select import Where
+from ..tree import Params
+from .base import Optimizer, Prox, build, is_zero
+
+__all__ = ["AdamState", "adam", "adamw"]
+
+_INTERVALS = {
+    "lr": NON_NEGATIVE,
+    "beta1": UNIT_OPEN,
+    "beta2": UNIT_OPEN,
+    "eps": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "prox_strength": NON_NEGATIVE,
+}
+
+
+class AdamState(NamedTuple):
+    """State of :func:`adam` and :func:`adamw`.
+
+    Attributes:
+        exp_avg: per-leaf first moment :math:`m`.
+        exp_avg_sq: per-leaf second moment :math:`v`.
+        max_exp_avg_sq: per-leaf running max of :math:`v` (``amsgrad``), else ``()``.
+        beta_powers: per-leaf products of the betas over the leaf's updates, a float64
+            pair :math:`(\\prod_s \\beta_{1,s}, \\prod_s \\beta_{2,s})`, i.e.
+            :math:`(\\beta_1^t, \\beta_2^t)` for constant betas.
+        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
+    """
+
+    exp_avg: Params
+    exp_avg_sq: Params
+    max_exp_avg_sq: Params | tuple[()]
+    beta_powers: Params
+    skipped: Tensor
+
+
+def adam(
+    lr: Scalar = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled: bool = False,
+    mask: Where = None,
+    prox: Prox | None = None,
+    prox_strength: Scalar = 0.0,
+    skip_nonfinite: bool = False,
+) -> Optimizer:
+    r"""Adam, matching ``torch.optim.Adam`` (and ``AdamW`` when ``decoupled``) step for step.
+
+    For each leaf, with gradient :math:`g_t` (negated when ``maximize``) and the
+    leaf's update count :math:`t`:
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda w_{t-1} \quad \text{(coupled decay, on mask)} \\
+        w_{t-1} &\leftarrow (1 - \eta\lambda)\, w_{t-1} \quad \text{(decoupled decay instead)} \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \quad
+            (\hat v_t = \max(\hat v_{t-1}, v_t) \text{ with amsgrad}) \\
+        w_t &= w_{t-1} - \frac{\eta}{1 - \beta_1^t}\,
+            \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon} \\
+        w_t &\leftarrow \operatorname{prox}(w_t, \eta \rho) \quad \text{(prox, on mask)}
+
+    Coupled decay (the default here, as ``torch.optim.Adam``) is an L2 penalty seen
+    through the preconditioner; decoupled decay (``adamw``) shrinks the weights
+    directly. The bias corrections use the running products of the betas kept in the
+    state, which equal :math:`\beta^t` for constant betas and stay exact when a
+    schedule changes them.
+
+    Every scalar hyperparameter is a float or a 0-d tensor and can be overridden per
+    call (``betas`` as a pair): ``opt.step(params, grads, state, lr=lr_t)``.
+
+    Args:
+        lr: learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``.
+        eps: :math:`\epsilon`, added to the denominator.
+        weight_decay: :math:`\lambda`, on the leaves chosen by ``mask``.
+        amsgrad: use the running maximum of :math:`v_t`.
+        maximize: ascend the objective instead of descending it.
+        decoupled: decoupled (AdamW) decay instead of coupled (L2) decay.
+        mask: which leaves get decay and prox (a ``where=`` selection; default all).
+        prox: a proximal operator such as :func:`functorch_reg.prox.l1`, applied as
+            ``prox(w, lr * prox_strength)`` after the step.
+        prox_strength: :math:`\rho`, the strength of the proximal penalty.
+        skip_nonfinite: leave params and state untouched on a step whose gradients
+            hold a NaN or an infinity, and count it in ``state.skipped``.
+
+    Example:
+        >>> import functorch_reg as fr
+        >>> params = {"w": torch.ones(2)}
+        >>> opt = fr.adam(lr=0.1)
+        >>> state = opt.init(params)
+        >>> params, state = opt.step(params, {"w": torch.tensor([1.0, -1.0])}, state)
+        >>> params["w"]
+        tensor([0.9000, 1.1000])
+    """
+
+    def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
+        # A pair rather than two 0-d float64 tensors: torch.compile (2.13) drops
+        # in-place writes to 0-d float64 CPU inputs, which step_ relies on.
+        beta_powers = torch.ones(2, dtype=torch.float64, device=p.device)
+        max_exp_avg_sq = torch.zeros_like(p) if amsgrad else None
+        return torch.zeros_like(p), torch.zeros_like(p), max_exp_avg_sq, beta_powers
+
+    def rule(
+        p: Tensor,
+        g: Tensor,
+        slots: tuple[Tensor | None, ...],
+        h: Mapping[str, Scalar],
+        decay: bool,
+    ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        exp_avg, exp_avg_sq, max_exp_avg_sq, beta_powers = slots
+        assert exp_avg is not None and exp_avg_sq is not None and beta_powers is not None
+        lr, beta1, beta2 = h["lr"], h["beta1"], h["beta2"]
+        if maximize:
+            g = -g
+        weight_decay = h["weight_decay"] if decay else 0.0
+        if not is_zero(weight_decay):
+            if decoupled:
+                p = p * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        exp_avg = exp_avg + (g - exp_avg) * (1 - beta1)
+        exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * (g * g)
+        beta1_power = beta_powers[0] * beta1
+        beta2_power = beta_powers[1] * beta2
+        if max_exp_avg_sq is not None:
+            max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
+        second = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
+        # The scalars stay in float64 like torch.optim's Python-float bias corrections.
+        step_size = lr / (1 - beta1_power)
+        denom = second.sqrt() / (1 - beta2_power).sqrt() + h["eps"]
+        new_p = p - step_size * (exp_avg / denom)
+        beta_powers = torch.stack([beta1_power, beta2_power])
+        return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq, beta_powers)
+
+    return build(
+        "adamw" if decoupled else "adam",
+        state_type=AdamState,
+        init_slots=init_slots,
+        rule=rule,
+        hyperparams={
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "prox_strength": prox_strength,
+        },
+        intervals=_INTERVALS,
+        mask=mask,
+        prox=prox,
+        skip_nonfinite=skip_nonfinite,
+    )
+
+
+def adamw(
+    lr: Scalar = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    mask: Where = None,
+    prox: Prox | None = None,
+    prox_strength: Scalar = 0.0,
+    skip_nonfinite: bool = False,
+) -> Optimizer:
+    r"""AdamW: :func:`adam` with decoupled weight decay, matching ``torch.optim.AdamW``.
+
+    The weights shrink as :math:`w \leftarrow (1 - \eta\lambda) w` before the Adam step,
+    outside the preconditioner. Arguments are those of :func:`adam`, with
+    ``weight_decay=1e-2`` by default.
+
+    Example:
+        >>> import functorch_reg as fr
+        >>> opt = fr.adamw(lr=1e-3, weight_decay=1e-2, mask=fr.select.weights())
+    """
+    return adam(
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled=True,
+        mask=mask,
+        prox=prox,
+        prox_strength=prox_strength,
+        skip_nonfinite=skip_nonfinite,
+    )

@@ -1,0 +1,103 @@
+"""Schedules: functions of a step tensor that return a hyperparameter tensor.
+
+They compute on the step's device, so a compiled step that receives
+``lr=schedule(step)`` compiles once however the value changes::
+
+    schedule = fr.schedules.cosine(1e-3, total_steps=1000, warmup_steps=100)
+    step = torch.zeros((), dtype=torch.int64)
+    for batch in loader:
+        params, state = compiled_step(params, grads, state, lr=schedule(step))
+        step += 1
+
+Each matches the ``torch.optim.lr_scheduler`` it is named after when that scheduler is
+stepped once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TypeAlias
+
+import torch
+from torch import Tensor
+
+from .._checks import NON_NEGATIVE, check_scalars
+
+Schedule: TypeAlias = Callable[[Tensor], Tensor]
+
+__all__ = ["Schedule", "constant", "cosine", "linear_warmup", "step_decay"]
+
+
+def constant(value: float) -> Schedule:
+    """``value`` at every step."""
+    check_scalars("constant", {"value": value}, {"value": NON_NEGATIVE})
+
+    def schedule(step: Tensor) -> Tensor:
+        return torch.full_like(step, value, dtype=torch.float64)
+
+    return schedule
+
+
+def linear_warmup(peak: float, warmup_steps: int, start_factor: float = 0.0) -> Schedule:
+    """Linear ramp from ``start_factor * peak`` at step 0 to ``peak`` at ``warmup_steps``,
+    then constant (``torch.optim.lr_scheduler.LinearLR`` with ``end_factor=1``)."""
+    check_scalars(
+        "linear_warmup",
+        {"peak": peak, "start_factor": start_factor},
+        {"peak": NON_NEGATIVE, "start_factor": NON_NEGATIVE},
+    )
+    _check_steps("linear_warmup", warmup_steps=warmup_steps)
+
+    def schedule(step: Tensor) -> Tensor:
+        progress = (step.to(torch.float64) / warmup_steps).clamp(max=1.0)
+        return peak * (start_factor + (1 - start_factor) * progress)
+
+    return schedule
+
+
+def cosine(peak: float, total_steps: int, final: float = 0.0, warmup_steps: int = 0) -> Schedule:
+    """Optional linear warmup from 0 over ``warmup_steps``, then cosine decay from
+    ``peak`` to ``final`` at ``total_steps`` (``CosineAnnealingLR`` with ``T_max =
+    total_steps - warmup_steps`` and ``eta_min = final``), constant afterwards."""
+    check_scalars(
+        "cosine", {"peak": peak, "final": final}, {"peak": NON_NEGATIVE, "final": NON_NEGATIVE}
+    )
+    _check_steps("cosine", total_steps=total_steps)
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(
+            f"cosine: need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}"
+        )
+
+    def schedule(step: Tensor) -> Tensor:
+        step = step.to(torch.float64)
+        progress = ((step - warmup_steps) / (total_steps - warmup_steps)).clamp(0.0, 1.0)
+        decayed = final + (peak - final) * (1 + torch.cos(math.pi * progress)) / 2
+        if warmup_steps == 0:
+            return decayed
+        return torch.where(step < warmup_steps, peak * step / warmup_steps, decayed)
+
+    return schedule
+
+
+def step_decay(initial: float, step_size: int, gamma: float = 0.1) -> Schedule:
+    """``initial * gamma ** (step // step_size)`` (``torch.optim.lr_scheduler.StepLR``)."""
+    check_scalars(
+        "step_decay",
+        {"initial": initial, "gamma": gamma},
+        {"initial": NON_NEGATIVE, "gamma": NON_NEGATIVE},
+    )
+    _check_steps("step_decay", step_size=step_size)
+
+    def schedule(step: Tensor) -> Tensor:
+        return initial * gamma ** torch.div(step, step_size, rounding_mode="floor").to(
+            torch.float64
+        )
+
+    return schedule
+
+
+def _check_steps(owner: str, **counts: int) -> None:
+    for name, count in counts.items():
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {count!r}")

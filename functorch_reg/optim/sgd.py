@@ -1,0 +1,151 @@
+"""Stochastic gradient descent with momentum, as ``torch.optim.SGD``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._checks import NON_NEGATIVE, UNIT, Scalar
+from ..select import Where
+from ..tree import Params
+from .base import Optimizer, Prox, build, is_zero
+
+__all__ = ["SGDState", "sgd"]
+
+_INTERVALS = {
+    "lr": NON_NEGATIVE,
+    "momentum": NON_NEGATIVE,
+    "dampening": UNIT,
+    "weight_decay": NON_NEGATIVE,
+    "prox_strength": NON_NEGATIVE,
+}
+
+
+class SGDState(NamedTuple):
+    """State of :func:`sgd`.
+
+    Attributes:
+        momentum_buffer: per-leaf momentum, or ``()`` when ``momentum`` is a literal 0.
+        count: per-leaf number of updates applied (0-d int64), or ``None`` likewise;
+            a leaf's first update starts its buffer as ``torch.optim.SGD`` does.
+        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
+    """
+
+    momentum_buffer: Params | tuple[()]
+    count: Params | tuple[()]
+    skipped: Tensor
+
+
+def sgd(
+    lr: Scalar,
+    momentum: Scalar = 0.0,
+    dampening: Scalar = 0.0,
+    nesterov: bool = False,
+    weight_decay: Scalar = 0.0,
+    maximize: bool = False,
+    decoupled: bool = False,
+    mask: Where = None,
+    prox: Prox | None = None,
+    prox_strength: Scalar = 0.0,
+    skip_nonfinite: bool = False,
+) -> Optimizer:
+    r"""SGD with momentum, matching ``torch.optim.SGD`` step for step.
+
+    For each leaf, with gradient :math:`g_t` (negated when ``maximize``):
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda w_{t-1}  \quad \text{(coupled decay, on mask)} \\
+        b_t &= \mu b_{t-1} + (1 - \tau) g_t \quad (b_1 = g_1) \\
+        d_t &= g_t + \mu b_t \text{ if nesterov else } b_t \\
+        w_t &= w_{t-1} - \eta d_t \\
+        w_t &\leftarrow \operatorname{prox}(w_t, \eta \rho) \quad \text{(prox, on mask)}
+
+    with :math:`\eta` = ``lr``, :math:`\mu` = ``momentum``, :math:`\tau` = ``dampening``,
+    :math:`\lambda` = ``weight_decay``, :math:`\rho` = ``prox_strength``. With
+    ``decoupled=True`` the decay is applied as :math:`w \leftarrow (1 - \eta\lambda) w`
+    before the step instead. Coupled ``weight_decay = 2 * lam`` follows the same
+    trajectory as adding ``lam * penalties.l2(params)`` to the loss.
+
+    Every scalar hyperparameter is a float or a 0-d tensor and can be overridden per
+    call: ``opt.step(params, grads, state, lr=lr_t)``. A literal ``0`` switches a term
+    off; pass a tensor (``torch.tensor(0.9)``) to sweep or schedule ``momentum``.
+
+    Args:
+        lr: learning rate :math:`\eta`.
+        momentum: momentum factor :math:`\mu`.
+        dampening: dampening :math:`\tau` of the momentum.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        weight_decay: L2 decay :math:`\lambda`, on the leaves chosen by ``mask``.
+        maximize: ascend the objective instead of descending it.
+        decoupled: apply ``weight_decay`` to the weights rather than the gradient.
+        mask: which leaves get decay and prox (a ``where=`` selection; default all).
+        prox: a proximal operator such as :func:`functorch_reg.prox.l1`, applied as
+            ``prox(w, lr * prox_strength)`` after the step.
+        prox_strength: :math:`\rho`, the strength of the proximal penalty.
+        skip_nonfinite: leave params and state untouched on a step whose gradients
+            hold a NaN or an infinity, and count it in ``state.skipped``.
+
+    Example:
+        >>> import functorch_reg as fr
+        >>> params = {"w": torch.ones(3)}
+        >>> opt = fr.sgd(lr=0.1, momentum=0.9)
+        >>> state = opt.init(params)
+        >>> params, state = opt.step(params, {"w": torch.ones(3)}, state)
+        >>> params["w"]
+        tensor([0.9000, 0.9000, 0.9000])
+    """
+    if nesterov and (is_zero(momentum) or not is_zero(dampening)):
+        raise ValueError("sgd: nesterov needs momentum > 0 and dampening == 0")
+    has_momentum = not is_zero(momentum)
+
+    def init_slots(p: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        if not has_momentum:
+            return None, None
+        return torch.zeros_like(p), torch.zeros((), dtype=torch.int64, device=p.device)
+
+    def rule(
+        p: Tensor,
+        g: Tensor,
+        slots: tuple[Tensor | None, ...],
+        h: Mapping[str, Scalar],
+        decay: bool,
+    ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        buf, count = slots
+        if maximize:
+            g = -g
+        weight_decay = h["weight_decay"] if decay else 0.0
+        if not is_zero(weight_decay) and not decoupled:
+            g = g + weight_decay * p
+        if has_momentum:
+            if buf is None or count is None:
+                raise ValueError("sgd: momentum override needs a state made with momentum != 0")
+            # buf starts at zero, so the first step gives buf = g as in torch.optim.SGD.
+            buf = h["momentum"] * buf + (1 - h["dampening"] * (count > 0)) * g
+            count = count + 1
+            g = g + h["momentum"] * buf if nesterov else buf
+        elif not is_zero(h["momentum"]):
+            raise ValueError("sgd: momentum override needs a state made with momentum != 0")
+        if not is_zero(weight_decay) and decoupled:
+            p = p * (1 - h["lr"] * weight_decay)
+        return p - h["lr"] * g, (buf, count)
+
+    return build(
+        "sgd",
+        state_type=SGDState,
+        init_slots=init_slots,
+        rule=rule,
+        hyperparams={
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "prox_strength": prox_strength,
+        },
+        intervals=_INTERVALS,
+        mask=mask,
+        prox=prox,
+        skip_nonfinite=skip_nonfinite,
+    )

@@ -1,0 +1,137 @@
+"""Penalties: pure functions of a parameter pytree, at unit strength.
+
+Compose them with a loss and differentiate with ``torch.func``::
+
+    def objective(params, x, y):
+        out = torch.func.functional_call(model, params, (x,))
+        return loss_fn(out, y) + lam * fr.penalties.l1(params, where=fr.select.weights())
+
+    grads = torch.func.grad(objective)(params, x, y)
+
+Every penalty sums over the leaves chosen by ``where=`` (see :mod:`functorch_reg.select`)
+and returns a 0-d tensor in the promoted dtype of those leaves.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ._checks import UNIT, check_scalars
+from .select import Where, selected, weights
+from .tree import Params, check_structure, flatten, spec_names
+
+__all__ = ["elastic_net", "group_lasso", "l1", "l2", "l2_sp", "orthogonal"]
+
+
+def l1(params: Params, *, where: Where = None) -> Tensor:
+    r"""Lasso penalty :math:`\sum_i |w_i|`."""
+    return _total("l1", params, where, lambda w: w.abs().sum())
+
+
+def l2(params: Params, *, where: Where = None) -> Tensor:
+    r"""Ridge penalty :math:`\sum_i w_i^2` (no 1/2, as Keras' ``l2``).
+
+    Adding ``lam * l2(params)`` to the loss gives the same SGD trajectory as
+    ``torch.optim.SGD(weight_decay=2 * lam)``.
+    """
+    return _total("l2", params, where, lambda w: w.square().sum())
+
+
+def elastic_net(params: Params, l1_ratio: float = 0.5, *, where: Where = None) -> Tensor:
+    r"""scikit-learn's elastic net, with ``r = l1_ratio``:
+    :math:`r \sum_i |w_i| + \frac{1 - r}{2} \sum_i w_i^2`."""
+    check_scalars("elastic_net", {"l1_ratio": l1_ratio}, {"l1_ratio": UNIT})
+    return _total(
+        "elastic_net",
+        params,
+        where,
+        lambda w: l1_ratio * w.abs().sum() + (1 - l1_ratio) / 2 * w.square().sum(),
+    )
+
+
+def group_lasso(params: Params, dim: int | None = 0, *, where: Where = None) -> Tensor:
+    r"""Group lasso :math:`\sum_g \sqrt{|g|}\, \|w_g\|_2`.
+
+    The groups of a leaf are its slices along ``dim``: with the default ``dim=0`` the
+    rows of a ``Linear`` weight, i.e. the output units. ``|g|`` is the number of
+    entries in a group. ``dim=None`` makes each whole leaf one group.
+    """
+    return _total("group_lasso", params, where, functools.partial(_group_lasso_leaf, dim=dim))
+
+
+def _group_lasso_leaf(w: Tensor, dim: int | None) -> Tensor:
+    norms, group_size = group_norms(w, dim)
+    return math.sqrt(group_size) * norms.sum()
+
+
+def group_norms(w: Tensor, dim: int | None) -> tuple[Tensor, int]:
+    """Euclidean norm of each slice of ``w`` along ``dim`` (kept as a broadcastable
+    dim) and the number of entries per slice."""
+    if dim is None:
+        return torch.linalg.vector_norm(w).reshape([1] * w.ndim), w.numel()
+    if not -w.ndim <= dim < w.ndim:
+        raise ValueError(
+            f"group dim={dim} needs leaves with more than {dim if dim >= 0 else -dim - 1} dims, "
+            f"got shape {tuple(w.shape)}; choose the leaves with where="
+        )
+    reduce_dims = [d for d in range(w.ndim) if d != dim % w.ndim]
+    if not reduce_dims:
+        return w.abs(), 1
+    return torch.linalg.vector_norm(w, dim=reduce_dims, keepdim=True), w.numel() // w.shape[dim]
+
+
+def l2_sp(params: Params, reference: Params, *, where: Where = None) -> Tensor:
+    r""":math:`\sum_i (w_i - w^{ref}_i)^2`: pull toward reference (e.g. pretrained) weights.
+
+    ``reference`` must have the structure and shapes of ``params``.
+    """
+    check_structure(params, reference, other_name="reference")
+    return _total("l2_sp", params, where, lambda w, w_ref: (w - w_ref).square().sum(), reference)
+
+
+def orthogonal(params: Params, *, where: Where = None) -> Tensor:
+    r"""Soft orthogonality :math:`\sum_W \|W W^T - I\|_F^2` over matrices.
+
+    Each leaf is viewed as a matrix ``(shape[0], -1)`` (a conv kernel's output
+    channels by the rest), and the Gram matrix is taken on its smaller side. By
+    default (``where=None``) it applies to every leaf with ``ndim >= 2``; selecting a
+    leaf with fewer dims is an error.
+    """
+    return _total("orthogonal", params, weights() if where is None else where, _orthogonal_leaf)
+
+
+def _orthogonal_leaf(w: Tensor) -> Tensor:
+    if w.ndim < 2:
+        raise ValueError(f"orthogonal needs matrices, got a leaf of shape {tuple(w.shape)}")
+    matrix = w.reshape(w.shape[0], -1)
+    if matrix.shape[0] > matrix.shape[1]:
+        matrix = matrix.T
+    gram = matrix @ matrix.T
+    return (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).square().sum()
+
+
+def _total(
+    penalty: str,
+    params: Params,
+    where: Where,
+    per_leaf: Callable[..., Tensor],
+    *companions: Params,
+) -> Tensor:
+    """Sum ``per_leaf(leaf, *companion_leaves)`` over the selected leaves."""
+    leaves, spec = flatten(params)
+    columns = zip(
+        selected(params, where), leaves, *(flatten(tree)[0] for tree in companions), strict=False
+    )
+    terms = [per_leaf(*row) for is_selected, *row in columns if is_selected]
+    if not terms:
+        raise ValueError(
+            f"{penalty}: no floating-point leaf selected among {spec_names(spec)}; "
+            "penalties apply to floating-point tensors only"
+        )
+    dtype = functools.reduce(torch.promote_types, [term.dtype for term in terms])
+    return torch.stack([term.to(dtype) for term in terms]).sum()

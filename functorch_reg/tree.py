@@ -1,0 +1,137 @@
+"""Pytree helpers: leaves named by dotted key paths, structure checks, stacking.
+
+Every helper flattens with ``none_is_leaf=True``, so a ``None`` leaf (a frozen
+gradient, an absent optimizer buffer) keeps its place and its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+import optree
+import torch
+from torch import Tensor
+
+PyTree: TypeAlias = Any
+"""Any optree pytree; the main case is ``dict(model.named_parameters())``."""
+
+Params: TypeAlias = Any
+"""A pytree of tensors."""
+
+__all__ = [
+    "Params",
+    "PyTree",
+    "check_structure",
+    "flatten",
+    "is_float",
+    "leaf_names",
+    "spec_names",
+    "stack",
+    "unstack",
+]
+
+
+def flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
+    """Leaves and structure of ``tree``, ``None`` counted as a leaf."""
+    return optree.tree_flatten(tree, none_is_leaf=True)
+
+
+def leaf_names(tree: PyTree) -> list[str]:
+    """Dotted key paths of the leaves, e.g. ``["0.weight", "0.bias"]``.
+
+    Example:
+        >>> leaf_names({"encoder": {"weight": 1, "bias": 2}, "head": [3]})
+        ['encoder.weight', 'encoder.bias', 'head.0']
+    """
+    return spec_names(optree.tree_structure(tree, none_is_leaf=True))
+
+
+def spec_names(spec: optree.PyTreeSpec) -> list[str]:
+    """Dotted names of the leaves of a structure."""
+    return [".".join(str(key) for key in path) for path in spec.paths()]
+
+
+def is_float(leaf: Any) -> bool:
+    """Whether ``leaf`` is a floating-point tensor (the only leaves we touch)."""
+    return isinstance(leaf, Tensor) and leaf.is_floating_point()
+
+
+def check_structure(
+    reference: PyTree,
+    other: PyTree,
+    *,
+    reference_name: str = "params",
+    other_name: str = "grads",
+    check_shapes: bool = True,
+) -> None:
+    """Raise ``ValueError`` naming the first leaf where ``other`` differs from ``reference``.
+
+    Trees differ when their structures differ or, with ``check_shapes``, when two
+    tensor leaves at the same place have different shapes. ``None`` leaves of
+    ``other`` match any leaf of ``reference``.
+    """
+    ref_leaves, ref_spec = flatten(reference)
+    leaves, spec = flatten(other)
+    if spec != ref_spec:
+        raise ValueError(
+            f"{other_name} do not match {reference_name}: "
+            + _first_difference(spec_names(ref_spec), spec_names(spec), reference_name, other_name)
+        )
+    if not check_shapes:
+        return
+    for name, ref, leaf in zip(spec_names(spec), ref_leaves, leaves, strict=True):
+        if isinstance(ref, Tensor) and isinstance(leaf, Tensor) and leaf.shape != ref.shape:
+            raise ValueError(
+                f"{other_name} do not match {reference_name}: leaf {name!r} has shape "
+                f"{tuple(leaf.shape)} in {other_name} but {tuple(ref.shape)} in {reference_name}"
+            )
+
+
+def _first_difference(
+    ref_names: Sequence[str], names: Sequence[str], reference_name: str, other_name: str
+) -> str:
+    known, known_ref = set(names), set(ref_names)
+    missing = [name for name in ref_names if name not in known]
+    if missing:
+        return f"leaf {missing[0]!r} of {reference_name} is missing from {other_name}"
+    extra = [name for name in names if name not in known_ref]
+    if extra:
+        return f"{other_name} has a leaf {extra[0]!r} that {reference_name} lacks"
+    return "same leaf names, different containers (e.g. a list where a tuple was expected)"
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stack same-structured pytrees leaf by leaf along a new leading dim.
+
+    Works for parameters and optimizer states alike; ``None`` leaves stay ``None``.
+
+    Example:
+        >>> members = [{"w": torch.zeros(3)}, {"w": torch.ones(3)}]
+        >>> stack(members)["w"].shape
+        torch.Size([2, 3])
+    """
+    if not trees:
+        raise ValueError("stack() needs at least one pytree")
+    for index, tree in enumerate(trees[1:], start=1):
+        check_structure(trees[0], tree, reference_name="member 0", other_name=f"member {index}")
+    return optree.tree_map(_stack_leaves, *trees, none_is_leaf=True)
+
+
+def _stack_leaves(*leaves: Tensor | None) -> Tensor | None:
+    return None if leaves[0] is None else torch.stack(leaves)
+
+
+def unstack(stacked: PyTree) -> list[PyTree]:
+    """Split a stacked pytree into its members (the inverse of :func:`stack`)."""
+    leaves, spec = flatten(stacked)
+    sizes = {leaf.shape[0] for leaf in leaves if isinstance(leaf, Tensor) and leaf.ndim > 0}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"unstack() needs every tensor leaf to share one leading dim, got sizes {sorted(sizes)}"
+        )
+    (size,) = sizes
+    return [
+        optree.tree_unflatten(spec, [None if leaf is None else leaf[i] for leaf in leaves])
+        for i in range(size)
+    ]

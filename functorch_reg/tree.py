@@ -38,11 +38,11 @@ def flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
 
 
 def leaf_names(tree: PyTree) -> list[str]:
-    """Dotted key paths of the leaves, e.g. ``["0.weight", "0.bias"]``.
+    """Dotted key paths of the leaves, in flattening order (dict keys sorted, as optree does).
 
     Example:
         >>> leaf_names({"encoder": {"weight": 1, "bias": 2}, "head": [3]})
-        ['encoder.weight', 'encoder.bias', 'head.0']
+        ['encoder.bias', 'encoder.weight', 'head.0']
     """
     return spec_names(optree.tree_structure(tree, none_is_leaf=True))
 

@@ -1,7 +1,8 @@
 """Schedules: functions of a step tensor that return a hyperparameter tensor.
 
-They compute on the step's device, so a compiled step that receives
-``lr=schedule(step)`` compiles once however the value changes::
+They compute on the step's device in float64 and return a 0-d tensor of the default
+dtype (float32), so a compiled step that receives ``lr=schedule(step)`` compiles once
+however the value changes::
 
     schedule = fr.schedules.cosine(1e-3, total_steps=1000, warmup_steps=100)
     step = torch.zeros((), dtype=torch.int64)
@@ -11,6 +12,9 @@ They compute on the step's device, so a compiled step that receives
 
 Each matches the ``torch.optim.lr_scheduler`` it is named after when that scheduler is
 stepped once per optimizer step.
+
+Why not float64: dynamo traces a 0-d float64 CPU tensor like a Python float, which
+costs a second trace on the first call.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def constant(value: float) -> Schedule:
     check_scalars("constant", {"value": value}, {"value": NON_NEGATIVE})
 
     def schedule(step: Tensor) -> Tensor:
-        return torch.full_like(step, value, dtype=torch.float64)
+        return torch.full_like(step, value, dtype=torch.get_default_dtype())
 
     return schedule
 
@@ -51,7 +55,7 @@ def linear_warmup(peak: float, warmup_steps: int, start_factor: float = 0.0) -> 
 
     def schedule(step: Tensor) -> Tensor:
         progress = (step.to(torch.float64) / warmup_steps).clamp(max=1.0)
-        return peak * (start_factor + (1 - start_factor) * progress)
+        return _as_default_dtype(peak * (start_factor + (1 - start_factor) * progress))
 
     return schedule
 
@@ -73,9 +77,9 @@ def cosine(peak: float, total_steps: int, final: float = 0.0, warmup_steps: int 
         step = step.to(torch.float64)
         progress = ((step - warmup_steps) / (total_steps - warmup_steps)).clamp(0.0, 1.0)
         decayed = final + (peak - final) * (1 + torch.cos(math.pi * progress)) / 2
-        if warmup_steps == 0:
-            return decayed
-        return torch.where(step < warmup_steps, peak * step / warmup_steps, decayed)
+        if warmup_steps:
+            decayed = torch.where(step < warmup_steps, peak * step / warmup_steps, decayed)
+        return _as_default_dtype(decayed)
 
     return schedule
 
@@ -95,6 +99,10 @@ def step_decay(initial: float, step_size: int, gamma: float = 0.1) -> Schedule:
         )
 
     return schedule
+
+
+def _as_default_dtype(value: Tensor) -> Tensor:
+    return value.to(torch.get_default_dtype())
 
 
 def _check_steps(owner: str, **counts: int) -> None:

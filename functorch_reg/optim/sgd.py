@@ -123,7 +123,8 @@ def sgd(
             if buf is None or count is None:
                 raise ValueError("sgd: momentum override needs a state made with momentum != 0")
             # buf starts at zero, so the first step gives buf = g as in torch.optim.SGD.
-            buf = h["momentum"] * buf + (1 - h["dampening"] * (count > 0)) * g
+            started = (count > 0).to(g.dtype)
+            buf = h["momentum"] * buf + (1 - h["dampening"] * started) * g
             count = count + 1
             g = g + h["momentum"] * buf if nesterov else buf
         elif not is_zero(h["momentum"]):

@@ -1,0 +1,304 @@
+"""Behaviour of the update rules beyond parity: frozen leaves, skips, masks, prox,
+overrides, vmap, checkpoints and bad input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Lasso
+from torch.func import vmap
+
+import functorch_reg as fr
+
+from .conftest import mlp_params
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda **kw: fr.sgd(lr=0.05, momentum=0.9, **kw),
+    "adam": lambda **kw: fr.adam(lr=1e-2, **kw),
+    "adamw_amsgrad": lambda **kw: fr.adamw(lr=1e-2, amsgrad=True, **kw),
+}
+
+
+def random_grads(params, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
+        for k, v in params.items()
+    }
+
+
+def clone(tree):
+    return fr.unstack(fr.stack([tree]))[0]
+
+
+def assert_identical(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_none_grad_freezes_the_leaf_and_its_state(name):
+    opt = OPTIMIZERS[name]()
+    params = mlp_params()
+    state = opt.init(params)
+    params, state = opt.step(params, random_grads(params, 0), state)
+    before_params, before_state = clone(params), clone(state)
+    grads = {**random_grads(params, 1), "0.bias": None}
+    new_params, new_state = opt.step(params, grads, state)
+    assert_identical(new_params["0.bias"], before_params["0.bias"])
+    for field, tree in zip(new_state._fields[:-1], new_state[:-1], strict=True):
+        if tree != ():
+            assert_identical(tree["0.bias"], getattr(before_state, field)["0.bias"])
+    assert not torch.equal(new_params["0.weight"], before_params["0.weight"])
+    opt.step_(params, grads, state)
+    assert_identical(params["0.bias"], before_params["0.bias"])
+
+
+def test_frozen_leaf_matches_torch_per_parameter_step_counts():
+    """A leaf without a gradient for 5 steps then with one follows torch.optim.Adam,
+    whose bias correction counts each parameter's own steps."""
+    params = mlp_params(torch.float64)
+    torch_params = [leaf.clone().requires_grad_() for leaf in params.values()]
+    torch_opt = torch.optim.Adam(torch_params, lr=1e-2, foreach=False)
+    opt = fr.adam(lr=1e-2)
+    state = opt.init(params)
+    for step in range(20):
+        grads = random_grads(params, step)
+        if step < 5:
+            grads["0.bias"] = None
+        params, state = opt.step(params, grads, state)
+        for leaf, g in zip(torch_params, grads.values(), strict=True):
+            leaf.grad = None if g is None else g.clone()
+        torch_opt.step()
+    torch.testing.assert_close(params, dict(zip(params, [p.detach() for p in torch_params])))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_skip_nonfinite_leaves_everything_untouched_and_counts(name):
+    opt = OPTIMIZERS[name](skip_nonfinite=True)
+    params = mlp_params()
+    state = opt.init(params)
+    params, state = opt.step(params, random_grads(params, 0), state)
+    bad = random_grads(params, 1)
+    bad["2.weight"][1, 2] = float("nan")
+    bad["0.bias"][0] = float("inf")
+    skipped_params, skipped_state = opt.step(params, bad, state)
+    assert_identical(skipped_params, params)
+    assert_identical(skipped_state._replace(skipped=state.skipped), state)
+    assert skipped_state.skipped.item() == 1
+    in_place_params, in_place_state = clone(params), clone(state)
+    opt.step_(in_place_params, bad, in_place_state)
+    assert_identical(in_place_params, params)
+    assert in_place_state.skipped.item() == 1
+    # After the skip the run continues as if the bad step never came.
+    good = random_grads(params, 2)
+    assert_identical(
+        opt.step(skipped_params, good, skipped_state)[0], opt.step(params, good, state)[0]
+    )
+
+
+def test_mask_limits_decay_and_prox_to_selected_leaves():
+    params = mlp_params()
+    zero_grads = {k: torch.zeros_like(v) for k, v in params.items()}
+    opt = fr.sgd(
+        lr=0.1, weight_decay=0.5, mask=fr.select.weights(), prox=fr.prox.l1, prox_strength=100.0
+    )
+    new, _ = opt.step(params, zero_grads, opt.init(params))
+    assert (new["0.weight"] == 0).all() and (new["2.weight"] == 0).all()
+    assert_identical(new["0.bias"], params["0.bias"])
+    assert_identical(new["2.bias"], params["2.bias"])
+
+
+def test_decoupled_sgd_shrinks_weights_before_the_step():
+    params = {"w": torch.tensor([2.0])}
+    opt = fr.sgd(lr=0.1, weight_decay=0.5, decoupled=True)
+    new, _ = opt.step(params, {"w": torch.tensor([1.0])}, opt.init(params))
+    assert new["w"].item() == pytest.approx(2.0 * (1 - 0.1 * 0.5) - 0.1)
+
+
+def test_proximal_sgd_solves_the_lasso_with_exact_zeros():
+    """Full-batch ISTA with fr.sgd(prox=fr.prox.l1) against scikit-learn's coordinate descent."""
+    rng = np.random.default_rng(0)
+    n, d, alpha = 60, 12, 0.1
+    X = rng.standard_normal((n, d))
+    true_w = np.zeros(d)
+    true_w[:4] = [1.5, -2.0, 0.8, 0.3]
+    y = X @ true_w + 0.3 * rng.standard_normal(n)
+    expected = Lasso(alpha=alpha, fit_intercept=False, tol=1e-14, max_iter=100_000).fit(X, y).coef_
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    lipschitz = torch.linalg.eigvalsh(Xt.T @ Xt / n).max().item()
+    opt = fr.sgd(lr=1 / lipschitz, prox=fr.prox.l1, prox_strength=alpha)
+    params = {"w": torch.zeros(d, dtype=torch.float64)}
+    state = opt.init(params)
+    for _ in range(3000):
+        grads = {"w": Xt.T @ (Xt @ params["w"] - yt) / n}
+        params, state = opt.step(params, grads, state)
+    w = params["w"].numpy()
+    np.testing.assert_allclose(w, expected, atol=1e-8)
+    assert np.array_equal(w == 0, expected == 0) and (w == 0).sum() >= 3
+
+
+def test_tensor_and_float_hyperparameters_agree():
+    params, grads = mlp_params(), random_grads(mlp_params(), 0)
+    opt = fr.adamw(lr=1e-2, weight_decay=0.1)
+    state = opt.init(params)
+    as_floats = opt.step(params, grads, state, lr=0.02, betas=(0.8, 0.9), weight_decay=0.2)
+    as_tensors = opt.step(
+        params,
+        grads,
+        state,
+        lr=torch.tensor(0.02, dtype=torch.float64),
+        betas=(torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.9, dtype=torch.float64)),
+        weight_decay=torch.tensor(0.2, dtype=torch.float64),
+    )
+    torch.testing.assert_close(as_tensors, as_floats, rtol=0, atol=0)
+    constructed = fr.adamw(lr=0.02, betas=(0.8, 0.9), weight_decay=0.2)
+    torch.testing.assert_close(constructed.step(params, grads, state), as_floats, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_vmap_over_hyperparameters_equals_a_loop(name):
+    opt = OPTIMIZERS[name](weight_decay=0.1)
+    members = [mlp_params(seed=i) for i in range(4)]
+    grads = [random_grads(p, 10 + i) for i, p in enumerate(members)]
+    states = [opt.init(p) for p in members]
+    lrs = torch.tensor([0.0, 1e-3, 1e-2, 1e-1])
+    decays = torch.tensor([0.0, 0.1, 0.2, 0.3])
+
+    def one(params, grads, state, lr, weight_decay):
+        return opt.step(params, grads, state, lr=lr, weight_decay=weight_decay)
+
+    batched = vmap(one)(fr.stack(members), fr.stack(grads), fr.stack(states), lrs, decays)
+    for i, unbatched in enumerate(fr.unstack(batched)):
+        torch.testing.assert_close(
+            unbatched, one(members[i], grads[i], states[i], lrs[i], decays[i])
+        )
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_state_dict_round_trip_and_bit_identical_resume(name):
+    opt = OPTIMIZERS[name](weight_decay=0.01)
+    params = mlp_params()
+    state = opt.init(params)
+    for step in range(10):
+        params, state = opt.step(params, random_grads(params, step), state)
+    buffer = io.BytesIO()
+    torch.save({"params": params, "optimizer": fr.state_dict(state)}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed_params = checkpoint["params"]
+    resumed_state = fr.load_state_dict(opt, resumed_params, checkpoint["optimizer"])
+    for step in range(10, 20):
+        grads = random_grads(params, step)
+        params, state = opt.step(params, grads, state)
+        resumed_params, resumed_state = opt.step(resumed_params, grads, resumed_state)
+    assert_identical(resumed_params, params)
+    assert_identical(resumed_state, state)
+
+
+def test_load_state_dict_rejects_a_state_of_another_shape():
+    params = mlp_params()
+    sd = fr.state_dict(fr.adam().init(params))
+    with pytest.raises(ValueError, match="fields"):
+        fr.load_state_dict(fr.sgd(lr=0.1, momentum=0.9), params, sd)
+    sd["exp_avg"]["0.weight"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"exp_avg.0.weight should be torch.float32 \(6, 4\)"):
+        fr.load_state_dict(fr.adam(), params, sd)
+    del sd["exp_avg"]["0.weight"]
+    with pytest.raises(ValueError, match="missing '0.weight'"):
+        fr.load_state_dict(fr.adam(), params, sd)
+
+
+def test_non_floating_leaves_are_left_alone():
+    params = {**mlp_params(), "steps": torch.tensor([7])}
+    opt = fr.adam(lr=0.1)
+    state = opt.init(params)
+    assert state.exp_avg["steps"] is None
+    grads = {**random_grads(mlp_params(), 0), "steps": None}
+    new, _ = opt.step(params, grads, state)
+    assert new["steps"] is params["steps"]
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: fr.sgd(lr=-0.1), ValueError, "lr=-0.1"),
+        (lambda: fr.sgd(lr=0.1, momentum=float("nan")), ValueError, "momentum=nan"),
+        (lambda: fr.sgd(lr=0.1, nesterov=True), ValueError, "nesterov needs momentum"),
+        (lambda: fr.adam(betas=(0.9, 1.0)), ValueError, "beta2=1.0"),
+        (lambda: fr.adam(betas=(-0.1, 0.9)), ValueError, "beta1=-0.1"),
+        (lambda: fr.adam(betas=0.9), TypeError, "betas must be a pair"),
+        (lambda: fr.adamw(eps=float("inf")), ValueError, "eps=inf"),
+        (lambda: fr.adamw(weight_decay=-1e-2), ValueError, "weight_decay=-0.01"),
+        (lambda: fr.adam(lr="fast"), TypeError, "lr must be a float or a tensor"),
+        (lambda: fr.adam(lr=torch.tensor(-1.0)), ValueError, r"lr=-1.0"),
+        (lambda: fr.adam(lr=torch.ones(2)), ValueError, "scalar"),
+    ],
+)
+def test_bad_hyperparameters_raise_at_construction(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"lr": -1.0}, ValueError, "lr=-1.0"),
+        ({"lr": torch.tensor(float("nan"))}, ValueError, "lr=nan"),
+        ({"betas": (0.9, torch.tensor(1.5))}, ValueError, "beta2=1.5"),
+        ({"learning_rate": 0.1}, TypeError, "unknown hyperparameter 'learning_rate'"),
+    ],
+)
+def test_bad_overrides_raise_before_anything_changes(overrides, error, message):
+    opt = fr.adam(lr=1e-2)
+    params = mlp_params()
+    state = opt.init(params)
+    before_params, before_state = clone(params), clone(state)
+    with pytest.raises(error, match=message):
+        opt.step_(params, random_grads(params, 0), state, **overrides)
+    assert_identical(params, before_params)
+    assert_identical(state, before_state)
+
+
+def test_mismatched_trees_raise_before_anything_changes():
+    opt = fr.sgd(lr=0.1, momentum=0.9)
+    params = mlp_params()
+    state = opt.init(params)
+    before = clone(params)
+    grads = random_grads(params, 0)
+    del grads["2.bias"]
+    with pytest.raises(ValueError, match="leaf '2.bias' of params is missing from grads"):
+        opt.step_(params, grads, state)
+    wrong_shape = {**random_grads(params, 0), "0.weight": torch.ones(4, 6)}
+    with pytest.raises(ValueError, match="leaf '0.weight' has shape"):
+        opt.step_(params, wrong_shape, state)
+    other_state = opt.init({**params, "extra": torch.ones(2)})
+    with pytest.raises(ValueError, match="state.momentum_buffer has a leaf 'extra'"):
+        opt.step_(params, random_grads(params, 0), other_state)
+    with pytest.raises(TypeError, match="state must be a SGDState"):
+        opt.step_(params, random_grads(params, 0), fr.adam().init(params))
+    assert_identical(params, before)
+
+
+def test_prox_error_on_one_leaf_leaves_every_leaf_untouched():
+    """group_lasso over rows cannot apply to a 1-d bias: the error comes before any write."""
+    opt = fr.sgd(lr=0.1, prox=lambda p, t: fr.prox.group_lasso(p, t, dim=1), prox_strength=0.1)
+    params = mlp_params()
+    before = clone(params)
+    with pytest.raises(ValueError, match="group dim=1"):
+        opt.step_(params, random_grads(params, 0), opt.init(params))
+    assert_identical(params, before)
+
+
+def test_momentum_override_without_buffers_is_an_error():
+    opt = fr.sgd(lr=0.1)
+    params = mlp_params()
+    with pytest.raises(ValueError, match="momentum != 0"):
+        opt.step(params, random_grads(params, 0), opt.init(params), momentum=0.9)
+
+
+def test_init_rejects_params_without_floats():
+    with pytest.raises(ValueError, match="no floating-point tensor"):
+        fr.adam().init({"steps": torch.tensor([1])})

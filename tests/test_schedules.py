@@ -63,7 +63,7 @@ def test_cosine_with_warmup_and_hold():
     values = ours(schedule)
     assert values[0] == 0.0 and values[5] == pytest.approx(0.5) and values[10] == pytest.approx(1.0)
     assert values[30] == pytest.approx(0.1) and values[59] == pytest.approx(0.1)
-    assert all(a >= b for a, b in itertools.pairwise(values))
+    assert all(a >= b for a, b in itertools.pairwise(values[10:31]))
 
 
 def test_schedules_return_default_dtype_scalars_on_the_step_device():

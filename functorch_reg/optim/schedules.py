@@ -94,9 +94,8 @@ def step_decay(initial: float, step_size: int, gamma: float = 0.1) -> Schedule:
     _check_steps("step_decay", step_size=step_size)
 
     def schedule(step: Tensor) -> Tensor:
-        return initial * gamma ** torch.div(step, step_size, rounding_mode="floor").to(
-            torch.float64
-        )
+        decays = torch.div(step, step_size, rounding_mode="floor").to(torch.float64)
+        return _as_default_dtype(initial * gamma**decays)
 
     return schedule
 

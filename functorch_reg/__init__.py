@@ -14,6 +14,7 @@ hyperparameters and match ``torch.optim`` step for step::
 """
 
 from . import penalties, prox, select
+from .ensemble import LinearPath, SweepResult, init_ensemble, lambda_grid, linear_path, sweep
 from .optim import (
     AdamState,
     Optimizer,
@@ -31,11 +32,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamState",
+    "LinearPath",
     "Optimizer",
     "SGDState",
+    "SweepResult",
     "adam",
     "adamw",
+    "init_ensemble",
+    "lambda_grid",
     "leaf_names",
+    "linear_path",
     "load_state_dict",
     "penalties",
     "prox",
@@ -44,5 +50,6 @@ __all__ = [
     "sgd",
     "stack",
     "state_dict",
+    "sweep",
     "unstack",
 ]

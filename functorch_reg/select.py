@@ -53,7 +53,7 @@ def biases() -> Predicate:
     return is_bias
 
 
-def all() -> Predicate:  # noqa: A001 - the preset is named after what it selects
+def all() -> Predicate:
     """Every floating-point leaf (the same as ``where=None``)."""
 
     def any_leaf(name: str, leaf: Tensor) -> bool:

@@ -13,8 +13,17 @@ hyperparameters and match ``torch.optim`` step for step::
     params, state = opt.step(params, grads, state)
 """
 
-from . import penalties, prox, select
-from .ensemble import LinearPath, SweepResult, init_ensemble, lambda_grid, linear_path, sweep
+from . import function_space, penalties, prox, select
+from .adapter import TorchOptimizer
+from .ensemble import (
+    LinearPath,
+    SweepResult,
+    ensemble_step,
+    init_ensemble,
+    lambda_grid,
+    linear_path,
+    sweep,
+)
 from .optim import (
     AdamState,
     Optimizer,
@@ -36,8 +45,11 @@ __all__ = [
     "Optimizer",
     "SGDState",
     "SweepResult",
+    "TorchOptimizer",
     "adam",
     "adamw",
+    "ensemble_step",
+    "function_space",
     "init_ensemble",
     "lambda_grid",
     "leaf_names",

@@ -26,7 +26,15 @@ from .tree import Params, flatten, is_float, spec_names, stack, unstack
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["LinearPath", "SweepResult", "init_ensemble", "lambda_grid", "linear_path", "sweep"]
+__all__ = [
+    "LinearPath",
+    "SweepResult",
+    "ensemble_step",
+    "init_ensemble",
+    "lambda_grid",
+    "linear_path",
+    "sweep",
+]
 
 
 def init_ensemble(model: nn.Module, n: int, seed: int = 0) -> Params:
@@ -182,13 +190,9 @@ def sweep(
     """
     strengths = _as_strengths(strengths)
     count = len(strengths)
-    if (penalty is None) == (hyperparameter is None):
-        raise ValueError("sweep: give exactly one of penalty= or hyperparameter=")
-    if hyperparameter is not None and hyperparameter not in set(optimizer.hyperparams) - {"betas"}:
-        raise ValueError(
-            f"sweep: hyperparameter={hyperparameter!r} is not a scalar hyperparameter of the "
-            f"optimizer; choose from {sorted(set(optimizer.hyperparams) - {'betas'})}"
-        )
+    step = ensemble_step(model, loss_fn, optimizer, penalty=penalty, hyperparameter=hyperparameter)
+    if compile:
+        step = torch.compile(step, fullgraph=True)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"sweep: steps must be a positive int, got {steps!r}")
     device = next(model.parameters()).device
@@ -198,22 +202,6 @@ def sweep(
     x_train, y_train = (t.to(device) for t in train)
     x_val, y_val = (t.to(device) for t in val)
     batches = _batches(len(x_train), batch_size, steps, seed, device)
-
-    def objective(params: Params, strength: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        loss = loss_fn(functional_call(model, params, (x,)), y)
-        if penalty is None:
-            return loss, loss
-        return loss + strength * penalty(params), loss
-
-    def member_step(params: Params, state: Any, strength: Tensor, x: Tensor, y: Tensor):
-        grads, loss = grad(objective, has_aux=True)(params, strength, x, y)
-        overrides = {} if hyperparameter is None else {hyperparameter: strength}
-        params, state = optimizer.step(params, grads, state, **overrides)
-        return params, state, loss
-
-    step = vmap(member_step, in_dims=(0, 0, 0, None, None))
-    if compile:
-        step = torch.compile(step, fullgraph=True)
     losses = []
     for index in tqdm(batches, desc=f"sweep over {count} strengths", disable=not progress):
         members, states, loss = step(members, states, strengths, x_train[index], y_train[index])
@@ -239,6 +227,52 @@ def sweep(
         sparsity=(entries == 0).float().mean(1).cpu(),
         param_norm=entries.norm(dim=1).cpu(),
     )
+
+
+def ensemble_step(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    optimizer: Optimizer,
+    *,
+    penalty: Callable[[Params], Tensor] | None = None,
+    hyperparameter: str | None = None,
+) -> Callable[..., tuple[Params, Any, Tensor]]:
+    """The vmapped training step that :func:`sweep` compiles, for loops of your own.
+
+    ``step(members, states, strengths, x, y) -> (members, states, losses)`` takes stacked
+    parameters and optimizer states (leading dim ``K``), one strength per member and a
+    batch shared by all members; ``losses`` are the members' unregularized losses.
+    Compile the returned function (``torch.compile(step, fullgraph=True)``), not the
+    other way round.
+    """
+    _check_strength_target(optimizer, penalty, hyperparameter)
+
+    def objective(params: Params, strength: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss = loss_fn(functional_call(model, params, (x,)), y)
+        if penalty is None:
+            return loss, loss
+        return loss + strength * penalty(params), loss
+
+    def member_step(params: Params, state: Any, strength: Tensor, x: Tensor, y: Tensor):
+        grads, loss = grad(objective, has_aux=True)(params, strength, x, y)
+        overrides = {} if hyperparameter is None else {hyperparameter: strength}
+        params, state = optimizer.step(params, grads, state, **overrides)
+        return params, state, loss
+
+    return vmap(member_step, in_dims=(0, 0, 0, None, None))
+
+
+def _check_strength_target(
+    optimizer: Optimizer, penalty: Callable[[Params], Tensor] | None, hyperparameter: str | None
+) -> None:
+    if (penalty is None) == (hyperparameter is None):
+        raise ValueError("give exactly one of penalty= or hyperparameter=")
+    scalars = sorted(set(optimizer.hyperparams) - {"betas"})
+    if hyperparameter is not None and hyperparameter not in scalars:
+        raise ValueError(
+            f"hyperparameter={hyperparameter!r} is not a scalar hyperparameter of the "
+            f"optimizer; choose from {scalars}"
+        )
 
 
 def lambda_grid(

@@ -1,0 +1,379 @@
+"""A ``torch.optim.Optimizer`` that runs a functional update rule in place.
+
+:class:`TorchOptimizer` puts :func:`~functorch_reg.sgd`, :func:`~functorch_reg.adam` or
+:func:`~functorch_reg.adamw` behind the ``torch.optim`` interface, so that an existing
+training loop, LR scheduler and checkpoint code use it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT, StateDict
+
+from .optim.base import DISABLED, Optimizer, State, enabled
+
+__all__ = ["TorchOptimizer"]
+
+# Bookkeeping that torch.optim.lr_scheduler and swa_utils keep in param groups.
+_SCHEDULER_KEYS = frozenset(
+    {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
+)
+_GROUP_KEYS = frozenset({"params", "param_names"})
+
+
+class TorchOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` whose step is a functional update rule, in place.
+
+    Each param group's hyperparameters (``lr``, ``betas``, ``weight_decay``, ...) default
+    to the functional optimizer's and are passed to ``optimizer.step_`` as per-call
+    overrides, so per-group settings, LR schedulers (``torch.optim.lr_scheduler``,
+    including momentum cycling) and ``zero_grad`` behave as with ``torch.optim``. One
+    difference: under a schedule of the betas, Adam's bias correction uses their running
+    product (see :func:`~functorch_reg.adam`), where ``torch.optim.Adam`` uses
+    ``beta ** step`` with the current beta.
+
+    State lives in ``self.state[param]`` under the functional state's field names
+    (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``beta_powers`` for Adam;
+    ``momentum_buffer``, ``count`` for SGD) plus ``skipped``, the group's count of
+    skipped non-finite steps, shared by the group's params. It is created on a param's
+    first gradient, as in ``torch.optim``, so ``state_dict``/``load_state_dict`` and
+    ``torch.load(weights_only=True)`` work, and a resumed run is bit-identical.
+
+    A param whose ``.grad`` is ``None`` is frozen: neither it nor its state changes.
+    When params are given as ``model.named_parameters()``, the functional optimizer's
+    ``mask`` globs see their names; otherwise a group's leaves are named ``"0"``,
+    ``"1"``, ... by position, so prefer predicate masks (``fr.select.weights()``) or
+    per-group ``weight_decay``. The mask applies within each group: a glob must match
+    a leaf of every group.
+
+    With ``compile=True`` the update of all groups is one ``torch.compile(fullgraph=True)``
+    graph, compiled on the first step. Hyperparameters then reach it as 0-d float32
+    tensors on the params' device (``fill_``-ed from the groups' values before each
+    step), so a scheduler that changes them every step never recompiles; a Python zero
+    other than ``lr`` is passed as a literal, which compiles the term out as in the
+    functional API. Eager steps pass the groups' values as they are. A change in which
+    params have gradients, or a hyperparameter moving to or from exactly zero,
+    compiles a new graph.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs or param group dicts, as for any
+            ``torch.optim.Optimizer``.
+        optimizer: a functional optimizer, e.g. ``fr.adamw(lr=1e-3)``; its
+            hyperparameters are the groups' defaults.
+        compile: compile the update with ``torch.compile(fullgraph=True)``.
+        compile_options: further ``torch.compile`` keyword arguments (``mode``,
+            ``backend``, ``fullgraph``); needs ``compile=True``.
+
+    Raises:
+        TypeError: ``optimizer`` is not a functional optimizer, a group has an unknown
+            key or a hyperparameter of the wrong type, or a param is not floating-point.
+        ValueError: a hyperparameter is out of range, a ``mask`` glob matches no leaf
+            of a group, a group lists a param twice, or ``compile_options`` comes
+            without ``compile``.
+
+    Example:
+        >>> import functorch_reg as fr
+        >>> from functorch_reg.adapter import TorchOptimizer
+        >>> model = torch.nn.Linear(3, 1)
+        >>> optimizer = TorchOptimizer(
+        ...     [
+        ...         {"params": [model.weight]},
+        ...         {"params": [model.bias], "weight_decay": 0.0},
+        ...     ],
+        ...     fr.adamw(lr=1e-2, weight_decay=0.1),
+        ... )
+        >>> scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+        >>> for _ in range(3):
+        ...     optimizer.zero_grad()
+        ...     model(torch.randn(8, 3)).square().mean().backward()
+        ...     optimizer.step()
+        ...     scheduler.step()
+        >>> sorted(optimizer.state_dict()["state"][0])
+        ['beta_powers', 'exp_avg', 'exp_avg_sq', 'skipped']
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        optimizer: Optimizer,
+        *,
+        compile: bool = False,
+        compile_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            hint = "; call the factory first" if callable(optimizer) else ""
+            raise TypeError(
+                "TorchOptimizer needs a functional optimizer such as fr.adamw(lr=1e-3), "
+                f"got {type(optimizer).__name__}{hint}"
+            )
+        if compile_options is not None and not compile:
+            raise ValueError("TorchOptimizer: compile_options needs compile=True")
+        self._functional = optimizer
+        template = optimizer.init([torch.empty((), device="meta")])
+        self._state_type: type = type(template)
+        self._slot_names = tuple(
+            field
+            for field, tree in zip(template._fields[:-1], template[:-1], strict=True)
+            if enabled(tree)
+        )
+        self._compiled = compile
+        self._update: Callable[..., None] = (
+            torch.compile(_update_groups, **{"fullgraph": True, **(compile_options or {})})
+            if compile
+            else _update_groups
+        )
+        # Per group index, the 0-d tensors that carry its hyperparameters into the graph.
+        self._scalars: list[dict[str, Tensor]] = []
+        defaults = dict(optimizer.hyperparams)
+        if "betas" in defaults:
+            defaults["betas"] = tuple(defaults["betas"])
+        # torch.optim adds keys of its own to self.defaults (e.g. on load_state_dict).
+        self._hyperparam_names = tuple(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, checked against the functional optimizer.
+
+        Missing hyperparameters take the defaults. The group's hyperparameters, and
+        the functional optimizer's ``mask`` and ``prox`` on its params, are validated
+        now; on an error the optimizer is left as it was.
+
+        Args:
+            param_group: ``{"params": [...], **hyperparameters}``.
+        """
+        super().add_param_group(param_group)
+        try:
+            self._check_group(len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Update every param that has a gradient, in place.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; called with
+                gradients enabled before the update.
+
+        Returns:
+            The closure's loss, or ``None`` without a closure.
+
+        Raises:
+            RuntimeError: a gradient is sparse (checked before anything changes).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        "TorchOptimizer does not support sparse gradients; "
+                        f"{self._label(index, position)} has one"
+                    )
+        trees, grads, states, hyperparams = [], [], [], []
+        with torch.no_grad():
+            for index, group in enumerate(self.param_groups):
+                params = group["params"]
+                group_grads = [p.grad for p in params]
+                if all(g is None for g in group_grads):
+                    continue
+                trees.append(_tree(group, params))
+                grads.append(_tree(group, group_grads))
+                states.append(self._functional_state(group, group_grads))
+                hyperparams.append(self._hyperparams(index, group))
+            if trees:
+                self._update(self._functional.step_, trees, grads, states, hyperparams)
+        return loss
+
+    def load_state_dict(self, state_dict: StateDict) -> None:
+        """Load a :meth:`state_dict`, validated before anything changes.
+
+        Args:
+            state_dict: the output of :meth:`state_dict` of a ``TorchOptimizer`` with
+                the same functional optimizer and param groups.
+
+        Raises:
+            ValueError: the groups, the params with state, or a state tensor's key,
+                shape or dtype do not match this optimizer.
+        """
+        saved = self._saved_slots(state_dict)
+        super().load_state_dict(state_dict)
+        # torch casts floating-point state to its param's dtype, but beta_powers is
+        # float64 on purpose: put back exact copies, which also keep later in-place
+        # steps out of the caller's checkpoint.
+        for p, slots in saved.items():
+            self.state[p] = {key: value.to(p.device, copy=True) for key, value in slots.items()}
+
+    def _check_group(self, index: int) -> None:
+        group = self.param_groups[index]
+        unknown = sorted(set(group) - set(self.defaults) - _GROUP_KEYS - _SCHEDULER_KEYS)
+        if unknown:
+            raise TypeError(
+                f"TorchOptimizer: param group {index} has unknown hyperparameter "
+                f"{unknown[0]!r}; the functional optimizer accepts "
+                + ", ".join(sorted(self._hyperparam_names))
+            )
+        params = group["params"]
+        for position, p in enumerate(params):
+            if not p.is_floating_point():
+                raise TypeError(
+                    "TorchOptimizer updates floating-point params only; "
+                    f"{self._label(index, position)} is {p.dtype}"
+                )
+        names = group.get("param_names", params)
+        if len(set(params)) != len(params) or len(set(names)) != len(names):
+            raise ValueError(f"TorchOptimizer: param group {index} lists a param twice")
+        # The functional optimizer only validates hyperparameters, masks and prox inside
+        # step (and not at all under torch.compile), so run one step now on meta
+        # tensors, which costs no memory and no device work.
+        meta = [torch.empty_like(p, device="meta") for p in params]
+        tree = _tree(group, meta)
+        self._functional.step(
+            tree,
+            _tree(group, [torch.zeros_like(m) for m in meta]),
+            self._functional.init(tree),
+            **{name: _to_cpu(group[name]) for name in self._hyperparam_names},
+        )
+
+    def _functional_state(self, group: dict[str, Any], grads: Sequence[Tensor | None]) -> State:
+        """The group's functional state: views of ``self.state``, created where missing.
+
+        A param without a gradient and without state gets ``None`` slots, which the
+        functional step leaves alone, so frozen params cost no memory.
+        """
+        params = group["params"]
+        for p, g in zip(params, grads, strict=True):
+            if g is not None and not self.state.get(p):
+                self.state[p] = self._fresh_slots(p)
+        slots = [self.state.get(p) or None for p in params]
+        skipped = next(s for s in slots if s is not None)["skipped"]
+        for s in slots:
+            if s is not None:
+                s["skipped"] = skipped
+        fields = [
+            _tree(group, [None if s is None else s[field] for s in slots])
+            if field in self._slot_names
+            else DISABLED
+            for field in self._state_type._fields[:-1]
+        ]
+        return self._state_type(*fields, skipped)
+
+    def _fresh_slots(self, p: Tensor) -> dict[str, Tensor]:
+        """One param's initial state, keyed by field name, plus ``skipped``."""
+        state = self._functional.init([p])
+        slots = {
+            field: tree[0]
+            for field, tree in zip(state._fields[:-1], state[:-1], strict=True)
+            if enabled(tree)
+        }
+        return {**slots, "skipped": state.skipped}
+
+    def _hyperparams(self, index: int, group: dict[str, Any]) -> dict[str, Any]:
+        values = {name: group[name] for name in self._hyperparam_names}
+        if not self._compiled:
+            return values
+        while len(self._scalars) <= index:
+            self._scalars.append({})
+        scalars, device = self._scalars[index], group["params"][0].device
+
+        def as_input(name: str, value: Any) -> Any:
+            # lr is not a switch in any rule, and schedules pass through exactly zero.
+            if name != "lr" and not isinstance(value, Tensor) and value == 0:
+                return 0.0
+            if name not in scalars:
+                scalars[name] = torch.zeros((), dtype=torch.float32, device=device)
+            scalar = scalars[name]
+            return scalar.copy_(value) if isinstance(value, Tensor) else scalar.fill_(value)
+
+        return {
+            name: (as_input("beta1", value[0]), as_input("beta2", value[1]))
+            if name == "betas"
+            else as_input(name, value)
+            for name, value in values.items()
+        }
+
+    def _saved_slots(self, state_dict: StateDict) -> dict[Tensor, dict[str, Tensor]]:
+        """Each param's saved state, checked against this optimizer."""
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(saved_groups) != len(groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(groups)}"
+            )
+        owners = {}
+        for index, (group, saved_group) in enumerate(zip(groups, saved_groups, strict=True)):
+            if len(saved_group["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {index} has {len(saved_group['params'])} params in "
+                    f"state_dict but {len(group['params'])} here"
+                )
+            for position, key in enumerate(saved_group["params"]):
+                owners[key] = (index, position)
+        slots = {}
+        for key, saved in state_dict["state"].items():
+            if key not in owners:
+                raise ValueError(f"state_dict has state for param {key!r} of no param group")
+            if not saved:  # an entry that a mere lookup of the defaultdict created
+                continue
+            index, position = owners[key]
+            p, label = groups[index]["params"][position], self._label(index, position)
+            expected = self._fresh_slots(torch.empty_like(p, device="meta"))
+            if set(saved) != set(expected):
+                raise ValueError(
+                    f"state_dict state of {label} has keys {sorted(saved)}, "
+                    f"expected {sorted(expected)}"
+                )
+            for name, like in expected.items():
+                value = saved[name]
+                if (
+                    not isinstance(value, Tensor)
+                    or value.shape != like.shape
+                    or value.dtype != like.dtype
+                ):
+                    got = (
+                        f"{value.dtype} {tuple(value.shape)}"
+                        if isinstance(value, Tensor)
+                        else repr(value)
+                    )
+                    raise ValueError(
+                        f"state_dict entry {name} of {label} should be {like.dtype} "
+                        f"{tuple(like.shape)}, got {got}"
+                    )
+            slots[p] = saved
+        return slots
+
+    def _label(self, index: int, position: int) -> str:
+        group = self.param_groups[index]
+        if "param_names" in group:
+            return f"param {group['param_names'][position]!r}"
+        return f"param {position} of param group {index}"
+
+
+def _tree(group: dict[str, Any], values: Sequence[Any]) -> dict[str, Any] | list[Any]:
+    """``values``, one per param of ``group``, as a pytree named like its params."""
+    if "param_names" in group:
+        return dict(zip(group["param_names"], values, strict=True))
+    return list(values)
+
+
+def _to_cpu(value: Any) -> Any:
+    """A hyperparameter with its tensors on the CPU, where they combine with meta tensors."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value.detach().cpu() if isinstance(value, Tensor) else value
+
+
+def _update_groups(
+    step_: Callable[..., None],
+    trees: list[Any],
+    grads: list[Any],
+    states: list[State],
+    hyperparams: list[dict[str, Any]],
+) -> None:
+    for tree, group_grads, state, overrides in zip(trees, grads, states, hyperparams, strict=True):
+        step_(tree, group_grads, state, **overrides)

@@ -66,7 +66,9 @@ def bench(members: int, device: str) -> dict[str, float]:
     # vmap + compile, the sweep's step
     stacked = fr.stack([params] * members)
     states = fr.stack([optimizer.init(params)] * members)
-    step = torch.compile(fr.ensemble_step(model, loss_fn, optimizer, penalty=penalty), fullgraph=True)
+    step = torch.compile(
+        fr.ensemble_step(model, loss_fn, optimizer, penalty=penalty), fullgraph=True
+    )
     started = time.perf_counter()
     stacked, states, _ = step(stacked, states, lams, x, y)
     times["compile s"] = time.perf_counter() - started
@@ -118,18 +120,26 @@ def main() -> None:
     parser.add_argument("--members", type=int, nargs="+", default=[8, 32, 128])
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    print(f"# bench_ensemble on {args.device} ({name}), torch {torch.__version__}, "
-          f"{datetime.date.today()}, {torch.get_num_threads()} threads")
+    print(
+        f"# bench_ensemble on {args.device} ({name}), torch {torch.__version__}, "
+        f"{datetime.date.today()}, {torch.get_num_threads()} threads"
+    )
     print(f"# MLP {FEATURES}-{HIDDEN}-{CLASSES}, batch {BATCH}, Adam, loss + lam * l1(weights)")
     columns = ["vmap+compile", "loop functional", "loop functional compiled", "loop torch.optim"]
-    print(f"{'K':>5} {'compile s':>10} " + " ".join(f"{c + ' ms':>26}" for c in columns)
-          + f" {'speedup vs best loop':>21}")
+    print(
+        f"{'K':>5} {'compile s':>10} "
+        + " ".join(f"{c + ' ms':>26}" for c in columns)
+        + f" {'speedup vs best loop':>21}"
+    )
     for members in args.members:
         times = bench(members, args.device)
         best_loop = min(times[c] for c in columns[1:])
         cells = " ".join(f"{times[c]:>26.2f}" for c in columns)
-        print(f"{members:>5} {times['compile s']:>10.1f} {cells} "
-              f"{best_loop / times['vmap+compile']:>20.1f}x", flush=True)
+        print(
+            f"{members:>5} {times['compile s']:>10.1f} {cells} "
+            f"{best_loop / times['vmap+compile']:>20.1f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

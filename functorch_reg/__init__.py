@@ -13,7 +13,7 @@ hyperparameters and match ``torch.optim`` step for step::
     params, state = opt.step(params, grads, state)
 """
 
-from . import function_space, penalties, prox, select
+from . import distributed, function_space, penalties, prox, select
 from .adapter import TorchOptimizer
 from .ensemble import (
     LinearPath,
@@ -48,6 +48,7 @@ __all__ = [
     "TorchOptimizer",
     "adam",
     "adamw",
+    "distributed",
     "ensemble_step",
     "function_space",
     "init_ensemble",

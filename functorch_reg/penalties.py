@@ -10,6 +10,13 @@ Compose them with a loss and differentiate with ``torch.func``::
 
 Every penalty sums over the leaves chosen by ``where=`` (see :mod:`functorch_reg.select`)
 and returns a 0-d tensor in the promoted dtype of those leaves.
+
+DTensor leaves (e.g. parameters sharded by ``torch.distributed.fsdp.fully_shard``)
+give the value of the whole, unsharded parameters: norms, Gram matrices and sums
+reduce across shards, whichever dim the leaves are sharded on. The result is then
+a plain 0-d tensor, the same on every rank, to add to a loss; it is differentiable,
+and its gradient reaches each rank's shards. Every rank must compute it, as it
+ends in a collective.
 """
 
 from __future__ import annotations
@@ -23,7 +30,15 @@ from torch import Tensor
 
 from ._checks import UNIT, check_scalars
 from .select import Where, selected, weights
-from .tree import Params, check_structure, flatten, spec_names
+from .tree import (
+    Params,
+    check_structure,
+    flatten,
+    full_tensor,
+    reduce_partial,
+    replicate_like,
+    spec_names,
+)
 
 __all__ = ["elastic_net", "group_lasso", "l1", "l2", "l2_sp", "orthogonal"]
 
@@ -71,9 +86,13 @@ def _group_lasso_leaf(w: Tensor, dim: int | None) -> Tensor:
 
 def group_norms(w: Tensor, dim: int | None) -> tuple[Tensor, int]:
     """Euclidean norm of each slice of ``w`` along ``dim`` (kept as a broadcastable
-    dim) and the number of entries per slice."""
+    dim) and the number of entries per slice.
+
+    For a DTensor ``w`` the norms are those of the whole slices, whichever dim ``w``
+    is sharded on, and no longer partial (they may feed nonlinear ops).
+    """
     if dim is None:
-        return torch.linalg.vector_norm(w).reshape([1] * w.ndim), w.numel()
+        return reduce_partial(torch.linalg.vector_norm(w)).reshape([1] * w.ndim), w.numel()
     if not -w.ndim <= dim < w.ndim:
         raise ValueError(
             f"group dim={dim} needs leaves with more than {dim if dim >= 0 else -dim - 1} dims, "
@@ -82,7 +101,9 @@ def group_norms(w: Tensor, dim: int | None) -> tuple[Tensor, int]:
     reduce_dims = [d for d in range(w.ndim) if d != dim % w.ndim]
     if not reduce_dims:
         return w.abs(), 1
-    return torch.linalg.vector_norm(w, dim=reduce_dims, keepdim=True), w.numel() // w.shape[dim]
+    # Groups that span shards (DTensor leaves) get partial norms: reduce them here, once.
+    norms = reduce_partial(torch.linalg.vector_norm(w, dim=reduce_dims, keepdim=True))
+    return norms, w.numel() // w.shape[dim]
 
 
 def l2_sp(params: Params, reference: Params, *, where: Where = None) -> Tensor:
@@ -112,7 +133,8 @@ def _orthogonal_leaf(w: Tensor) -> Tensor:
     if matrix.shape[0] > matrix.shape[1]:
         matrix = matrix.T
     gram = matrix @ matrix.T
-    return (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).square().sum()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return (gram - replicate_like(eye, gram)).square().sum()
 
 
 def _total(
@@ -134,4 +156,5 @@ def _total(
             "penalties apply to floating-point tensors only"
         )
     dtype = functools.reduce(torch.promote_types, [term.dtype for term in terms])
-    return torch.stack([term.to(dtype) for term in terms]).sum()
+    # DTensor terms may still be partial sums over the shards: reduce once, after summing.
+    return full_tensor(torch.stack([term.to(dtype) for term in terms]).sum())

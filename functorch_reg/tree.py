@@ -2,6 +2,10 @@
 
 Every helper flattens with ``none_is_leaf=True``, so a ``None`` leaf (a frozen
 gradient, an absent optimizer buffer) keeps its place and its name.
+
+Leaves may be DTensors (e.g. parameters sharded by ``fully_shard``): the helpers at
+the end keep the library's reductions over them global, and return plain tensors
+untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +16,13 @@ from typing import Any, TypeAlias
 import optree
 import torch
 from torch import Tensor
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Replicate
+
+    _DTENSOR: tuple[type, ...] = (DTensor,)
+else:  # a torch built without torch.distributed has no DTensor leaves
+    _DTENSOR = ()
 
 PyTree: TypeAlias = Any
 """Any optree pytree; the main case is ``dict(model.named_parameters())``."""
@@ -24,8 +35,12 @@ __all__ = [
     "PyTree",
     "check_structure",
     "flatten",
+    "full_tensor",
+    "is_dtensor",
     "is_float",
     "leaf_names",
+    "reduce_partial",
+    "replicate_like",
     "spec_names",
     "stack",
     "unstack",
@@ -135,3 +150,46 @@ def unstack(stacked: PyTree) -> list[PyTree]:
         optree.tree_unflatten(spec, [None if leaf is None else leaf[i] for leaf in leaves])
         for i in range(size)
     ]
+
+
+def is_dtensor(leaf: Any) -> bool:
+    """Whether ``leaf`` is a ``torch.distributed.tensor.DTensor``."""
+    return isinstance(leaf, _DTENSOR)
+
+
+def full_tensor(x: Tensor) -> Tensor:
+    """``x`` itself, or for a DTensor its global value as a plain tensor.
+
+    On a DTensor this is a collective (an all-reduce for a partial result such as
+    the sum of a sharded tensor), so every rank must call it, and every rank gets
+    the same value.
+    """
+    return x.full_tensor() if is_dtensor(x) else x
+
+
+def reduce_partial(x: Tensor) -> Tensor:
+    """For a DTensor, ``x`` with any pending (partial) reduction across ranks carried
+    out, the partial placements becoming ``Replicate()``; ``x`` itself otherwise.
+
+    A partial placement commutes only with ops that match its reduction (a sum with a
+    partial sum), and DTensor (2.13) lets some others through without reducing first:
+    the ``sum`` of partial norms gives the norm of the ranks' sums, silently.
+    """
+    if not is_dtensor(x) or not any(placement.is_partial() for placement in x.placements):
+        return x
+    placements = [Replicate() if p.is_partial() else p for p in x.placements]
+    return x.redistribute(x.device_mesh, placements)
+
+
+def replicate_like(value: Tensor, reference: Tensor) -> Tensor:
+    """``value`` as a DTensor replicated over ``reference``'s mesh when ``reference``
+    is a DTensor, else ``value`` itself.
+
+    ``value`` must be the same on every rank (a constant such as an identity
+    matrix): it is wrapped without communication, and DTensor ops refuse to mix
+    plain tensors other than 0-d ones with DTensors.
+    """
+    if not is_dtensor(reference):
+        return value
+    mesh = reference.device_mesh
+    return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)

@@ -70,6 +70,29 @@ def test_lambda_sweep_example_runs(tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+def test_distributed_sweep_example_runs_on_two_ranks():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            str(EXAMPLES / "distributed_sweep.py"),
+            "--members",
+            "4",
+            "--steps",
+            "5",
+            "--no-compile",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    assert "val acc" in out
+
+
 @pytest.mark.parametrize("name", ["seed_regularization", "lambda_sweep"])
 def test_examples_have_a_docstring_with_the_command(name):
     assert f"python examples/{name}.py" in load(name).__doc__

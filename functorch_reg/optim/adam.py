@@ -34,7 +34,8 @@ class AdamState(NamedTuple):
         max_exp_avg_sq: per-leaf running max of :math:`v` (``amsgrad``), else ``()``.
         beta_powers: per-leaf products of the betas over the leaf's updates, a float64
             pair :math:`(\\prod_s \\beta_{1,s}, \\prod_s \\beta_{2,s})`, i.e.
-            :math:`(\\beta_1^t, \\beta_2^t)` for constant betas.
+            :math:`(\\beta_1^t, \\beta_2^t)` for constant betas. A plain tensor on the
+            leaf's device even for a DTensor leaf: it is the same on every rank.
         skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
     """
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._checks import Interval, Scalar, check_scalars
 from ..select import Where, selected
-from ..tree import Params, check_structure, flatten, is_float
+from ..tree import Params, check_structure, flatten, full_tensor, is_float
 
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
 
@@ -213,7 +213,9 @@ def resolve(
 
 
 def _all_finite(grads: list[Tensor | None]) -> Tensor:
-    return torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all()
+    # A DTensor's check covers its local shard only; made global (and plain, to mix
+    # with the state's plain scalars), it makes every rank skip the same steps.
+    return torch.stack([full_tensor(torch.isfinite(g).all()) for g in grads if g is not None]).all()
 
 
 def state_dict(state: State) -> dict[str, Any]:

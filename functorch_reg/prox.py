@@ -92,6 +92,6 @@ def _map_selected(params: Params, where: Where, fn: Callable[[Tensor], Tensor]) 
     return spec.unflatten(
         [
             fn(leaf) if is_selected else leaf
-            for leaf, is_selected in zip(leaves, chosen, strict=False)
+            for leaf, is_selected in zip(leaves, chosen, strict=True)
         ]
     )

@@ -99,7 +99,7 @@ def _match_globs(
 ) -> tuple[bool, ...]:
     # A constant for the compiler: dynamo cannot trace fnmatch's regexes.
     float_names = [
-        name for name, is_leaf_float in zip(names, floats, strict=False) if is_leaf_float
+        name for name, is_leaf_float in zip(names, floats, strict=True) if is_leaf_float
     ]
     for pattern in patterns:
         if not fnmatch.filter(float_names, pattern):
@@ -109,7 +109,7 @@ def _match_globs(
             )
     return tuple(
         is_leaf_float and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-        for name, is_leaf_float in zip(names, floats, strict=False)
+        for name, is_leaf_float in zip(names, floats, strict=True)
     )
 
 

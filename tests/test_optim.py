@@ -302,3 +302,12 @@ def test_momentum_override_without_buffers_is_an_error():
 def test_init_rejects_params_without_floats():
     with pytest.raises(ValueError, match="no floating-point tensor"):
         fr.adam().init({"steps": torch.tensor([1])})
+
+
+def test_skip_nonfinite_with_every_grad_none_is_a_no_op():
+    opt = fr.adam(skip_nonfinite=True)
+    params = mlp_params()
+    state = opt.init(params)
+    new_params, new_state = opt.step(params, {k: None for k in params}, state)
+    assert_identical(new_params, params)
+    assert new_state.skipped.item() == 0

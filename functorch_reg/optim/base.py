@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._checks import Interval, Scalar, check_scalars
 from ..select import Where, selected
-from ..tree import Params, check_structure, flatten, full_tensor, is_float
+from ..tree import Params, check_structure, flatten, full_tensor, is_float, leaf_names
 
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
 
@@ -129,7 +129,7 @@ def build(
                 f"{name}: state must be a {state_type.__name__}, got {type(state).__name__}"
             )
         columns = []
-        for field, tree in zip(state._fields[:-1], state[:-1], strict=False):
+        for field, tree in zip(state._fields[:-1], state[:-1], strict=True):
             if not enabled(tree):
                 columns.append([None] * len(leaves))
             else:
@@ -140,11 +140,12 @@ def build(
         prox_threshold = (
             None if prox is None or is_zero(h["prox_strength"]) else h["lr"] * h["prox_strength"]
         )
-        finite = _all_finite(grad_leaves) if skip_nonfinite else None
+        present = [g for g in grad_leaves if g is not None]
+        finite = _all_finite(present) if skip_nonfinite and present else None
 
         new_leaves = list(leaves)
         new_columns = [list(column) for column in columns]
-        for i, (p, g, decay) in enumerate(zip(leaves, grad_leaves, decays, strict=False)):
+        for i, (p, g, decay) in enumerate(zip(leaves, grad_leaves, decays, strict=True)):
             if g is None or not is_float(p):
                 continue
             slots = tuple(column[i] for column in columns)
@@ -155,10 +156,10 @@ def build(
                 new_p = torch.where(finite, new_p, p)
                 new_slots = tuple(
                     None if new is None else torch.where(finite, new, old)
-                    for new, old in zip(new_slots, slots, strict=False)
+                    for new, old in zip(new_slots, slots, strict=True)
                 )
             new_leaves[i] = new_p
-            for column, new in zip(new_columns, new_slots, strict=False):
+            for column, new in zip(new_columns, new_slots, strict=True):
                 column[i] = new
         skipped = state.skipped if finite is None else state.skipped + (~finite).long()
         return _Update(spec, [leaves, *columns], [new_leaves, *new_columns], skipped)
@@ -168,7 +169,7 @@ def build(
         new_leaves, *new_columns = new.new_columns
         fields = [
             new.spec.unflatten(column) if enabled(tree) else DISABLED
-            for tree, column in zip(state[:-1], new_columns, strict=False)
+            for tree, column in zip(state[:-1], new_columns, strict=True)
         ]
         return new.spec.unflatten(new_leaves), state_type(*fields, new.skipped)
 
@@ -176,8 +177,8 @@ def build(
         with torch.no_grad():
             new = update(params, grads, state, overrides)
             # Everything is computed before the first write, so an error leaves no trace.
-            for column, new_column in zip(new.columns, new.new_columns, strict=False):
-                for old, new_value in zip(column, new_column, strict=False):
+            for column, new_column in zip(new.columns, new.new_columns, strict=True):
+                for old, new_value in zip(column, new_column, strict=True):
                     if new_value is not old:
                         old.copy_(new_value)
             state.skipped.copy_(new.skipped)
@@ -212,10 +213,10 @@ def resolve(
     return merged
 
 
-def _all_finite(grads: list[Tensor | None]) -> Tensor:
+def _all_finite(grads: list[Tensor]) -> Tensor:
     # A DTensor's check covers its local shard only; made global (and plain, to mix
     # with the state's plain scalars), it makes every rank skip the same steps.
-    return torch.stack([full_tensor(torch.isfinite(g).all()) for g in grads if g is not None]).all()
+    return torch.stack([full_tensor(torch.isfinite(g).all()) for g in grads]).all()
 
 
 def state_dict(state: State) -> dict[str, Any]:
@@ -224,10 +225,8 @@ def state_dict(state: State) -> dict[str, Any]:
     The result round-trips through ``torch.save`` and ``torch.load(weights_only=True)``;
     restore it with :func:`load_state_dict`.
     """
-    from ..tree import leaf_names
-
     out: dict[str, Any] = {}
-    for field, tree in zip(state._fields, state, strict=False):
+    for field, tree in zip(state._fields, state, strict=True):
         if not enabled(tree):
             continue
         if isinstance(tree, Tensor):
@@ -236,7 +235,7 @@ def state_dict(state: State) -> dict[str, Any]:
         leaves, _ = flatten(tree)
         out[field] = {
             name: leaf.detach().clone()
-            for name, leaf in zip(leaf_names(tree), leaves, strict=False)
+            for name, leaf in zip(leaf_names(tree), leaves, strict=True)
             if leaf is not None
         }
     return out
@@ -248,11 +247,9 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
     Every tensor is checked against a fresh ``optimizer.init(params)`` (names, shapes,
     dtypes) before any is used; the tensors are copied onto the params' devices.
     """
-    from ..tree import leaf_names
-
     template = optimizer.init(params)
     expected = {
-        field for field, tree in zip(template._fields, template, strict=False) if enabled(tree)
+        field for field, tree in zip(template._fields, template, strict=True) if enabled(tree)
     }
     if set(state_dict) != expected:
         raise ValueError(
@@ -260,7 +257,7 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
             f"{sorted(expected)}"
         )
     fields = []
-    for field, tree in zip(template._fields, template, strict=False):
+    for field, tree in zip(template._fields, template, strict=True):
         if not enabled(tree):
             fields.append(DISABLED)
             continue
@@ -270,7 +267,7 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
             continue
         leaves, spec = flatten(tree)
         names = leaf_names(tree)
-        wanted = {name for name, leaf in zip(names, leaves, strict=False) if leaf is not None}
+        wanted = {name for name, leaf in zip(names, leaves, strict=True) if leaf is not None}
         if set(saved) != wanted:
             missing = sorted(wanted - set(saved)) or ["-"]
             extra = sorted(set(saved) - wanted) or ["-"]
@@ -282,7 +279,7 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
             spec.unflatten(
                 [
                     None if leaf is None else _restored(f"{field}.{name}", leaf, saved[name])
-                    for name, leaf in zip(names, leaves, strict=False)
+                    for name, leaf in zip(names, leaves, strict=True)
                 ]
             )
         )

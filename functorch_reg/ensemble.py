@@ -134,10 +134,7 @@ class SweepResult:
         zeros_axis.set_ylabel("fraction of exact zeros", color="gray")
         for axis in (path_axis, val_axis):
             _log_strength_axis(axis, self.strengths)
-        figure.tight_layout()
-        if path is not None:
-            figure.savefig(path, dpi=120)
-        return figure
+        return _finish(figure, path)
 
 
 def sweep(
@@ -320,10 +317,7 @@ class LinearPath:
         axis.plot(self.strengths, self.coef)
         axis.set(title="Regularization path", xlabel="lambda", ylabel="coefficient")
         _log_strength_axis(axis, self.strengths)
-        figure.tight_layout()
-        if path is not None:
-            figure.savefig(path, dpi=120)
-        return figure
+        return _finish(figure, path)
 
 
 def linear_path(
@@ -445,6 +439,13 @@ def _log_strength_axis(axis: Any, strengths: Tensor) -> None:
         axis.set_xscale("log")
     elif len(positive):
         axis.set_xscale("symlog", linthresh=positive.min().item())
+
+
+def _finish(figure: Figure, path: str | None) -> Figure:
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=120)
+    return figure
 
 
 def _pyplot() -> Any:

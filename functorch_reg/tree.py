@@ -88,7 +88,7 @@ def check_structure(
     """
     ref_leaves, ref_spec = flatten(reference)
     leaves, spec = flatten(other)
-    if spec != ref_spec:
+    if not _same_structure(spec, ref_spec):
         raise ValueError(
             f"{other_name} do not match {reference_name}: "
             + _first_difference(spec_names(ref_spec), spec_names(spec), reference_name, other_name)
@@ -101,6 +101,13 @@ def check_structure(
                 f"{other_name} do not match {reference_name}: leaf {name!r} has shape "
                 f"{tuple(leaf.shape)} in {other_name} but {tuple(ref.shape)} in {reference_name}"
             )
+
+
+def _same_structure(spec: optree.PyTreeSpec, ref_spec: optree.PyTreeSpec) -> bool:
+    if torch.compiler.is_compiling():
+        # PyTreeSpec equality is not traceable before torch 2.13; the leaf paths are.
+        return spec.paths() == ref_spec.paths()
+    return spec == ref_spec
 
 
 def _first_difference(

@@ -135,16 +135,18 @@ def adam(
                 g = g + weight_decay * p
         exp_avg = exp_avg + (g - exp_avg) * (1 - beta1)
         exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * (g * g)
-        beta1_power = beta_powers[0] * beta1
-        beta2_power = beta_powers[1] * beta2
+        beta_powers = torch.stack([beta_powers[0] * beta1, beta_powers[1] * beta2])
         if max_exp_avg_sq is not None:
             max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
         second = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
         # The scalars stay in float64 like torch.optim's Python-float bias corrections.
-        step_size = lr / (1 - beta1_power)
-        denom = second.sqrt() / (1 - beta2_power).sqrt() + h["eps"]
+        # One stacked tensor: Inductor's CPU backend makes a cat its own buffer, so they
+        # are computed once per leaf rather than in every vector iteration of its loop.
+        step_size, bias_correction2_sqrt = torch.stack(
+            [lr / (1 - beta_powers[0]), (1 - beta_powers[1]).sqrt()]
+        ).unbind()
+        denom = second.sqrt() / bias_correction2_sqrt + h["eps"]
         new_p = p - step_size * (exp_avg / denom)
-        beta_powers = torch.stack([beta1_power, beta2_power])
         return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq, beta_powers)
 
     return build(

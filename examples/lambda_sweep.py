@@ -53,7 +53,7 @@ def main() -> None:
         model,
         torch.nn.functional.cross_entropy,
         optimizer,
-        torch.logspace(-3, 1, args.members),
+        torch.logspace(-2, 0.2, args.members),  # 0.01 to 1.6: from all pixels to none
         train=train,
         val=val,
         hyperparameter="prox_strength",

@@ -98,9 +98,7 @@ def _match_globs(
     names: tuple[str, ...], floats: tuple[bool, ...], patterns: tuple[str, ...]
 ) -> tuple[bool, ...]:
     # A constant for the compiler: dynamo cannot trace fnmatch's regexes.
-    float_names = [
-        name for name, is_leaf_float in zip(names, floats, strict=True) if is_leaf_float
-    ]
+    float_names = [name for name, is_leaf_float in zip(names, floats, strict=True) if is_leaf_float]
     for pattern in patterns:
         if not fnmatch.filter(float_names, pattern):
             raise ValueError(

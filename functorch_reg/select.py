@@ -114,8 +114,7 @@ def _match_globs(
 def _from_bool_tree(
     params: Params, where: PyTree, names: list[str], leaves: list[Any], floats: list[bool]
 ) -> list[bool]:
-    check_structure(params, where, other_name="where", check_shapes=False)
-    flags, _ = flatten(where)
+    flags = check_structure(params, where, other_name="where", check_shapes=False)
     for name, flag, _leaf, is_leaf_float in zip(names, flags, leaves, floats, strict=True):
         if not isinstance(flag, bool):
             raise TypeError(

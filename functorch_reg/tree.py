@@ -39,6 +39,7 @@ __all__ = [
     "is_dtensor",
     "is_float",
     "leaf_names",
+    "matching_leaves",
     "reduce_partial",
     "replicate_like",
     "spec_names",
@@ -79,28 +80,52 @@ def check_structure(
     reference_name: str = "params",
     other_name: str = "grads",
     check_shapes: bool = True,
-) -> None:
+) -> list[Any]:
     """Raise ``ValueError`` naming the first leaf where ``other`` differs from ``reference``.
 
     Trees differ when their structures differ or, with ``check_shapes``, when two
     tensor leaves at the same place have different shapes. ``None`` leaves of
     ``other`` match any leaf of ``reference``.
+
+    Returns:
+        The leaves of ``other``, in the flattening order of ``reference``.
     """
     ref_leaves, ref_spec = flatten(reference)
+    return matching_leaves(
+        ref_leaves,
+        ref_spec,
+        other,
+        reference_name=reference_name,
+        other_name=other_name,
+        check_shapes=check_shapes,
+    )
+
+
+def matching_leaves(
+    ref_leaves: Sequence[Any],
+    ref_spec: optree.PyTreeSpec,
+    other: PyTree,
+    *,
+    reference_name: str = "params",
+    other_name: str = "grads",
+    check_shapes: bool = True,
+) -> list[Any]:
+    """:func:`check_structure` against an already flattened reference."""
     leaves, spec = flatten(other)
     if not _same_structure(spec, ref_spec):
         raise ValueError(
             f"{other_name} do not match {reference_name}: "
             + _first_difference(spec_names(ref_spec), spec_names(spec), reference_name, other_name)
         )
-    if not check_shapes:
-        return
-    for name, ref, leaf in zip(spec_names(spec), ref_leaves, leaves, strict=True):
-        if isinstance(ref, Tensor) and isinstance(leaf, Tensor) and leaf.shape != ref.shape:
-            raise ValueError(
-                f"{other_name} do not match {reference_name}: leaf {name!r} has shape "
-                f"{tuple(leaf.shape)} in {other_name} but {tuple(ref.shape)} in {reference_name}"
-            )
+    if check_shapes:
+        for name, ref, leaf in zip(spec_names(spec), ref_leaves, leaves, strict=True):
+            if isinstance(ref, Tensor) and isinstance(leaf, Tensor) and leaf.shape != ref.shape:
+                raise ValueError(
+                    f"{other_name} do not match {reference_name}: leaf {name!r} has shape "
+                    f"{tuple(leaf.shape)} in {other_name} but {tuple(ref.shape)} in "
+                    f"{reference_name}"
+                )
+    return leaves
 
 
 def _same_structure(spec: optree.PyTreeSpec, ref_spec: optree.PyTreeSpec) -> bool:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._checks import Interval, Scalar, check_scalars
 from ..select import Where, selected
-from ..tree import Params, check_structure, flatten, full_tensor, is_float, leaf_names
+from ..tree import Params, flatten, full_tensor, is_float, leaf_names, matching_leaves
 
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
 
@@ -123,7 +123,7 @@ def build(
         """The new leaves and state columns; nothing is modified."""
         h = resolve(name, defaults, overrides, intervals)
         leaves, spec = flatten(params)
-        check_structure(params, grads)
+        grad_leaves = matching_leaves(leaves, spec, grads)
         if not isinstance(state, state_type):
             raise TypeError(
                 f"{name}: state must be a {state_type.__name__}, got {type(state).__name__}"
@@ -133,9 +133,11 @@ def build(
             if not enabled(tree):
                 columns.append([None] * len(leaves))
             else:
-                check_structure(params, tree, other_name=f"state.{field}", check_shapes=False)
-                columns.append(flatten(tree)[0])
-        grad_leaves = flatten(grads)[0]
+                columns.append(
+                    matching_leaves(
+                        leaves, spec, tree, other_name=f"state.{field}", check_shapes=False
+                    )
+                )
         decays = selected(params, mask)
         prox_threshold = (
             None if prox is None or is_zero(h["prox_strength"]) else h["lr"] * h["prox_strength"]

@@ -28,7 +28,7 @@ def small_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
-def train_one(model, loss_fn, optimizer, strength, train, steps, batches, penalty=None, hp=None):
+def train_one(model, loss_fn, optimizer, strength, train, batches, penalty=None, hp=None):
     """The reference: one member, eager, plain Python loop."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     state = optimizer.init(params)
@@ -71,7 +71,6 @@ def test_compiled_vmapped_sweep_equals_members_trained_one_by_one():
             optimizer,
             strength,
             train,
-            30,
             batches,
             hp="prox_strength",
         )
@@ -106,7 +105,6 @@ def test_penalty_sweep_equals_a_loop_and_reports_metrics():
             optimizer,
             strength,
             train,
-            20,
             batches,
             penalty=penalty,
         )

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT, StateDict
 
 from .optim.base import DISABLED, Optimizer, State, enabled
+from .tree import flatten
 
 __all__ = ["TorchOptimizer"]
 
@@ -120,6 +121,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             for field, tree in zip(template._fields[:-1], template[:-1], strict=True)
             if enabled(tree)
         )
+        table_field = getattr(self._state_type, "leaf_table", None)
+        self._table_field = table_field if table_field in self._slot_names else None
+        # Per group index, the functional state's leaf table, whose rows the group's
+        # params hold as views in self.state (see _leaf_table).
+        self._tables: dict[int, Tensor] = {}
         self._compiled = compile
         self._update: Callable[..., None] = (
             torch.compile(_update_groups, **{"fullgraph": True, **(compile_options or {})})
@@ -185,7 +191,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                     continue
                 trees.append(_tree(group, params))
                 grads.append(_tree(group, group_grads))
-                states.append(self._functional_state(group, group_grads))
+                states.append(self._functional_state(index, group_grads))
                 hyperparams.append(self._hyperparams(index, group))
             if trees:
                 self._update(self._functional.step_, trees, grads, states, hyperparams)
@@ -241,12 +247,13 @@ class TorchOptimizer(torch.optim.Optimizer):
             **{name: _to_cpu(group[name]) for name in self._hyperparam_names},
         )
 
-    def _functional_state(self, group: dict[str, Any], grads: Sequence[Tensor | None]) -> State:
-        """The group's functional state: views of ``self.state``, created where missing.
+    def _functional_state(self, index: int, grads: Sequence[Tensor | None]) -> State:
+        """Group ``index``'s functional state: views of ``self.state``, created where missing.
 
         A param without a gradient and without state gets ``None`` slots, which the
         functional step leaves alone, so frozen params cost no memory.
         """
+        group = self.param_groups[index]
         params = group["params"]
         for p, g in zip(params, grads, strict=True):
             if g is not None and not self.state.get(p):
@@ -256,13 +263,40 @@ class TorchOptimizer(torch.optim.Optimizer):
         for s in slots:
             if s is not None:
                 s["skipped"] = skipped
-        fields = [
-            _tree(group, [None if s is None else s[field] for s in slots])
-            if field in self._slot_names
-            else DISABLED
-            for field in self._state_type._fields[:-1]
-        ]
+        fields = []
+        for field in self._state_type._fields[:-1]:
+            if field not in self._slot_names:
+                fields.append(DISABLED)
+            elif field == self._table_field:
+                fields.append(self._leaf_table(index, slots))
+            else:
+                fields.append(_tree(group, [None if s is None else s[field] for s in slots]))
         return self._state_type(*fields, skipped)
+
+    def _leaf_table(self, index: int, slots: Sequence[dict[str, Tensor] | None]) -> Tensor:
+        """Group ``index``'s leaf table (e.g. Adam's ``beta_powers``).
+
+        Its rows follow the leaf order of the group's flattened tree, and each param's
+        entry in ``self.state`` is a view of its row, so the in-place step updates it.
+        The table is rebuilt from those entries when one is not such a view: new state,
+        or state put back by ``load_state_dict``.
+        """
+        field = self._table_field
+        order = flatten(_tree(self.param_groups[index], range(len(slots))))[0]
+        rows = [slots[position] for position in order]
+        table = self._tables.get(index)
+        if (
+            table is None
+            or len(table) != len(rows)
+            or not all(s is None or _is_row(s[field], table, i) for i, s in enumerate(rows))
+        ):
+            fresh = next(s for s in rows if s is not None)[field]
+            table = torch.stack([fresh if s is None else s[field] for s in rows])
+            for i, s in enumerate(rows):
+                if s is not None:
+                    s[field] = table[i]
+            self._tables[index] = table
+        return table
 
     def _fresh_slots(self, p: Tensor) -> dict[str, Tensor]:
         """One param's initial state, keyed by field name, plus ``skipped``."""
@@ -359,6 +393,11 @@ def _tree(group: dict[str, Any], values: Sequence[Any]) -> dict[str, Any] | list
     if "param_names" in group:
         return dict(zip(group["param_names"], values, strict=True))
     return list(values)
+
+
+def _is_row(value: Tensor, table: Tensor, i: int) -> bool:
+    """Whether ``value`` is a view of row ``i`` of ``table``."""
+    return value._base is table and value.storage_offset() == i * value.numel()
 
 
 def _to_cpu(value: Any) -> Any:

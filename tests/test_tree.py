@@ -48,7 +48,8 @@ def test_stack_unstack_round_trip_params_and_states():
     stacked_state = fr.stack(states)
     assert stacked_state.exp_avg["w"].shape == (4, 2, 3)
     assert stacked_state.max_exp_avg_sq == ()
-    assert fr.unstack(stacked_state)[2].beta_powers["b"].shape == (2,)
+    assert stacked_state.beta_powers.shape == (4, 2, 2)
+    assert fr.unstack(stacked_state)[2].beta_powers.shape == (2, 2)
 
 
 def test_stack_rejects_mismatched_members():

@@ -11,7 +11,7 @@ from torch import Tensor
 from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
 from ..select import Where
 from ..tree import Params
-from .base import Optimizer, Prox, build, is_zero
+from .base import LeafTable, Optimizer, Prox, build, is_zero
 
 __all__ = ["AdamState", "adam", "adamw"]
 
@@ -32,18 +32,24 @@ class AdamState(NamedTuple):
         exp_avg: per-leaf first moment :math:`m`.
         exp_avg_sq: per-leaf second moment :math:`v`.
         max_exp_avg_sq: per-leaf running max of :math:`v` (``amsgrad``), else ``()``.
-        beta_powers: per-leaf products of the betas over the leaf's updates, a float64
-            pair :math:`(\\prod_s \\beta_{1,s}, \\prod_s \\beta_{2,s})`, i.e.
-            :math:`(\\beta_1^t, \\beta_2^t)` for constant betas. A plain tensor on the
-            leaf's device even for a DTensor leaf: it is the same on every rank.
+        beta_powers: per-leaf products of the betas over the leaf's updates, as one
+            float64 tensor of shape ``[n_leaves, 2]`` (row ``i`` for the ``i``-th leaf
+            of the flattened params): :math:`(\\prod_s \\beta_{1,s}, \\prod_s
+            \\beta_{2,s})`, i.e. :math:`(\\beta_1^t, \\beta_2^t)` for constant betas.
+            One tensor rather than one per leaf, so a step updates them all with one
+            kernel. A plain tensor on the params' device even for DTensor params: it
+            is the same on every rank. :func:`~functorch_reg.state_dict` splits it into
+            per-leaf rows.
         skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
     """
 
     exp_avg: Params
     exp_avg_sq: Params
     max_exp_avg_sq: Params | tuple[()]
-    beta_powers: Params
+    beta_powers: Tensor
     skipped: Tensor
+
+    leaf_table = "beta_powers"
 
 
 def adam(
@@ -109,21 +115,34 @@ def adam(
     """
 
     def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
-        # A pair rather than two 0-d float64 tensors: torch.compile (2.13) drops
-        # in-place writes to 0-d float64 CPU inputs, which step_ relies on.
-        beta_powers = torch.ones(2, dtype=torch.float64, device=p.device)
         max_exp_avg_sq = torch.zeros_like(p) if amsgrad else None
-        return torch.zeros_like(p), torch.zeros_like(p), max_exp_avg_sq, beta_powers
+        return torch.zeros_like(p), torch.zeros_like(p), max_exp_avg_sq
+
+    def init_row(device: torch.device) -> Tensor:
+        return torch.ones(2, dtype=torch.float64, device=device)
+
+    def advance(beta_powers: Tensor, h: Mapping[str, Scalar]) -> tuple[Tensor, Tensor]:
+        beta_powers = torch.stack(
+            [beta_powers[:, 0] * h["beta1"], beta_powers[:, 1] * h["beta2"]], dim=1
+        )
+        # Kept in float64 like torch.optim's Python-float bias corrections, and made for
+        # all leaves at once, so each leaf's loop loads two numbers rather than
+        # recomputing a float64 division and square root in every vector iteration.
+        corrections = torch.stack(
+            [h["lr"] / (1 - beta_powers[:, 0]), (1 - beta_powers[:, 1]).sqrt()], dim=1
+        )
+        return beta_powers, corrections
 
     def rule(
         p: Tensor,
         g: Tensor,
         slots: tuple[Tensor | None, ...],
+        row: Tensor | None,
         h: Mapping[str, Scalar],
         decay: bool,
     ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-        exp_avg, exp_avg_sq, max_exp_avg_sq, beta_powers = slots
-        assert exp_avg is not None and exp_avg_sq is not None and beta_powers is not None
+        exp_avg, exp_avg_sq, max_exp_avg_sq = slots
+        assert exp_avg is not None and exp_avg_sq is not None and row is not None
         lr, beta1, beta2 = h["lr"], h["beta1"], h["beta2"]
         if maximize:
             g = -g
@@ -135,19 +154,13 @@ def adam(
                 g = g + weight_decay * p
         exp_avg = exp_avg + (g - exp_avg) * (1 - beta1)
         exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * (g * g)
-        beta_powers = torch.stack([beta_powers[0] * beta1, beta_powers[1] * beta2])
         if max_exp_avg_sq is not None:
             max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
         second = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
-        # The scalars stay in float64 like torch.optim's Python-float bias corrections.
-        # One stacked tensor: Inductor's CPU backend makes a cat its own buffer, so they
-        # are computed once per leaf rather than in every vector iteration of its loop.
-        step_size, bias_correction2_sqrt = torch.stack(
-            [lr / (1 - beta_powers[0]), (1 - beta_powers[1]).sqrt()]
-        ).unbind()
+        step_size, bias_correction2_sqrt = row.unbind()
         denom = second.sqrt() / bias_correction2_sqrt + h["eps"]
         new_p = p - step_size * (exp_avg / denom)
-        return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq, beta_powers)
+        return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq)
 
     return build(
         "adamw" if decoupled else "adam",
@@ -165,6 +178,7 @@ def adam(
         mask=mask,
         prox=prox,
         skip_nonfinite=skip_nonfinite,
+        table=LeafTable(init_row, advance),
     )
 
 

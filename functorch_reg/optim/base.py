@@ -3,7 +3,7 @@ hyperparameter resolution, and the lift of a per-array rule to pytrees."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -16,7 +16,11 @@ from ..tree import Params, flatten, full_tensor, is_float, leaf_names, matching_
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
 
 State = Any
-"""An optimizer state: a NamedTuple whose fields are pytrees of tensors."""
+"""An optimizer state: a NamedTuple whose fields are pytrees of tensors.
+
+A state type may name one field in a class attribute ``leaf_table``: that field holds
+a scalar (or a small row) per leaf as a single ``[n_leaves, *row]`` tensor, one row per
+leaf of the flattened params in order, rather than as a pytree of tiny tensors."""
 
 
 class Prox(Protocol):
@@ -47,8 +51,10 @@ class Optimizer(NamedTuple):
 class LeafRule(Protocol):
     """The per-array math of an update rule.
 
-    ``slots`` are this leaf's state tensors in the state's field order (``None`` for a
-    disabled field); ``decay`` says whether ``mask`` selects the leaf.
+    ``slots`` are this leaf's state tensors in the order of the state's per-leaf fields
+    (``None`` for a disabled field); ``row`` is this leaf's row of the values that
+    :attr:`LeafTable.advance` derives (``None`` without a table); ``decay`` says whether
+    ``mask`` selects the leaf.
     """
 
     def __call__(
@@ -56,9 +62,31 @@ class LeafRule(Protocol):
         p: Tensor,
         g: Tensor,
         slots: tuple[Tensor | None, ...],
+        row: Tensor | None,
         h: Mapping[str, Scalar],
         decay: bool,
     ) -> tuple[Tensor, tuple[Tensor | None, ...]]: ...
+
+
+class LeafTable(NamedTuple):
+    """How the state's ``leaf_table`` field starts and advances.
+
+    Scalars that each leaf keeps for itself (Adam's beta products, SGD's update count)
+    live in one ``[n_leaves, *row]`` tensor, so a step advances all of them with one
+    kernel. As a 0-d tensor per leaf, each leaf cost two extra tiny kernels (compute,
+    then copy back), which made a compiled step over many tensors bound by kernel
+    launches on CUDA.
+
+    Attributes:
+        init_row: ``init_row(device) -> row``, the row of a leaf not yet updated.
+        advance: ``advance(table, h) -> (new_table, derived)``: the table after one
+            update of every leaf, and per-leaf values for the rule, indexed by leaf
+            (``derived[i]`` is the rule's ``row``). Rows of leaves that are not updated
+            this step are restored by the caller.
+    """
+
+    init_row: Callable[[torch.device], Tensor]
+    advance: Callable[[Tensor, Mapping[str, Scalar]], tuple[Tensor, Tensor]]
 
 
 DISABLED: tuple[()] = ()
@@ -78,6 +106,8 @@ class _Update(NamedTuple):
     spec: Any
     columns: list[list[Any]]
     new_columns: list[list[Any]]
+    table: Tensor | None
+    new_table: Tensor | None
     skipped: Tensor
 
 
@@ -97,27 +127,37 @@ def build(
     mask: Where,
     prox: Prox | None,
     skip_nonfinite: bool,
+    table: LeafTable | None = None,
 ) -> Optimizer:
     """Lift ``rule`` to an :class:`Optimizer` over pytrees.
 
-    ``state_type`` is a NamedTuple whose last field is ``skipped`` and whose other
-    fields are pytrees shaped like the params, or :data:`DISABLED` when ``init_slots``
-    gives ``None`` for them.
+    ``state_type`` is a NamedTuple whose last field is ``skipped``. Its ``leaf_table``
+    field (if it names one) is driven by ``table``, and is :data:`DISABLED` when
+    ``table`` is ``None``. Its other fields are pytrees shaped like the params, one per
+    slot of ``init_slots``, or :data:`DISABLED` when ``init_slots`` gives ``None`` for
+    them.
     """
     defaults = dict(hyperparams)
     resolve(name, defaults, {}, intervals)
+    table_field = getattr(state_type, "leaf_table", None)
+    slot_fields = [field for field in state_type._fields[:-1] if field != table_field]
 
     def init(params: Params) -> State:
         leaves, spec = flatten(params)
         if not any(is_float(leaf) for leaf in leaves):
             raise ValueError(f"{name}.init: params hold no floating-point tensor")
-        per_leaf = [init_slots(leaf) if is_float(leaf) else None for leaf in leaves]
-        fields = []
-        for index in range(len(state_type._fields) - 1):
-            column = [None if slots is None else slots[index] for slots in per_leaf]
-            fields.append(DISABLED if all(x is None for x in column) else spec.unflatten(column))
         device = next(leaf.device for leaf in leaves if is_float(leaf))
-        return state_type(*fields, torch.zeros((), dtype=torch.int64, device=device))
+        per_leaf = [init_slots(leaf) if is_float(leaf) else None for leaf in leaves]
+        fields: dict[str, Any] = {}
+        for index, field in enumerate(slot_fields):
+            column = [None if slots is None else slots[index] for slots in per_leaf]
+            fields[field] = DISABLED if all(x is None for x in column) else spec.unflatten(column)
+        if table_field is not None:
+            fields[table_field] = (
+                DISABLED if table is None else torch.stack([table.init_row(device) for _ in leaves])
+            )
+        skipped = torch.zeros((), dtype=torch.int64, device=device)
+        return state_type(**fields, skipped=skipped)
 
     def update(params: Params, grads: Params, state: State, overrides: dict) -> _Update:
         """The new leaves and state columns; nothing is modified."""
@@ -129,7 +169,8 @@ def build(
                 f"{name}: state must be a {state_type.__name__}, got {type(state).__name__}"
             )
         columns = []
-        for field, tree in zip(state._fields[:-1], state[:-1], strict=True):
+        for field in slot_fields:
+            tree = getattr(state, field)
             if not enabled(tree):
                 columns.append([None] * len(leaves))
             else:
@@ -138,6 +179,12 @@ def build(
                         leaves, spec, tree, other_name=f"state.{field}", check_shapes=False
                     )
                 )
+        old_table = None if table is None else getattr(state, table_field)
+        if old_table is not None and old_table.shape[0] != len(leaves):
+            raise ValueError(
+                f"{name}: state.{table_field} has rows for {old_table.shape[0]} leaves, "
+                f"the params have {len(leaves)}"
+            )
         decays = selected(params, mask)
         prox_threshold = (
             None if prox is None or is_zero(h["prox_strength"]) else h["lr"] * h["prox_strength"]
@@ -145,13 +192,25 @@ def build(
         present = [g for g in grad_leaves if g is not None]
         finite = _all_finite(present) if skip_nonfinite and present else None
 
+        updated = [g is not None and is_float(p) for p, g in zip(leaves, grad_leaves, strict=True)]
+        new_table = derived = None
+        if table is not None and old_table is not None:
+            new_table, derived = table.advance(old_table, h)
+            if not all(updated):
+                rows = torch.tensor(updated, device=old_table.device)
+                rows = rows.view(-1, *([1] * (old_table.dim() - 1)))
+                new_table = torch.where(rows, new_table, old_table)
+            if finite is not None:
+                new_table = torch.where(finite, new_table, old_table)
+
         new_leaves = list(leaves)
         new_columns = [list(column) for column in columns]
         for i, (p, g, decay) in enumerate(zip(leaves, grad_leaves, decays, strict=True)):
-            if g is None or not is_float(p):
+            if not updated[i]:
                 continue
             slots = tuple(column[i] for column in columns)
-            new_p, new_slots = rule(p, g, slots, h, decay)
+            row = None if derived is None else derived[i]
+            new_p, new_slots = rule(p, g, slots, row, h, decay)
             if decay and prox_threshold is not None:
                 new_p = prox(new_p, prox_threshold)
             if finite is not None:
@@ -164,16 +223,20 @@ def build(
             for column, new in zip(new_columns, new_slots, strict=True):
                 column[i] = new
         skipped = state.skipped if finite is None else state.skipped + (~finite).long()
-        return _Update(spec, [leaves, *columns], [new_leaves, *new_columns], skipped)
+        return _Update(
+            spec, [leaves, *columns], [new_leaves, *new_columns], old_table, new_table, skipped
+        )
 
     def step(params: Params, grads: Params, state: State, **overrides: Any) -> tuple[Params, State]:
         new = update(params, grads, state, overrides)
         new_leaves, *new_columns = new.new_columns
-        fields = [
-            new.spec.unflatten(column) if enabled(tree) else DISABLED
-            for tree, column in zip(state[:-1], new_columns, strict=True)
-        ]
-        return new.spec.unflatten(new_leaves), state_type(*fields, new.skipped)
+        fields: dict[str, Any] = {
+            field: new.spec.unflatten(column) if enabled(getattr(state, field)) else DISABLED
+            for field, column in zip(slot_fields, new_columns, strict=True)
+        }
+        if table_field is not None:
+            fields[table_field] = DISABLED if new.new_table is None else new.new_table
+        return new.spec.unflatten(new_leaves), state_type(**fields, skipped=new.skipped)
 
     def step_(params: Params, grads: Params, state: State, **overrides: Any) -> None:
         with torch.no_grad():
@@ -183,6 +246,8 @@ def build(
                 for old, new_value in zip(column, new_column, strict=True):
                     if new_value is not old:
                         old.copy_(new_value)
+            if new.table is not None and new.new_table is not None:
+                new.table.copy_(new.new_table)
             state.skipped.copy_(new.skipped)
 
     step.__doc__ = step_.__doc__ = f"One {name} step; see ``functorch_reg.{name}``."
@@ -224,22 +289,31 @@ def _all_finite(grads: list[Tensor]) -> Tensor:
 def state_dict(state: State) -> dict[str, Any]:
     """The state as plain nested dicts of tensors, keyed by field and leaf name.
 
-    The result round-trips through ``torch.save`` and ``torch.load(weights_only=True)``;
-    restore it with :func:`load_state_dict`.
+    A ``leaf_table`` field is split into its rows, keyed by leaf name like the other
+    per-leaf fields. The result round-trips through ``torch.save`` and
+    ``torch.load(weights_only=True)``; restore it with :func:`load_state_dict`.
     """
+    table_field = getattr(state, "leaf_table", None)
+    names = _float_leaf_names(state)
     out: dict[str, Any] = {}
     for field, tree in zip(state._fields, state, strict=True):
         if not enabled(tree):
             continue
-        if isinstance(tree, Tensor):
+        if field == table_field:
+            out[field] = {
+                name: row.detach().clone()
+                for name, row in zip(names, tree, strict=True)
+                if name is not None
+            }
+        elif isinstance(tree, Tensor):
             out[field] = tree.detach().clone()
-            continue
-        leaves, _ = flatten(tree)
-        out[field] = {
-            name: leaf.detach().clone()
-            for name, leaf in zip(leaf_names(tree), leaves, strict=True)
-            if leaf is not None
-        }
+        else:
+            leaves, _ = flatten(tree)
+            out[field] = {
+                name: leaf.detach().clone()
+                for name, leaf in zip(leaf_names(tree), leaves, strict=True)
+                if leaf is not None
+            }
     return out
 
 
@@ -250,6 +324,7 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
     dtypes) before any is used; the tensors are copied onto the params' devices.
     """
     template = optimizer.init(params)
+    table_field = getattr(template, "leaf_table", None)
     expected = {
         field for field, tree in zip(template._fields, template, strict=True) if enabled(tree)
     }
@@ -258,34 +333,64 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
             f"state_dict has fields {sorted(state_dict)}, but this optimizer's state has "
             f"{sorted(expected)}"
         )
+    float_names = _float_leaf_names(template)
     fields = []
     for field, tree in zip(template._fields, template, strict=True):
         if not enabled(tree):
             fields.append(DISABLED)
             continue
         saved = state_dict[field]
-        if isinstance(tree, Tensor):
+        if field == table_field:
+            rows = list(tree)
+            restored = _restored_leaves(field, float_names, rows, saved)
+            fields.append(torch.stack([restored.get(i, row) for i, row in enumerate(rows)]))
+        elif isinstance(tree, Tensor):
             fields.append(_restored(f"{field}", tree, saved))
-            continue
-        leaves, spec = flatten(tree)
-        names = leaf_names(tree)
-        wanted = {name for name, leaf in zip(names, leaves, strict=True) if leaf is not None}
-        if set(saved) != wanted:
-            missing = sorted(wanted - set(saved)) or ["-"]
-            extra = sorted(set(saved) - wanted) or ["-"]
-            raise ValueError(
-                f"state_dict[{field!r}] does not match the params: missing {missing[0]!r}, "
-                f"unexpected {extra[0]!r}"
-            )
-        fields.append(
-            spec.unflatten(
-                [
-                    None if leaf is None else _restored(f"{field}.{name}", leaf, saved[name])
-                    for name, leaf in zip(names, leaves, strict=True)
-                ]
-            )
-        )
+        else:
+            leaves, spec = flatten(tree)
+            restored = _restored_leaves(field, leaf_names(tree), leaves, saved)
+            fields.append(spec.unflatten([restored.get(i) for i in range(len(leaves))]))
     return type(template)(*fields)
+
+
+def _float_leaf_names(state: State) -> list[str | None]:
+    """Per leaf of the params, its name, or ``None`` for a leaf without state.
+
+    Read from the state's first per-leaf field, which every state type has."""
+    table_field = getattr(state, "leaf_table", None)
+    tree = next(
+        tree
+        for field, tree in zip(state._fields[:-1], state[:-1], strict=True)
+        if enabled(tree) and field != table_field
+    )
+    leaves, _ = flatten(tree)
+    return [
+        None if leaf is None else name for name, leaf in zip(leaf_names(tree), leaves, strict=True)
+    ]
+
+
+def _restored_leaves(
+    field: str, names: list[str | None], likes: Sequence[Tensor | None], saved: Any
+) -> dict[int, Tensor]:
+    """One per-leaf field's saved tensors, checked, keyed by leaf index.
+
+    Leaves whose name or template is ``None`` have no state and are not expected."""
+    wanted = {
+        name: (i, like)
+        for i, (name, like) in enumerate(zip(names, likes, strict=True))
+        if name is not None and like is not None
+    }
+    got = set(saved) if isinstance(saved, Mapping) else set()
+    if got != set(wanted):
+        missing = sorted(set(wanted) - got) or ["-"]
+        extra = sorted(got - set(wanted)) or ["-"]
+        raise ValueError(
+            f"state_dict[{field!r}] does not match the params: missing {missing[0]!r}, "
+            f"unexpected {extra[0]!r}"
+        )
+    return {
+        i: _restored(f"{field}.{name}", like, saved[name]) for name, (i, like) in wanted.items()
+    }
 
 
 def _restored(name: str, like: Tensor, saved: Any) -> Tensor:

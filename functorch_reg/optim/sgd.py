@@ -11,7 +11,7 @@ from torch import Tensor
 from .._checks import NON_NEGATIVE, UNIT, Scalar
 from ..select import Where
 from ..tree import Params
-from .base import Optimizer, Prox, build, is_zero
+from .base import LeafTable, Optimizer, Prox, build, is_zero
 
 __all__ = ["SGDState", "sgd"]
 
@@ -29,14 +29,19 @@ class SGDState(NamedTuple):
 
     Attributes:
         momentum_buffer: per-leaf momentum, or ``()`` when ``momentum`` is a literal 0.
-        count: per-leaf number of updates applied (0-d int64), or ``None`` likewise;
-            a leaf's first update starts its buffer as ``torch.optim.SGD`` does.
+        count: per-leaf number of updates applied, as one int64 tensor of shape
+            ``[n_leaves]`` (entry ``i`` for the ``i``-th leaf of the flattened params),
+            or ``()`` likewise; a leaf's first update starts its buffer as
+            ``torch.optim.SGD`` does. :func:`~functorch_reg.state_dict` splits it into
+            per-leaf entries.
         skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
     """
 
     momentum_buffer: Params | tuple[()]
-    count: Params | tuple[()]
+    count: Tensor | tuple[()]
     skipped: Tensor
+
+    leaf_table = "count"
 
 
 def sgd(
@@ -101,37 +106,41 @@ def sgd(
         raise ValueError("sgd: nesterov needs momentum > 0 and dampening == 0")
     has_momentum = not is_zero(momentum)
 
-    def init_slots(p: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        if not has_momentum:
-            return None, None
-        return torch.zeros_like(p), torch.zeros((), dtype=torch.int64, device=p.device)
+    def init_slots(p: Tensor) -> tuple[Tensor | None]:
+        return (torch.zeros_like(p) if has_momentum else None,)
+
+    def init_row(device: torch.device) -> Tensor:
+        return torch.zeros((), dtype=torch.int64, device=device)
+
+    def advance(count: Tensor, h: Mapping[str, Scalar]) -> tuple[Tensor, Tensor]:
+        return count + 1, count > 0
 
     def rule(
         p: Tensor,
         g: Tensor,
         slots: tuple[Tensor | None, ...],
+        row: Tensor | None,
         h: Mapping[str, Scalar],
         decay: bool,
     ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-        buf, count = slots
+        (buf,) = slots
         if maximize:
             g = -g
         weight_decay = h["weight_decay"] if decay else 0.0
         if not is_zero(weight_decay) and not decoupled:
             g = g + weight_decay * p
         if has_momentum:
-            if buf is None or count is None:
+            if buf is None or row is None:
                 raise ValueError("sgd: momentum override needs a state made with momentum != 0")
             # buf starts at zero, so the first step gives buf = g as in torch.optim.SGD.
-            started = (count > 0).to(g.dtype)
+            started = row.to(g.dtype)
             buf = h["momentum"] * buf + (1 - h["dampening"] * started) * g
-            count = count + 1
             g = g + h["momentum"] * buf if nesterov else buf
         elif not is_zero(h["momentum"]):
             raise ValueError("sgd: momentum override needs a state made with momentum != 0")
         if not is_zero(weight_decay) and decoupled:
             p = p * (1 - h["lr"] * weight_decay)
-        return p - h["lr"] * g, (buf, count)
+        return p - h["lr"] * g, (buf,)
 
     return build(
         "sgd",
@@ -149,4 +158,5 @@ def sgd(
         mask=mask,
         prox=prox,
         skip_nonfinite=skip_nonfinite,
+        table=LeafTable(init_row, advance) if has_momentum else None,
     )

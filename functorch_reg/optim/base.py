@@ -179,12 +179,6 @@ def build(
                         leaves, spec, tree, other_name=f"state.{field}", check_shapes=False
                     )
                 )
-        old_table = None if table is None else getattr(state, table_field)
-        if old_table is not None and old_table.shape[0] != len(leaves):
-            raise ValueError(
-                f"{name}: state.{table_field} has rows for {old_table.shape[0]} leaves, "
-                f"the params have {len(leaves)}"
-            )
         decays = selected(params, mask)
         prox_threshold = (
             None if prox is None or is_zero(h["prox_strength"]) else h["lr"] * h["prox_strength"]
@@ -193,8 +187,14 @@ def build(
         finite = _all_finite(present) if skip_nonfinite and present else None
 
         updated = [g is not None and is_float(p) for p, g in zip(leaves, grad_leaves, strict=True)]
-        new_table = derived = None
-        if table is not None and old_table is not None:
+        old_table = new_table = derived = None
+        if table is not None:
+            old_table = getattr(state, table_field)
+            if old_table.shape[0] != len(leaves):
+                raise ValueError(
+                    f"{name}: state.{table_field} has rows for {old_table.shape[0]} leaves, "
+                    f"the params have {len(leaves)}"
+                )
             new_table, derived = table.advance(old_table, h)
             if not all(updated):
                 rows = torch.tensor(updated, device=old_table.device)

@@ -13,7 +13,7 @@ hyperparameters and match ``torch.optim`` step for step::
     params, state = opt.step(params, grads, state)
 """
 
-from . import distributed, function_space, penalties, prox, select
+from . import distributed, flat, function_space, penalties, prox, select
 from .adapter import TorchOptimizer
 from .ensemble import (
     LinearPath,
@@ -50,6 +50,7 @@ __all__ = [
     "adamw",
     "distributed",
     "ensemble_step",
+    "flat",
     "function_space",
     "init_ensemble",
     "lambda_grid",

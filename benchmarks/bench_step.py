@@ -72,6 +72,9 @@ COPY = "device copy (reference)"
 FUSED = "torch.optim fused"
 COMPILED_INPLACE = "fr step_ compiled"
 COMPILED_INPLACE_GRAPHS = "fr step_ compiled reduce-overhead"
+FLAT = "fr flat step_ compiled"
+FLAT_GRAPHS = "fr flat step_ compiled reduce-overhead"
+FLAT_GROUPS = {"decay": fr.select.weights(), "no_decay": lambda name, leaf: leaf.ndim < 2}
 BIG = 100e6  # the CUDA target is stated for 100M+ parameters
 
 Params = dict[str, Tensor]
@@ -146,6 +149,30 @@ def functorch_reg_case(optimizer: str, in_place: bool, mode: str | None) -> Buil
     return build
 
 
+def flat_case(optimizer: str, mode: str) -> Builder:
+    """``fr.flat``: weights and the rest packed into two buffers, decay on weights."""
+
+    def build(params: Params, grads: Params, device: str) -> Step:
+        if mode == "reduce-overhead" and device != "cuda":
+            raise UnavailableError("CUDA graphs need CUDA")
+        floats = HYPERPARAMS[optimizer]
+        if optimizer == "adamw":
+            opt = fr.adamw(**floats, mask="decay")
+        else:
+            opt = fr.sgd(**floats, momentum=MOMENTUM, mask="decay")
+        hyperparams = {k: torch.tensor(v, device=device) for k, v in floats.items()}
+        flat = fr.flat.pack(params, FLAT_GROUPS)
+        flat_grads = flat.pack_like(grads)
+        state = opt.init(flat.buffers)
+        if mode == "reduce-overhead":
+            for tensor in optree.tree_leaves((flat.buffers, state)):
+                torch._dynamo.mark_static_address(tensor)
+        step = torch.compile(opt.step_, fullgraph=True, mode=mode)
+        return lambda: step(flat.buffers, flat_grads, state, **hyperparams)
+
+    return build
+
+
 def torch_optim_case(optimizer: str, flags: dict[str, bool]) -> Builder:
     def build(params: Params, grads: Params, device: str) -> Step:
         tensors = [torch.nn.Parameter(p.clone()) for p in params.values()]
@@ -200,6 +227,8 @@ def cases(optimizer: str) -> dict[str, Builder]:
         COMPILED_INPLACE_GRAPHS: functorch_reg_case(
             optimizer, in_place=True, mode="reduce-overhead"
         ),
+        FLAT: flat_case(optimizer, mode="default"),
+        FLAT_GRAPHS: flat_case(optimizer, mode="reduce-overhead"),
         "torch.optim for-loop": torch_optim_case(optimizer, {"foreach": False}),
         "torch.optim foreach": torch_optim_case(optimizer, {"foreach": True}),
         FUSED: torch_optim_case(optimizer, {"fused": True}),
@@ -231,6 +260,8 @@ def bench_size(size: str, args: argparse.Namespace) -> dict[str, Row]:
     rows: dict[str, Row] = {}
     steps: dict[str, Step] = {}
     for name, build in cases(args.optimizer).items():
+        if args.cases and name != FUSED and not any(part in name for part in args.cases):
+            continue
         row = rows[name] = Row()
         skips = counters["inductor"]["cudagraph_skips"]
         try:
@@ -288,43 +319,42 @@ def print_table(rows: dict[str, Row], floor_bytes: int, copy_bytes: int) -> None
 
 
 def report_targets(results: dict[str, dict[str, Row]], args: argparse.Namespace) -> None:
+    """The design's goals: compiled per-leaf step_ within 1.1x of fused on CPU; the flat
+    step_ at most 0.95x fused on CPU (32M) and 0.85x fused at >= 90% of the copy floor
+    on CUDA (100M+)."""
     print("## Targets")
     if args.optimizer != "adamw":
         print("The targets are stated for AdamW; run with --optimizer adamw.")
         return
+    goals = (
+        {COMPILED_INPLACE: 1.1, FLAT: 0.95}
+        if args.device == "cpu"
+        else {COMPILED_INPLACE: 1.0, COMPILED_INPLACE_GRAPHS: 1.0, FLAT: 0.85, FLAT_GRAPHS: 0.85}
+    )
+    wanted = [size for size in results if (numel(size) >= BIG) == (args.device == "cuda")]
     if args.device == "cpu":
-        rows = results.get("32M")
-        if rows is None:
-            print("CPU: compiled step_ within 1.1x of fused at 32M: not measured (add 32M)")
-            return
-        inplace, fused = rows[COMPILED_INPLACE].times, rows[FUSED].times
-        if inplace is None or fused is None:
-            print("CPU: compiled step_ within 1.1x of fused at 32M: n/a (a case did not run)")
-            return
-        ratio = median_ratio(inplace, fused)
-        verdict = "holds" if ratio <= 1.1 else "misses"
-        print(f"CPU: compiled step_ within 1.1x of fused at 32M: {ratio:.2f}x -> {verdict}")
+        wanted = [size for size in wanted if size == "32M"]
+    if not wanted:
+        print(f"{args.device}: the targets' size (32M on CPU, 100M+ on CUDA) was not run")
         return
-    big = [size for size in results if numel(size) >= BIG]
-    if not big:
-        print("CUDA: >= 90% of the floor at 100M+ and no slower than fused: not measured")
-        return
-    size = big[-1]
+    size = wanted[-1]
     rows = results[size]
     copy, fused = rows[COPY].times, rows[FUSED].times
     assert copy is not None
     floor_bytes = BYTES_PER_PARAM["adamw"] * numel(size)
-    for name in (COMPILED_INPLACE, COMPILED_INPLACE_GRAPHS):
-        times = rows[name].times
-        if times is None or fused is None:
-            print(f"CUDA, {name} at {size}: n/a ({rows[name].note or rows[FUSED].note})")
+    for name, goal in goals.items():
+        row = rows.get(name)
+        if row is None or row.times is None or fused is None:
+            print(f"{args.device}, {name} at {size}: not run")
             continue
-        fraction = floor_bytes / (2 * COPY_BYTES["cuda"]) * median_ratio(copy, times)
-        ratio = median_ratio(times, fused)
-        verdict = "holds" if fraction >= 0.9 and ratio <= 1.0 else "misses"
+        fraction = floor_bytes / (2 * COPY_BYTES[args.device]) * median_ratio(copy, row.times)
+        ratio = median_ratio(row.times, fused)
+        floor_goal = args.device == "cpu" or fraction >= 0.9
+        verdict = "holds" if ratio <= goal and floor_goal else "misses"
         print(
-            f"CUDA, {name} at {size}: {100 * fraction:.0f}% of the copy-bandwidth floor "
-            f"(target >= 90%), {ratio:.2f}x fused (target <= 1.00) -> {verdict}"
+            f"{args.device}, {name} at {size}: {ratio:.2f}x fused (target <= {goal}), "
+            f"{100 * fraction:.0f}% of the copy floor"
+            f"{'' if args.device == 'cpu' else ' (target >= 90%)'} -> {verdict}"
         )
 
 
@@ -335,7 +365,13 @@ def main() -> None:
     parser.add_argument(
         "--sizes", help=f"comma-separated, from {', '.join(SIZES)}; default by device"
     )
+    parser.add_argument(
+        "--cases",
+        help="comma-separated substrings of the case names to run (fused always runs), "
+        "e.g. 'flat,foreach' to skip the slow-to-compile per-leaf cases",
+    )
     args = parser.parse_args()
+    args.cases = args.cases.split(",") if args.cases else []
     setup(args)
     sizes = (args.sizes or DEFAULT_SIZES[args.device]).split(",")
     unknown = [size for size in sizes if size not in SIZES]

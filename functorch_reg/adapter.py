@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, StateDict
 
+from .adapter_flat import FlatGroup
 from .optim.base import DISABLED, Optimizer, State, enabled
 from .tree import flatten
 
@@ -68,6 +69,21 @@ class TorchOptimizer(torch.optim.Optimizer):
         compile: compile the update with ``torch.compile(fullgraph=True)``.
         compile_options: further ``torch.compile`` keyword arguments (``mode``,
             ``backend``, ``fullgraph``); needs ``compile=True``.
+        flat: keep each param group's params, gradients and state in one contiguous
+            buffer each (see :mod:`functorch_reg.flat`), so a step is one kernel per
+            group. Each ``p.data`` becomes a view of the group's buffer (module code is
+            unchanged) and each ``p.grad`` a view of one gradient buffer that backward
+            accumulates into; ``zero_grad()`` zeroes that buffer. Every param of a
+            group then steps every time (a param without a gradient gets a zero one),
+            so freeze params by leaving them out of the optimizer. The functional
+            optimizer's ``mask`` must select the group's buffer: choose decay per group
+            with ``weight_decay`` instead. ``state_dict()`` has the same format as with
+            ``flat=False``, so a checkpoint loads either way. Params that other code
+            re-points (``model.to()``, ``p.grad = ...``) are copied back in at the next
+            step. DTensor (FSDP2) params are refused. Under DDP, keep
+            ``gradient_as_bucket_view=False`` (the default): DDP then copies the
+            reduced gradients into these views; with ``True`` it replaces them by its
+            bucket views, which costs a copy per step here.
 
     Raises:
         TypeError: ``optimizer`` is not a functional optimizer, a group has an unknown
@@ -104,6 +120,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         *,
         compile: bool = False,
         compile_options: Mapping[str, Any] | None = None,
+        flat: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             hint = "; call the factory first" if callable(optimizer) else ""
@@ -113,6 +130,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
         if compile_options is not None and not compile:
             raise ValueError("TorchOptimizer: compile_options needs compile=True")
+        if flat:
+            _check_mask_selects_a_buffer(optimizer)
+        # Per group index, with flat=True: the packed group, and its functional state.
+        self._flat_groups: dict[int, FlatGroup] | None = {} if flat else None
+        self._flat_states: dict[int, State] = {}
         self._functional = optimizer
         template = optimizer.init([torch.empty((), device="meta")])
         self._state_type: type = type(template)
@@ -153,7 +175,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         """
         super().add_param_group(param_group)
         try:
-            self._check_group(len(self.param_groups) - 1)
+            index = len(self.param_groups) - 1
+            self._check_group(index)
+            if self._flat_groups is not None:
+                self._flat_groups[index] = FlatGroup(
+                    self.param_groups[index]["params"], f"param group {index}"
+                )
         except Exception:
             self.param_groups.pop()
             raise
@@ -186,6 +213,14 @@ class TorchOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for index, group in enumerate(self.param_groups):
                 params = group["params"]
+                if self._flat_groups is not None:
+                    packed = self._flat_groups[index]
+                    packed.refresh(params)
+                    trees.append([packed.params])
+                    grads.append([packed.grads])
+                    states.append(self._flat_state(index))
+                    hyperparams.append(self._hyperparams(index, group))
+                    continue
                 group_grads = [p.grad for p in params]
                 if all(g is None for g in group_grads):
                     continue
@@ -196,6 +231,17 @@ class TorchOptimizer(torch.optim.Optimizer):
             if trees:
                 self._update(self._functional.step_, trees, grads, states, hyperparams)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients: with ``flat=True`` zero each group's gradient buffer
+        (whatever ``set_to_none`` says, so the gradients stay views of it), else as
+        ``torch.optim.Optimizer.zero_grad``."""
+        if self._flat_groups is None:
+            super().zero_grad(set_to_none)
+            return
+        for index, group in enumerate(self.param_groups):
+            self._flat_groups[index].refresh(group["params"])
+            self._flat_groups[index].grads.zero_()
 
     def load_state_dict(self, state_dict: StateDict) -> None:
         """Load a :meth:`state_dict`, validated before anything changes.
@@ -271,6 +317,74 @@ class TorchOptimizer(torch.optim.Optimizer):
                 fields.append(self._leaf_table(index, slots))
             else:
                 fields.append(_tree(group, [None if s is None else s[field] for s in slots]))
+        return self._state_type(*fields, skipped)
+
+    def _flat_state(self, index: int) -> State:
+        """Group ``index``'s functional state over its one buffer (``flat=True``).
+
+        Each param's entry in ``self.state`` holds views of it (its slice of each slot
+        buffer, the table's single row, the shared ``skipped``). The state is rebuilt
+        from those entries when one is not such a view: first step, or state put back
+        by ``load_state_dict``.
+        """
+        assert self._flat_groups is not None
+        packed, params = self._flat_groups[index], self.param_groups[index]["params"]
+        state = self._flat_states.get(index)
+        if state is None or not self._state_views_hold(packed, params, state):
+            state = self._packed_state(index, packed, params)
+            self._flat_states[index] = state
+            views = {
+                field: packed.views(getattr(state, field)[0])
+                for field in self._slot_names
+                if field != self._table_field
+            }
+            for i, p in enumerate(params):
+                self.state[p] = {field: view[i] for field, view in views.items()}
+                if self._table_field is not None:
+                    self.state[p][self._table_field] = getattr(state, self._table_field)[0]
+                self.state[p]["skipped"] = state.skipped
+        return state
+
+    def _state_views_hold(self, packed: FlatGroup, params: Sequence[Tensor], state: State) -> bool:
+        for i, p in enumerate(params):
+            slots = self.state.get(p)
+            if not slots or slots.get("skipped") is not state.skipped:
+                return False
+            for field in self._slot_names:
+                buffer = getattr(state, field)
+                expected = buffer[0] if field == self._table_field else packed.views(buffer[0])[i]
+                if slots[field].data_ptr() != expected.data_ptr():
+                    return False
+        return True
+
+    def _packed_state(self, index: int, packed: FlatGroup, params: Sequence[Tensor]) -> State:
+        """A fresh functional state, or one packed from the params' entries in ``self.state``."""
+        fresh = self._functional.init([packed.params])
+        slots = [self.state.get(p) or None for p in params]
+        if all(s is None for s in slots):
+            return fresh
+        if any(s is None for s in slots):
+            position = next(i for i, s in enumerate(slots) if s is None)
+            raise ValueError(
+                f"TorchOptimizer(flat=True): {self._label(index, position)} has no state while "
+                "others of its group do; with flat=True a group's params step together"
+            )
+        fields = []
+        for field, tree in zip(fresh._fields[:-1], fresh[:-1], strict=True):
+            if not enabled(tree):
+                fields.append(DISABLED)
+            elif field == self._table_field:
+                rows = [s[field].to(tree.device) for s in slots]
+                if not all(torch.equal(row, rows[0]) for row in rows):
+                    raise ValueError(
+                        f"TorchOptimizer(flat=True): the params of param group {index} have "
+                        f"different {field} (they were updated different numbers of times); "
+                        "with flat=True a group's params step together"
+                    )
+                fields.append(rows[0].clone().unsqueeze(0))
+            else:
+                fields.append([packed.pack([s[field] for s in slots])])
+        skipped = slots[0]["skipped"].detach().clone().to(fresh.skipped.device)
         return self._state_type(*fields, skipped)
 
     def _leaf_table(self, index: int, slots: Sequence[dict[str, Tensor] | None]) -> Tensor:
@@ -386,6 +500,25 @@ class TorchOptimizer(torch.optim.Optimizer):
         if "param_names" in group:
             return f"param {group['param_names'][position]!r}"
         return f"param {position} of param group {index}"
+
+
+def _check_mask_selects_a_buffer(optimizer: Optimizer) -> None:
+    """With ``flat=True`` a group is one buffer, which a ``mask`` made for named leaves
+    would silently leave undecayed: probe one step on a one-element buffer."""
+    probe = [torch.ones(1)]
+    hint = (
+        "TorchOptimizer(flat=True) steps each param group as one buffer, which the "
+        "functional optimizer's mask must select; drop the mask and choose decay per "
+        "param group with weight_decay"
+    )
+    try:
+        out, _ = optimizer.step(
+            probe, [torch.zeros(1)], optimizer.init(probe), lr=1.0, weight_decay=0.5
+        )
+    except ValueError as error:
+        raise ValueError(f"{hint} ({error})") from None
+    if torch.equal(out[0], probe[0]):
+        raise ValueError(f"{hint}: this mask leaves it out")
 
 
 def _tree(group: dict[str, Any], values: Sequence[Any]) -> dict[str, Any] | list[Any]:

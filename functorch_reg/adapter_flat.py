@@ -1,0 +1,93 @@
+"""Storage for ``TorchOptimizer(flat=True)``: a param group's params, gradients and
+optimizer state each live in one contiguous buffer, and the per-param tensors that
+modules, autograd and ``state_dict`` see are views of them.
+
+Backward accumulates into ``.grad`` in place once it is defined, so setting each
+``p.grad`` to a view of one gradient buffer makes the whole group's gradient flat
+without a copy; the step then runs one kernel per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .flat import FlatParams, pack
+from .tree import is_dtensor
+
+__all__ = ["FlatGroup"]
+
+
+class FlatGroup:
+    """One param group packed into buffers: ``params`` and ``grads`` (1-D tensors).
+
+    Packing re-points every ``p.data`` at a view of ``params`` and every ``p.grad`` at a
+    view of ``grads`` (an existing gradient is copied in). :meth:`refresh` repairs
+    params or gradients that were re-pointed since (``model.to()``, ``p.grad = ...``,
+    ``zero_grad(set_to_none=True)`` from other code), copying their values in.
+    """
+
+    def __init__(self, params: Sequence[Tensor], label: str) -> None:
+        for position, p in enumerate(params):
+            if is_dtensor(p):
+                raise ValueError(
+                    f"TorchOptimizer(flat=True): {label} holds a DTensor (param {position}); "
+                    "sharded params (FSDP2) keep the per-leaf layout: use flat=False"
+                )
+            if p.dtype != params[0].dtype or p.device != params[0].device:
+                raise ValueError(
+                    f"TorchOptimizer(flat=True): {label} mixes {params[0].dtype} on "
+                    f"{params[0].device} with {p.dtype} on {p.device} (param {position}); "
+                    "a flat group needs one dtype and device: split it into param groups"
+                )
+        self.names = [f"{i:06d}" for i in range(len(params))]
+        try:
+            self.layout: FlatParams = pack(
+                dict(zip(self.names, (p.detach() for p in params), strict=True))
+            )
+        except ValueError as error:
+            raise ValueError(f"TorchOptimizer(flat=True), {label}: {error}") from None
+        (self.key,) = self.layout.buffers
+        self.params = self.layout.buffers[self.key]
+        self.grads = torch.zeros_like(self.params)
+        self._param_views = [self.layout.params[name] for name in self.names]
+        self._grad_views = self.views(self.grads)
+        for p, grad in zip(params, self._grad_views, strict=True):
+            if p.grad is not None:
+                grad.copy_(p.grad)
+        self.refresh(params)
+
+    def views(self, buffer: Tensor) -> list[Tensor]:
+        """Per-param views of a buffer laid out like :attr:`params`."""
+        views = self.layout.unpack({self.key: buffer})
+        return [views[name] for name in self.names]
+
+    def pack(self, tensors: Sequence[Tensor]) -> Tensor:
+        """A new buffer holding one tensor per param, laid out like :attr:`params`."""
+        packed = self.layout.pack_like(dict(zip(self.names, tensors, strict=True)))[self.key]
+        assert packed is not None
+        return packed
+
+    def refresh(self, params: Sequence[Tensor]) -> None:
+        """Make every param and gradient a view of the buffers again, keeping values."""
+        with torch.no_grad():
+            for p, view, grad in zip(params, self._param_views, self._grad_views, strict=True):
+                if not _same_view(p, view):
+                    view.copy_(p)
+                    p.data = view
+                if p.grad is None:
+                    grad.zero_()
+                    p.grad = grad
+                elif not _same_view(p.grad, grad):
+                    grad.copy_(p.grad)
+                    p.grad = grad
+
+
+def _same_view(tensor: Tensor, view: Tensor) -> bool:
+    return (
+        tensor.data_ptr() == view.data_ptr()
+        and tensor.shape == view.shape
+        and tensor.stride() == view.stride()
+    )

@@ -74,6 +74,7 @@ COMPILED_INPLACE = "fr step_ compiled"
 COMPILED_INPLACE_GRAPHS = "fr step_ compiled reduce-overhead"
 FLAT = "fr flat step_ compiled"
 FLAT_GRAPHS = "fr flat step_ compiled reduce-overhead"
+ADAPTER_FLAT = "fr TorchOptimizer(flat=True) compiled"
 FLAT_GROUPS = {"decay": fr.select.weights(), "no_decay": lambda name, leaf: leaf.ndim < 2}
 BIG = 100e6  # the CUDA target is stated for 100M+ parameters
 
@@ -173,6 +174,30 @@ def flat_case(optimizer: str, mode: str) -> Builder:
     return build
 
 
+def adapter_case(optimizer: str, flat: bool, options: dict[str, object]) -> Builder:
+    """``fr.TorchOptimizer(compile=True)``: weights and the rest as two param groups."""
+
+    def build(params: Params, grads: Params, device: str) -> Step:
+        floats = HYPERPARAMS[optimizer]
+        if optimizer == "adamw":
+            functional = fr.adamw(**floats)
+        else:
+            functional = fr.sgd(**floats, momentum=MOMENTUM)
+        tensors = [torch.nn.Parameter(p.clone()) for p in params.values()]
+        for tensor, grad in zip(tensors, grads.values(), strict=True):
+            tensor.grad = grad.clone()
+        groups = [
+            {"params": [p for p in tensors if p.ndim >= 2]},
+            {"params": [p for p in tensors if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        opt = fr.TorchOptimizer(
+            groups, functional, flat=flat, compile=True, compile_options=options or None
+        )
+        return opt.step
+
+    return build
+
+
 def torch_optim_case(optimizer: str, flags: dict[str, bool]) -> Builder:
     def build(params: Params, grads: Params, device: str) -> Step:
         tensors = [torch.nn.Parameter(p.clone()) for p in params.values()]
@@ -229,6 +254,10 @@ def cases(optimizer: str) -> dict[str, Builder]:
         ),
         FLAT: flat_case(optimizer, mode="default"),
         FLAT_GRAPHS: flat_case(optimizer, mode="reduce-overhead"),
+        ADAPTER_FLAT: adapter_case(optimizer, flat=True, options={}),
+        "fr TorchOptimizer compiled, combo kernels": adapter_case(
+            optimizer, flat=False, options={"options": {"combo_kernels": True}}
+        ),
         "torch.optim for-loop": torch_optim_case(optimizer, {"foreach": False}),
         "torch.optim foreach": torch_optim_case(optimizer, {"foreach": True}),
         FUSED: torch_optim_case(optimizer, {"fused": True}),

@@ -134,7 +134,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             _check_mask_selects_a_buffer(optimizer)
         # Per group index, with flat=True: the packed group, and its functional state.
         self._flat_groups: dict[int, FlatGroup] | None = {} if flat else None
-        self._flat_states: dict[int, State] = {}
+        self._flat_states: dict[int, tuple[State, list[dict[str, Tensor]]]] = {}
         self._functional = optimizer
         template = optimizer.init([torch.empty((), device="meta")])
         self._state_type: type = type(template)
@@ -324,38 +324,31 @@ class TorchOptimizer(torch.optim.Optimizer):
 
         Each param's entry in ``self.state`` holds views of it (its slice of each slot
         buffer, the table's single row, the shared ``skipped``). The state is rebuilt
-        from those entries when one is not such a view: first step, or state put back
-        by ``load_state_dict``.
+        from those entries when one was replaced: first step, or ``load_state_dict``.
         """
         assert self._flat_groups is not None
         packed, params = self._flat_groups[index], self.param_groups[index]["params"]
-        state = self._flat_states.get(index)
-        if state is None or not self._state_views_hold(packed, params, state):
-            state = self._packed_state(index, packed, params)
-            self._flat_states[index] = state
-            views = {
-                field: packed.views(getattr(state, field)[0])
-                for field in self._slot_names
-                if field != self._table_field
-            }
-            for i, p in enumerate(params):
-                self.state[p] = {field: view[i] for field, view in views.items()}
-                if self._table_field is not None:
-                    self.state[p][self._table_field] = getattr(state, self._table_field)[0]
-                self.state[p]["skipped"] = state.skipped
-        return state
-
-    def _state_views_hold(self, packed: FlatGroup, params: Sequence[Tensor], state: State) -> bool:
+        state, entries = self._flat_states.get(index, (None, []))
+        if state is not None and all(
+            self.state.get(p) is entry for p, entry in zip(params, entries, strict=True)
+        ):
+            return state
+        state = self._packed_state(index, packed, params)
+        views = {
+            field: packed.views(getattr(state, field)[0])
+            for field in self._slot_names
+            if field != self._table_field
+        }
+        entries = []
         for i, p in enumerate(params):
-            slots = self.state.get(p)
-            if not slots or slots.get("skipped") is not state.skipped:
-                return False
-            for field in self._slot_names:
-                buffer = getattr(state, field)
-                expected = buffer[0] if field == self._table_field else packed.views(buffer[0])[i]
-                if slots[field].data_ptr() != expected.data_ptr():
-                    return False
-        return True
+            entry = {field: view[i] for field, view in views.items()}
+            if self._table_field is not None:
+                entry[self._table_field] = getattr(state, self._table_field)[0]
+            entry["skipped"] = state.skipped
+            self.state[p] = entry
+            entries.append(entry)
+        self._flat_states[index] = (state, entries)
+        return state
 
     def _packed_state(self, index: int, packed: FlatGroup, params: Sequence[Tensor]) -> State:
         """A fresh functional state, or one packed from the params' entries in ``self.state``."""

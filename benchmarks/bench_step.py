@@ -166,7 +166,9 @@ def flat_case(optimizer: str, mode: str) -> Builder:
         flat_grads = flat.pack_like(grads)
         state = opt.init(flat.buffers)
         if mode == "reduce-overhead":
-            for tensor in optree.tree_leaves((flat.buffers, state)):
+            # The gradient buffer lives for the run too (as TorchOptimizer(flat=True)'s
+            # does); unmarked, each replay would first copy it into the graph's memory.
+            for tensor in optree.tree_leaves((flat.buffers, flat_grads, state)):
                 torch._dynamo.mark_static_address(tensor)
         step = torch.compile(opt.step_, fullgraph=True, mode=mode)
         return lambda: step(flat.buffers, flat_grads, state, **hyperparams)

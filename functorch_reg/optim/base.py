@@ -140,7 +140,7 @@ def build(
     ``table`` is ``None``. Its other fields are pytrees shaped like the params, one per
     slot of ``init_slots``, or :data:`DISABLED` when ``init_slots`` gives ``None`` for
     them. ``references`` gives each leaf's decay reference (see :mod:`.decay`), checked
-    at ``init`` and at every step before anything changes.
+    at every step before anything changes.
     """
     defaults = dict(hyperparams)
     resolve(name, defaults, {}, intervals)
@@ -152,8 +152,6 @@ def build(
         if not any(is_float(leaf) for leaf in leaves):
             raise ValueError(f"{name}.init: params hold no floating-point tensor")
         device = next(leaf.device for leaf in leaves if is_float(leaf))
-        if references is not None:
-            references(leaves, spec, selected(params, mask))
         per_leaf = [init_slots(leaf) if is_float(leaf) else None for leaf in leaves]
         fields: dict[str, Any] = {}
         for index, field in enumerate(slot_fields):

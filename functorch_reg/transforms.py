@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import optree
 import torch
 from torch import Tensor
 
@@ -127,11 +128,12 @@ class EMAState(NamedTuple):
 
     Attributes:
         params: the moving average, a pytree shaped like the params.
-        count: updates averaged so far, a 0-d int64 tensor (``AveragedModel.n_averaged``).
+        n_averaged: updates averaged so far, a 0-d int64 tensor (as
+            ``AveragedModel.n_averaged``).
     """
 
     params: Params
-    count: Tensor
+    n_averaged: Tensor
 
 
 class EMA(NamedTuple):
@@ -156,7 +158,7 @@ def ema(decay: Scalar = 0.999, *, warmup: bool = False) -> EMA:
     r"""An exponential moving average of the weights, as ``torch.optim.swa_utils``'
     ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))``.
 
-    With :math:`t` the number of updates averaged so far (``state.count``):
+    With :math:`t` the number of updates averaged so far (``state.n_averaged``):
 
     .. math::
         \bar w \leftarrow \begin{cases}
@@ -168,9 +170,10 @@ def ema(decay: Scalar = 0.999, *, warmup: bool = False) -> EMA:
             \beta & \text{otherwise}
         \end{cases}
 
-    The warm-up is TensorFlow's ``ExponentialMovingAverage(num_updates=t)`` form (also
-    timm's and optax's ``ema`` with a count): early averages follow the weights more
-    closely, so they are not dominated by the random initialization. Without it the
+    The warm-up is TensorFlow's ``ExponentialMovingAverage(decay, num_updates=t)``
+    form (timm's ``ModelEmaV3`` warms up with a power law instead; optax's ``ema``
+    debiases instead): early averages follow the weights more closely, so they are
+    not dominated by the first weights. Without it the
     result equals ``AveragedModel`` update for update (``torch.lerp`` as its
     ``_foreach_lerp_``). Non-floating leaves are left as they were at ``init``.
 
@@ -198,7 +201,9 @@ def ema(decay: Scalar = 0.999, *, warmup: bool = False) -> EMA:
         count = torch.zeros((), dtype=torch.int64, device=floats[0].device)
         return EMAState(spec.unflatten(average), count)
 
-    def weights(params: Params, state: EMAState, overrides: dict[str, Any]) -> tuple[list, ...]:
+    def weights(
+        params: Params, state: EMAState, overrides: dict[str, Any]
+    ) -> tuple[list[Any], optree.PyTreeSpec, list[Any], Tensor]:
         """The leaves, the average's leaves and the interpolation weight; checks everything."""
         unknown = sorted(set(overrides) - set(defaults))
         if unknown:
@@ -220,7 +225,7 @@ def ema(decay: Scalar = 0.999, *, warmup: bool = False) -> EMA:
                     f"ema: state.params leaf {name!r} is {got}, the param "
                     f"is {p.dtype} on {p.device}"
                 )
-        count = state.count
+        count = state.n_averaged
         beta = (
             beta.to(torch.float64)
             if isinstance(beta, Tensor)
@@ -239,7 +244,7 @@ def ema(decay: Scalar = 0.999, *, warmup: bool = False) -> EMA:
             torch.lerp(average, p.detach(), weight.to(p.dtype)) if is_float(p) else average
             for p, average in zip(leaves, averages, strict=True)
         ]
-        return EMAState(spec.unflatten(new), state.count + 1)
+        return EMAState(spec.unflatten(new), state.n_averaged + 1)
 
     def update_(params: Params, state: EMAState, **overrides: Any) -> None:
         with torch.no_grad():
@@ -247,7 +252,7 @@ def ema(decay: Scalar = 0.999, *, warmup: bool = False) -> EMA:
             for p, average in zip(leaves, averages, strict=True):
                 if is_float(p):
                     average.lerp_(p, weight.to(p.dtype))
-            state.count.add_(1)
+            state.n_averaged.add_(1)
 
     return EMA(init, update, update_, defaults)
 

@@ -107,7 +107,7 @@ def test_ema_matches_averaged_model_over_100_steps():
         average.update_(params, in_place)
         expected = {k: v.detach() for k, v in averaged.module.named_parameters()}
         torch.testing.assert_close(state.params, expected, rtol=0, atol=0)
-    assert state.count.item() == averaged.n_averaged.item() == 100
+    assert state.n_averaged.item() == averaged.n_averaged.item() == 100
     torch.testing.assert_close(in_place, state, rtol=0, atol=0)
 
 

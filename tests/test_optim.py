@@ -609,3 +609,24 @@ def test_decay_to_not_matching_the_params_raises_before_anything_changes(referen
         opt.step_(params, random_grads(params, 0), state)
     assert_identical(params, before_params)
     assert_identical(state, before_state)
+
+
+def test_decoupled_sgd_toward_a_reference_is_the_l2_sp_penalty():
+    """Plain SGD: w - lr * wd * (w - ref) - lr * g is a gradient step on
+    loss + wd / 2 * l2_sp(w, ref)."""
+    params = mlp_params(torch.float64)
+    reference = mlp_params(torch.float64, seed=7)
+    wd = 0.3
+    opt = fr.sgd(lr=0.05, weight_decay=wd, decoupled=True, decay_to=reference)
+    plain = fr.sgd(lr=0.05)
+    ours, state = params, opt.init(params)
+    penalized, plain_state = params, plain.init(params)
+    for step in range(20):
+        grads = random_grads(params, step)
+        ours, state = opt.step(ours, grads, state)
+        penalty_grads = torch.func.grad(lambda p: wd / 2 * fr.penalties.l2_sp(p, reference))(
+            penalized
+        )
+        total = {k: grads[k] + penalty_grads[k] for k in grads}
+        penalized, plain_state = plain.step(penalized, total, plain_state)
+    torch.testing.assert_close(ours, penalized, rtol=1e-12, atol=1e-12)

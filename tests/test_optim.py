@@ -630,3 +630,15 @@ def test_decoupled_sgd_toward_a_reference_is_the_l2_sp_penalty():
         total = {k: grads[k] + penalty_grads[k] for k in grads}
         penalized, plain_state = plain.step(penalized, total, plain_state)
     torch.testing.assert_close(ours, penalized, rtol=1e-12, atol=1e-12)
+
+
+def test_clipping_keeps_a_nonfinite_step_skipped():
+    """A NaN gradient makes the global norm NaN; the step is still skipped and counted."""
+    opt = fr.adamw(lr=1e-2, clip_grad_norm=1.0, skip_nonfinite=True)
+    params = mlp_params()
+    state = opt.init(params)
+    bad = random_grads(params, 0)
+    bad["0.bias"][1] = float("nan")
+    new_params, new_state = opt.step(params, bad, state)
+    assert_identical(new_params, params)
+    assert new_state.skipped.item() == 1

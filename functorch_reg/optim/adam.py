@@ -104,14 +104,14 @@ def adam(
       w_\text{ref}) \ge 0`, with :math:`u = \hat m_t / (\sqrt{\hat v_t} + \epsilon)`
       the step direction (:math:`w \leftarrow w - \eta u`) computed before the decay,
       from the gradient after ``maximize``. Ties decay: a zero update or a weight at
-      its reference counts as agreeing. This is optax's ``contrib.
-      add_cautious_weight_decay`` (``sign(u) * sign(p) >= 0`` on the update before
-      the lr) and the paper's :math:`\mathbb{1}[u \odot x \ge 0]`; heavyball's
-      ``cautious_weight_decay`` likewise gates on its update before the lr. Unlike
-      optax, which adds :math:`\lambda w` to the update and then scales everything by
-      the lr (``"lr"`` scaling only), the decay here composes with every
-      ``decay_scaling`` and with ``decay_to``, comparing signs with :math:`w -
-      w_\text{ref}`.
+      its reference counts as agreeing. With ``decay_scaling="lr"`` this is the
+      paper's :math:`w - \eta(u + \lambda \mathbb{1}[u \odot w \ge 0] \odot w)` and
+      optax's ``contrib.add_cautious_weight_decay`` placed between ``scale_by_adam``
+      and the lr (``sign(u) * sign(p) >= 0``, the same tie rule); heavyball's
+      chainable ``cautious_weight_decay`` also tests its update before the lr and
+      steps by ``lr * weight_decay``. Beyond those, the mask here composes with the
+      other scalings and with ``decay_to``, where it compares the signs of :math:`u`
+      and :math:`w - w_\text{ref}` (the direction the decay would move).
     * ``decay_to``: a pytree of reference weights :math:`w_\text{ref}` (e.g. the
       pretrained ones), matched to the params by leaf name, needed on every leaf
       ``mask`` selects: the decoupled twin of :func:`functorch_reg.penalties.l2_sp`.

@@ -35,23 +35,39 @@ from .optim import (
     sgd,
     state_dict,
 )
+from .transforms import (
+    EMA,
+    EMAState,
+    accumulate,
+    accumulate_,
+    clip_by_global_norm,
+    ema,
+    global_norm,
+)
 from .tree import leaf_names, stack, unstack
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMA",
     "AdamState",
+    "EMAState",
     "LinearPath",
     "Optimizer",
     "SGDState",
     "SweepResult",
     "TorchOptimizer",
+    "accumulate",
+    "accumulate_",
     "adam",
     "adamw",
+    "clip_by_global_norm",
     "distributed",
+    "ema",
     "ensemble_step",
     "flat",
     "function_space",
+    "global_norm",
     "init_ensemble",
     "lambda_grid",
     "leaf_names",

@@ -343,3 +343,302 @@ def test_skip_nonfinite_with_every_grad_none_is_a_no_op():
     new_params, new_state = opt.step(params, {k: None for k in params}, state)
     assert_identical(new_params, params)
     assert new_state.skipped.item() == 0
+
+
+# Decoupled decay options: decay_scaling, cautious_decay, decay_to.
+
+DECOUPLED = {
+    "sgd": lambda **kw: fr.sgd(momentum=0.9, decoupled=True, **kw),
+    "adam": lambda **kw: fr.adam(decoupled=True, **kw),
+    "adamw": lambda **kw: fr.adamw(**kw),
+}
+
+
+@pytest.mark.parametrize("scaling", ["lr", "schedule", "none"])
+@pytest.mark.parametrize("name", list(DECOUPLED))
+def test_decay_scaling_under_a_cosine_schedule_follows_the_closed_form(name, scaling):
+    """With zero gradients, w_t = w_0 * prod_s (1 - c_s), c_s = lr_s * wd, (lr_s / lr_0) * wd
+    or wd; with "schedule" the result does not depend on the peak lr."""
+    wd, steps = 0.05, 30
+    # The multiplier of the peak, in float64 so that both peaks see the same lr / peak.
+    multiplier = fr.schedules.cosine(1.0, total_steps=steps, warmup_steps=5)
+    finals = []
+    for peak in (0.5, 0.05):
+        opt = DECOUPLED[name](lr=peak, weight_decay=wd, decay_scaling=scaling)
+        params = mlp_params(torch.float64)
+        initial = clone(params)
+        zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+        state = opt.init(params)
+        factor = 1.0
+        for t in range(steps):
+            lr = peak * multiplier(torch.tensor(t)).double()
+            params, state = opt.step(params, zeros, state, lr=lr)
+            shrink = {"lr": lr.item() * wd, "schedule": lr.item() / peak * wd, "none": wd}
+            factor = factor * (1 - shrink[scaling])
+        expected = {k: v * factor for k, v in initial.items()}
+        torch.testing.assert_close(params, expected, rtol=1e-12, atol=0)
+        finals.append(params)
+    if scaling == "lr":
+        assert not torch.allclose(finals[0]["0.weight"], finals[1]["0.weight"])
+    else:
+        torch.testing.assert_close(finals[0], finals[1], rtol=1e-12, atol=0)
+
+
+def test_decay_reference_lr_is_explicit_and_overridable():
+    params = {"w": torch.tensor([2.0], dtype=torch.float64)}
+    zeros = {"w": torch.zeros(1, dtype=torch.float64)}
+    opt = fr.adamw(lr=0.1, weight_decay=0.5, decay_scaling="schedule", decay_reference_lr=0.2)
+    assert opt.hyperparams["decay_reference_lr"] == 0.2
+    new, _ = opt.step(params, zeros, opt.init(params))
+    assert new["w"].item() == pytest.approx(2.0 * (1 - 0.1 / 0.2 * 0.5))
+    new, _ = opt.step(params, zeros, opt.init(params), decay_reference_lr=torch.tensor(0.4))
+    assert new["w"].item() == pytest.approx(2.0 * (1 - 0.1 / 0.4 * 0.5))
+
+
+def hand_written_cautious(name, params, grads_seq, lr, wd, reference=None):
+    """Cautious decoupled decay written out plainly: decay where sign(u) sign(w - ref) >= 0,
+    u the step direction (SGD's momentum buffer, Adam's m_hat / (sqrt(v_hat) + eps))."""
+    params = clone(params)
+    state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
+    masks = []
+    for t, grads in enumerate(grads_seq, start=1):
+        for k, w in params.items():
+            g, (m, v) = grads[k], state[k]
+            if name == "sgd":
+                m = g.clone() if t == 1 else 0.9 * m + g
+                u = m
+            else:
+                m = 0.9 * m + 0.1 * g
+                v = 0.999 * v + 0.001 * g * g
+                u = (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+            state[k] = (m, v)
+            offset = w if reference is None else w - reference[k]
+            mask = (torch.sign(u) * torch.sign(offset) >= 0).to(w.dtype)
+            masks.append(mask)
+            params[k] = w - lr * wd * mask * offset - lr * u
+    return params, torch.cat([m.flatten() for m in masks])
+
+
+@pytest.mark.parametrize("toward", ["zero", "reference"])
+@pytest.mark.parametrize("name", list(DECOUPLED))
+def test_cautious_decay_matches_a_hand_written_reference(name, toward):
+    params = mlp_params(torch.float64)
+    reference = None if toward == "zero" else mlp_params(torch.float64, seed=5)
+    grads_seq = [random_grads(params, seed) for seed in range(20)]
+    lr, wd = 0.02, 0.5
+    opt = DECOUPLED[name](lr=lr, weight_decay=wd, cautious_decay=True, decay_to=reference)
+    state = opt.init(params)
+    ours = params
+    for grads in grads_seq:
+        ours, state = opt.step(ours, grads, state)
+    expected, masks = hand_written_cautious(name, params, grads_seq, lr, wd, reference)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    assert 0.2 < masks.double().mean() < 0.8, "the sign test both keeps and drops decay"
+    plain = DECOUPLED[name](lr=lr, weight_decay=wd, decay_to=reference)
+    plain_params, plain_state = params, plain.init(params)
+    for grads in grads_seq:
+        plain_params, plain_state = plain.step(plain_params, grads, plain_state)
+    assert not torch.allclose(plain_params["0.weight"], ours["0.weight"])
+
+
+@pytest.mark.parametrize("cautious", [False, True])
+@pytest.mark.parametrize("name", list(DECOUPLED))
+def test_decay_to_the_current_weights_is_a_no_op(name, cautious):
+    params = mlp_params()
+    grads = random_grads(params, 0)
+    with_reference = DECOUPLED[name](
+        lr=0.05, weight_decay=0.7, decay_to=clone(params), cautious_decay=cautious
+    )
+    without = DECOUPLED[name](lr=0.05, weight_decay=0.0)
+    ours = with_reference.step(params, grads, with_reference.init(params))
+    assert_identical(ours[0], without.step(params, grads, without.init(params))[0])
+
+
+def test_decay_to_pulls_toward_the_reference_on_masked_leaves_only():
+    """w_t - w_ref = (1 - lr * wd)^t (w_0 - w_ref) with zero gradients; the reference
+    needs only the leaves that mask selects."""
+    params = mlp_params(torch.float64)
+    reference = {k: v for k, v in mlp_params(torch.float64, seed=3).items() if "weight" in k}
+    opt = fr.adamw(lr=0.1, weight_decay=0.2, decay_to=reference, mask=fr.select.weights())
+    zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+    state, new = opt.init(params), params
+    for _ in range(10):
+        new, state = opt.step(new, zeros, state)
+    for k in reference:
+        torch.testing.assert_close(
+            new[k] - reference[k], (1 - 0.1 * 0.2) ** 10 * (params[k] - reference[k])
+        )
+    assert_identical(new["0.bias"], params["0.bias"])
+
+
+def test_default_decay_is_unchanged_by_the_new_options():
+    """decay_scaling="lr" without caution or reference is torch.optim.AdamW to the bit."""
+    params, grads = mlp_params(), random_grads(mlp_params(), 0)
+    default = fr.adamw(lr=1e-2, weight_decay=0.1)
+    explicit = fr.adamw(lr=1e-2, weight_decay=0.1, decay_scaling="lr", cautious_decay=False)
+    assert_identical(
+        default.step(params, grads, default.init(params)),
+        explicit.step(params, grads, explicit.init(params)),
+    )
+
+
+def test_vmap_over_weight_decay_with_every_decay_option():
+    reference = mlp_params(seed=9)
+    opt = fr.adamw(
+        lr=1e-2,
+        decay_scaling="schedule",
+        cautious_decay=True,
+        decay_to=reference,
+        clip_grad_norm=1.0,
+    )
+    members = [mlp_params(seed=i) for i in range(3)]
+    grads = [random_grads(p, 10 + i) for i, p in enumerate(members)]
+    states = [opt.init(p) for p in members]
+    decays = torch.tensor([0.0, 0.5, 2.0])
+
+    def one(params, grads, state, weight_decay):
+        return opt.step(params, grads, state, lr=torch.tensor(5e-3), weight_decay=weight_decay)
+
+    batched = vmap(one)(fr.stack(members), fr.stack(grads), fr.stack(states), decays)
+    for i, unbatched in enumerate(fr.unstack(batched)):
+        torch.testing.assert_close(unbatched, one(members[i], grads[i], states[i], decays[i]))
+
+
+@pytest.mark.compile
+def test_decay_options_compile_once_with_changing_tensor_hyperparameters():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    opt = fr.sgd(
+        lr=0.1,
+        momentum=0.9,
+        decoupled=True,
+        decay_scaling="schedule",
+        cautious_decay=True,
+        decay_to=mlp_params(seed=4),
+        clip_grad_norm=1.0,
+    )
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(opt.step, fullgraph=True, backend=counter)
+    params = eager_params = mlp_params()
+    state = eager_state = opt.init(params)
+    for t in range(4):
+        grads = random_grads(params, t)
+        hyper = {
+            "lr": torch.tensor(0.1 / (1 + t)),
+            "weight_decay": torch.tensor(0.1 * (t + 1)),
+            "decay_reference_lr": torch.tensor(0.1 + t),
+            "clip_grad_norm": torch.tensor(0.5 * (t + 1)),
+        }
+        params, state = compiled(params, grads, state, **hyper)
+        eager_params, eager_state = opt.step(eager_params, grads, eager_state, **hyper)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(params, eager_params, rtol=1e-5, atol=1e-6)
+
+
+def test_decay_options_through_torch_optimizer_with_a_scheduler():
+    """TorchOptimizer passes decay_reference_lr and clip_grad_norm per group, and the
+    scheduler's lr reaches the "schedule" scaling; equal to the functional loop."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    reference = {k: torch.zeros_like(v) + 0.1 for k, v in start.items()}
+
+    def make():
+        return fr.adamw(
+            lr=0.05,
+            weight_decay=0.3,
+            decay_scaling="schedule",
+            cautious_decay=True,
+            decay_to=reference,
+            clip_grad_norm=0.5,
+        )
+
+    optimizer = fr.TorchOptimizer(model.named_parameters(), make())
+    assert optimizer.param_groups[0]["decay_reference_lr"] == 0.05
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    opt = make()
+    params, state = start, opt.init(start)
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+    for t in range(8):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grads = {k: v.grad.clone() for k, v in model.named_parameters()}
+        params, state = opt.step(params, grads, state, lr=0.05 * 0.5 ** (t // 3))
+        optimizer.step()
+        scheduler.step()
+        model_params = {k: v.detach() for k, v in model.named_parameters()}
+        torch.testing.assert_close(model_params, params, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: fr.adamw(decay_scaling="peak"), ValueError, "decay_scaling must be one of"),
+        (lambda: fr.adam(weight_decay=0.1, decay_scaling="none"), ValueError, "decoupled"),
+        (lambda: fr.sgd(lr=0.1, cautious_decay=True), ValueError, "cautious_decay applies"),
+        (lambda: fr.adam(decay_to=mlp_params()), ValueError, "decay_to applies"),
+        (lambda: fr.adamw(decay_reference_lr=0.1), ValueError, "needs decay_scaling='schedule'"),
+        (
+            lambda: fr.adamw(decay_scaling="schedule", decay_reference_lr=0.0),
+            ValueError,
+            "must be positive",
+        ),
+        (lambda: fr.adamw(lr=0.0, decay_scaling="schedule"), ValueError, "must be positive"),
+        (lambda: fr.adamw(decay_to={"w": 1.0}), TypeError, "decay_to leaf 'w' must be a tensor"),
+    ],
+)
+def test_bad_decay_options_raise_at_construction(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        (lambda p: {k: v for k, v in p.items() if k != "2.weight"}, "no leaf '2.weight'"),
+        (lambda p: {**p, "0.bias": torch.zeros(5)}, r"'0.bias' is torch.float32 \(5,\)"),
+        (lambda p: {**p, "0.weight": p["0.weight"].double()}, "'0.weight' is torch.float64"),
+    ],
+)
+def test_decay_to_not_matching_the_params_raises_before_anything_changes(reference, message):
+    params = mlp_params()
+    opt = fr.adamw(lr=0.1, weight_decay=0.1, decay_to=reference(mlp_params(seed=2)))
+    state = opt.init(params)
+    before_params, before_state = clone(params), clone(state)
+    with pytest.raises(ValueError, match=message):
+        opt.step_(params, random_grads(params, 0), state)
+    assert_identical(params, before_params)
+    assert_identical(state, before_state)
+
+
+def test_decoupled_sgd_toward_a_reference_is_the_l2_sp_penalty():
+    """Plain SGD: w - lr * wd * (w - ref) - lr * g is a gradient step on
+    loss + wd / 2 * l2_sp(w, ref)."""
+    params = mlp_params(torch.float64)
+    reference = mlp_params(torch.float64, seed=7)
+    wd = 0.3
+    opt = fr.sgd(lr=0.05, weight_decay=wd, decoupled=True, decay_to=reference)
+    plain = fr.sgd(lr=0.05)
+    ours, state = params, opt.init(params)
+    penalized, plain_state = params, plain.init(params)
+    for step in range(20):
+        grads = random_grads(params, step)
+        ours, state = opt.step(ours, grads, state)
+        penalty_grads = torch.func.grad(lambda p: wd / 2 * fr.penalties.l2_sp(p, reference))(
+            penalized
+        )
+        total = {k: grads[k] + penalty_grads[k] for k in grads}
+        penalized, plain_state = plain.step(penalized, total, plain_state)
+    torch.testing.assert_close(ours, penalized, rtol=1e-12, atol=1e-12)
+
+
+def test_clipping_keeps_a_nonfinite_step_skipped():
+    """A NaN gradient makes the global norm NaN; the step is still skipped and counted."""
+    opt = fr.adamw(lr=1e-2, clip_grad_norm=1.0, skip_nonfinite=True)
+    params = mlp_params()
+    state = opt.init(params)
+    bad = random_grads(params, 0)
+    bad["0.bias"][1] = float("nan")
+    new_params, new_state = opt.step(params, bad, state)
+    assert_identical(new_params, params)
+    assert new_state.skipped.item() == 1

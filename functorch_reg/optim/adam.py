@@ -12,6 +12,9 @@ from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
 from ..select import Where
 from ..tree import Params
 from .base import LeafTable, Optimizer, Prox, build, is_zero
+from .clipping import with_clipping
+from .decay import INTERVALS as DECAY_INTERVALS
+from .decay import DecayScaling, decay_coefficient, decay_options, decayed
 
 __all__ = ["AdamState", "adam", "adamw"]
 
@@ -64,6 +67,12 @@ def adam(
     prox: Prox | None = None,
     prox_strength: Scalar = 0.0,
     skip_nonfinite: bool = False,
+    *,
+    decay_scaling: DecayScaling = "lr",
+    decay_reference_lr: Scalar | None = None,
+    cautious_decay: bool = False,
+    decay_to: Params | None = None,
+    clip_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""Adam, matching ``torch.optim.Adam`` (and ``AdamW`` when ``decoupled``) step for step.
 
@@ -82,7 +91,31 @@ def adam(
 
     Coupled decay (the default here, as ``torch.optim.Adam``) is an L2 penalty seen
     through the preconditioner; decoupled decay (``adamw``) shrinks the weights
-    directly. The bias corrections use the running products of the betas kept in the
+    directly. Decoupled decay has three options (coupled decay takes none of them):
+
+    * ``decay_scaling``: the shrink factor :math:`c` in
+      :math:`w \leftarrow w - c\,(w - w_\text{ref})`: ``"lr"`` gives
+      :math:`c = \eta\lambda` (``torch.optim.AdamW``), ``"schedule"`` gives
+      :math:`c = (\eta / \eta_0)\lambda` with :math:`\eta_0` = ``decay_reference_lr``
+      (default: the constructed ``lr``), the AdamW paper's form, where the decay
+      follows the schedule but not the peak lr; ``"none"`` gives :math:`c = \lambda`.
+    * ``cautious_decay`` (Chen et al., 2025, "Cautious Weight Decay"): decay a
+      coordinate only where :math:`\operatorname{sign}(u) \operatorname{sign}(w -
+      w_\text{ref}) \ge 0`, with :math:`u = \hat m_t / (\sqrt{\hat v_t} + \epsilon)`
+      the step direction (:math:`w \leftarrow w - \eta u`) computed before the decay,
+      from the gradient after ``maximize``. Ties decay: a zero update or a weight at
+      its reference counts as agreeing. With ``decay_scaling="lr"`` this is the
+      paper's :math:`w - \eta(u + \lambda \mathbb{1}[u \odot w \ge 0] \odot w)` and
+      optax's ``contrib.add_cautious_weight_decay`` placed between ``scale_by_adam``
+      and the lr (``sign(u) * sign(p) >= 0``, the same tie rule); heavyball's
+      chainable ``cautious_weight_decay`` also tests its update before the lr and
+      steps by ``lr * weight_decay``. Beyond those, the mask here composes with the
+      other scalings and with ``decay_to``, where it compares the signs of :math:`u`
+      and :math:`w - w_\text{ref}` (the direction the decay would move).
+    * ``decay_to``: a pytree of reference weights :math:`w_\text{ref}` (e.g. the
+      pretrained ones), matched to the params by leaf name, needed on every leaf
+      ``mask`` selects: the decoupled twin of :func:`functorch_reg.penalties.l2_sp`.
+ The bias corrections use the running products of the betas kept in the
     state, which equal :math:`\beta^t` for constant betas and stay exact when a
     schedule changes them.
 
@@ -103,6 +136,13 @@ def adam(
         prox_strength: :math:`\rho`, the strength of the proximal penalty.
         skip_nonfinite: leave params and state untouched on a step whose gradients
             hold a NaN or an infinity, and count it in ``state.skipped``.
+        decay_scaling: ``"lr"`` (default), ``"schedule"`` or ``"none"``, see above.
+        decay_reference_lr: :math:`\eta_0` for ``"schedule"``; overridable per call.
+        cautious_decay: apply the decoupled decay only where it agrees with the step.
+        decay_to: reference weights the decoupled decay pulls toward.
+        clip_grad_norm: clip the gradients to this global norm first, as
+            ``torch.nn.utils.clip_grad_norm_`` (see
+            :func:`functorch_reg.clip_by_global_norm`); overridable per call.
 
     Example:
         >>> import functorch_reg as fr
@@ -113,6 +153,17 @@ def adam(
         >>> params["w"]
         tensor([0.9000, 1.1000])
     """
+
+    name = "adamw" if decoupled else "adam"
+    decay_hyperparams, references = decay_options(
+        name,
+        lr=lr,
+        decoupled=decoupled,
+        decay_scaling=decay_scaling,
+        decay_reference_lr=decay_reference_lr,
+        cautious_decay=cautious_decay,
+        decay_to=decay_to,
+    )
 
     def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
         max_exp_avg_sq = torch.zeros_like(p) if amsgrad else None
@@ -140,18 +191,16 @@ def adam(
         row: Tensor | None,
         h: Mapping[str, Scalar],
         decay: bool,
+        reference: Tensor | None,
     ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
         exp_avg, exp_avg_sq, max_exp_avg_sq = slots
         assert exp_avg is not None and exp_avg_sq is not None and row is not None
-        lr, beta1, beta2 = h["lr"], h["beta1"], h["beta2"]
+        beta1, beta2 = h["beta1"], h["beta2"]
         if maximize:
             g = -g
         weight_decay = h["weight_decay"] if decay else 0.0
-        if not is_zero(weight_decay):
-            if decoupled:
-                p = p * (1 - lr * weight_decay)
-            else:
-                g = g + weight_decay * p
+        if not is_zero(weight_decay) and not decoupled:
+            g = g + weight_decay * p
         exp_avg = exp_avg + (g - exp_avg) * (1 - beta1)
         exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * (g * g)
         if max_exp_avg_sq is not None:
@@ -159,11 +208,15 @@ def adam(
         second = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
         step_size, bias_correction2_sqrt = row.unbind()
         denom = second.sqrt() / bias_correction2_sqrt + h["eps"]
-        new_p = p - step_size * (exp_avg / denom)
+        direction = exp_avg / denom
+        if not is_zero(weight_decay) and decoupled:
+            coefficient = decay_coefficient(h, weight_decay, decay_scaling)
+            p = decayed(p, coefficient, direction, reference=reference, cautious=cautious_decay)
+        new_p = p - step_size * direction
         return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq)
 
-    return build(
-        "adamw" if decoupled else "adam",
+    optimizer = build(
+        name,
         state_type=AdamState,
         init_slots=init_slots,
         rule=rule,
@@ -173,13 +226,16 @@ def adam(
             "eps": eps,
             "weight_decay": weight_decay,
             "prox_strength": prox_strength,
+            **decay_hyperparams,
         },
-        intervals=_INTERVALS,
+        intervals={**_INTERVALS, **DECAY_INTERVALS},
         mask=mask,
         prox=prox,
         skip_nonfinite=skip_nonfinite,
         table=LeafTable(init_row, advance),
+        references=references,
     )
+    return with_clipping(name, optimizer, clip_grad_norm)
 
 
 def adamw(
@@ -193,12 +249,19 @@ def adamw(
     prox: Prox | None = None,
     prox_strength: Scalar = 0.0,
     skip_nonfinite: bool = False,
+    *,
+    decay_scaling: DecayScaling = "lr",
+    decay_reference_lr: Scalar | None = None,
+    cautious_decay: bool = False,
+    decay_to: Params | None = None,
+    clip_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""AdamW: :func:`adam` with decoupled weight decay, matching ``torch.optim.AdamW``.
 
     The weights shrink as :math:`w \leftarrow (1 - \eta\lambda) w` before the Adam step,
-    outside the preconditioner. Arguments are those of :func:`adam`, with
-    ``weight_decay=1e-2`` by default.
+    outside the preconditioner (or as ``decay_scaling``, ``cautious_decay`` and
+    ``decay_to`` say). Arguments are those of :func:`adam`, with ``weight_decay=1e-2``
+    by default.
 
     Example:
         >>> import functorch_reg as fr
@@ -216,4 +279,9 @@ def adamw(
         prox=prox,
         prox_strength=prox_strength,
         skip_nonfinite=skip_nonfinite,
+        decay_scaling=decay_scaling,
+        decay_reference_lr=decay_reference_lr,
+        cautious_decay=cautious_decay,
+        decay_to=decay_to,
+        clip_grad_norm=clip_grad_norm,
     )

@@ -12,6 +12,7 @@ from torch import Tensor
 from .._checks import Interval, Scalar, check_scalars
 from ..select import Where, selected
 from ..tree import Params, flatten, full_tensor, is_float, leaf_names, matching_leaves
+from .decay import References
 
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
 
@@ -54,7 +55,8 @@ class LeafRule(Protocol):
     ``slots`` are this leaf's state tensors in the order of the state's per-leaf fields
     (``None`` for a disabled field); ``row`` is this leaf's row of the values that
     :attr:`LeafTable.advance` derives (``None`` without a table); ``decay`` says whether
-    ``mask`` selects the leaf.
+    ``mask`` selects the leaf; ``reference`` is the leaf's ``decay_to`` reference
+    (``None`` without one).
     """
 
     def __call__(
@@ -65,6 +67,7 @@ class LeafRule(Protocol):
         row: Tensor | None,
         h: Mapping[str, Scalar],
         decay: bool,
+        reference: Tensor | None,
     ) -> tuple[Tensor, tuple[Tensor | None, ...]]: ...
 
 
@@ -128,6 +131,7 @@ def build(
     prox: Prox | None,
     skip_nonfinite: bool,
     table: LeafTable | None = None,
+    references: References | None = None,
 ) -> Optimizer:
     """Lift ``rule`` to an :class:`Optimizer` over pytrees.
 
@@ -135,7 +139,8 @@ def build(
     field (if it names one) is driven by ``table``, and is :data:`DISABLED` when
     ``table`` is ``None``. Its other fields are pytrees shaped like the params, one per
     slot of ``init_slots``, or :data:`DISABLED` when ``init_slots`` gives ``None`` for
-    them.
+    them. ``references`` gives each leaf's decay reference (see :mod:`.decay`), checked
+    at every step before anything changes.
     """
     defaults = dict(hyperparams)
     resolve(name, defaults, {}, intervals)
@@ -180,6 +185,7 @@ def build(
                     )
                 )
         decays = selected(params, mask)
+        refs = [None] * len(leaves) if references is None else references(leaves, spec, decays)
         prox_threshold = (
             None if prox is None or is_zero(h["prox_strength"]) else h["lr"] * h["prox_strength"]
         )
@@ -210,7 +216,7 @@ def build(
                 continue
             slots = tuple(column[i] for column in columns)
             row = None if derived is None else derived[i]
-            new_p, new_slots = rule(p, g, slots, row, h, decay)
+            new_p, new_slots = rule(p, g, slots, row, h, decay, refs[i])
             if decay and prox_threshold is not None:
                 new_p = prox(new_p, prox_threshold)
             if finite is not None:

@@ -12,6 +12,9 @@ from .._checks import NON_NEGATIVE, UNIT, Scalar
 from ..select import Where
 from ..tree import Params
 from .base import LeafTable, Optimizer, Prox, build, is_zero
+from .clipping import with_clipping
+from .decay import INTERVALS as DECAY_INTERVALS
+from .decay import DecayScaling, decay_coefficient, decay_options, decayed
 
 __all__ = ["SGDState", "sgd"]
 
@@ -56,6 +59,12 @@ def sgd(
     prox: Prox | None = None,
     prox_strength: Scalar = 0.0,
     skip_nonfinite: bool = False,
+    *,
+    decay_scaling: DecayScaling = "lr",
+    decay_reference_lr: Scalar | None = None,
+    cautious_decay: bool = False,
+    decay_to: Params | None = None,
+    clip_grad_norm: Scalar | None = None,
 ) -> Optimizer:
     r"""SGD with momentum, matching ``torch.optim.SGD`` step for step.
 
@@ -71,8 +80,11 @@ def sgd(
     with :math:`\eta` = ``lr``, :math:`\mu` = ``momentum``, :math:`\tau` = ``dampening``,
     :math:`\lambda` = ``weight_decay``, :math:`\rho` = ``prox_strength``. With
     ``decoupled=True`` the decay is applied as :math:`w \leftarrow (1 - \eta\lambda) w`
-    before the step instead. Coupled ``weight_decay = 2 * lam`` follows the same
-    trajectory as adding ``lam * penalties.l2(params)`` to the loss.
+    before the step instead (or a variant chosen by ``decay_scaling``,
+    ``cautious_decay`` and ``decay_to``: see :func:`functorch_reg.adam`). Coupled
+    ``weight_decay = 2 * lam`` follows the same trajectory as adding
+    ``lam * penalties.l2(params)`` to the loss. With ``clip_grad_norm`` the gradients
+    are first clipped to that global norm, as ``torch.nn.utils.clip_grad_norm_``.
 
     Every scalar hyperparameter is a float or a 0-d tensor and can be overridden per
     call: ``opt.step(params, grads, state, lr=lr_t)``. A literal ``0`` switches a term
@@ -92,6 +104,15 @@ def sgd(
         prox_strength: :math:`\rho`, the strength of the proximal penalty.
         skip_nonfinite: leave params and state untouched on a step whose gradients
             hold a NaN or an infinity, and count it in ``state.skipped``.
+        decay_scaling: ``"lr"``, ``"schedule"`` or ``"none"`` (decoupled only), as in
+            :func:`functorch_reg.adam`.
+        decay_reference_lr: :math:`\eta_0` for ``decay_scaling="schedule"``
+            (default: ``lr`` as constructed).
+        cautious_decay: decoupled decay only where the step direction and the weight
+            agree in sign, as in :func:`functorch_reg.adam`.
+        decay_to: decoupled decay toward these weights (matched by leaf name)
+            rather than toward zero.
+        clip_grad_norm: clip the gradients to this global norm before the step.
 
     Example:
         >>> import functorch_reg as fr
@@ -105,6 +126,15 @@ def sgd(
     if nesterov and (is_zero(momentum) or not is_zero(dampening)):
         raise ValueError("sgd: nesterov needs momentum > 0 and dampening == 0")
     has_momentum = not is_zero(momentum)
+    decay_hyperparams, references = decay_options(
+        "sgd",
+        lr=lr,
+        decoupled=decoupled,
+        decay_scaling=decay_scaling,
+        decay_reference_lr=decay_reference_lr,
+        cautious_decay=cautious_decay,
+        decay_to=decay_to,
+    )
 
     def init_slots(p: Tensor) -> tuple[Tensor | None]:
         return (torch.zeros_like(p) if has_momentum else None,)
@@ -122,6 +152,7 @@ def sgd(
         row: Tensor | None,
         h: Mapping[str, Scalar],
         decay: bool,
+        reference: Tensor | None,
     ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
         (buf,) = slots
         if maximize:
@@ -139,10 +170,11 @@ def sgd(
         elif not is_zero(h["momentum"]):
             raise ValueError("sgd: momentum override needs a state made with momentum != 0")
         if not is_zero(weight_decay) and decoupled:
-            p = p * (1 - h["lr"] * weight_decay)
+            coefficient = decay_coefficient(h, weight_decay, decay_scaling)
+            p = decayed(p, coefficient, g, reference=reference, cautious=cautious_decay)
         return p - h["lr"] * g, (buf,)
 
-    return build(
+    optimizer = build(
         "sgd",
         state_type=SGDState,
         init_slots=init_slots,
@@ -153,10 +185,13 @@ def sgd(
             "dampening": dampening,
             "weight_decay": weight_decay,
             "prox_strength": prox_strength,
+            **decay_hyperparams,
         },
-        intervals=_INTERVALS,
+        intervals={**_INTERVALS, **DECAY_INTERVALS},
         mask=mask,
         prox=prox,
         skip_nonfinite=skip_nonfinite,
         table=LeafTable(init_row, advance) if has_momentum else None,
+        references=references,
     )
+    return with_clipping("sgd", optimizer, clip_grad_norm)

@@ -3,15 +3,24 @@ hyperparameter resolution, and the lift of a per-array rule to pytrees."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from .._checks import Interval, Scalar, check_scalars
+from .._checks import Interval, Scalar, as_scalar, check_scalars
 from ..select import Where, selected
-from ..tree import Params, flatten, full_tensor, is_float, leaf_names, matching_leaves
+from ..tree import (
+    Params,
+    flatten,
+    full_tensor,
+    is_dtensor,
+    is_float,
+    leaf_names,
+    matching_leaves,
+    spec_names,
+)
 
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
 
@@ -143,7 +152,16 @@ def build(
     slot_fields = [field for field in state_type._fields[:-1] if field != table_field]
 
     def init(params: Params) -> State:
+        if isinstance(params, Iterator):
+            raise TypeError(
+                f"{name}.init got a {type(params).__name__} (e.g. model.parameters()), which "
+                "has no leaf names and is used up once read; pass a dict of tensors: "
+                "{k: v.detach() for k, v in model.named_parameters()}"
+            )
         leaves, spec = flatten(params)
+        names = spec_names(spec)
+        _check_unique_names(name, names)
+        _check_not_complex(name, names, leaves)
         if not any(is_float(leaf) for leaf in leaves):
             raise ValueError(f"{name}.init: params hold no floating-point tensor")
         device = next(leaf.device for leaf in leaves if is_float(leaf))
@@ -164,6 +182,7 @@ def build(
         h = resolve(name, defaults, overrides, intervals)
         leaves, spec = flatten(params)
         grad_leaves = matching_leaves(leaves, spec, grads)
+        _check_grads(name, spec, leaves, grad_leaves)
         if not isinstance(state, state_type):
             raise TypeError(
                 f"{name}: state must be a {state_type.__name__}, got {type(state).__name__}"
@@ -174,11 +193,11 @@ def build(
             if not enabled(tree):
                 columns.append([None] * len(leaves))
             else:
-                columns.append(
-                    matching_leaves(
-                        leaves, spec, tree, other_name=f"state.{field}", check_shapes=False
-                    )
+                column = matching_leaves(
+                    leaves, spec, tree, other_name=f"state.{field}", check_shapes=False
                 )
+                _check_like_params(f"state.{field}", spec, leaves, column)
+                columns.append(column)
         decays = selected(params, mask)
         prox_threshold = (
             None if prox is None or is_zero(h["prox_strength"]) else h["lr"] * h["prox_strength"]
@@ -213,6 +232,13 @@ def build(
             new_p, new_slots = rule(p, g, slots, row, h, decay)
             if decay and prox_threshold is not None:
                 new_p = prox(new_p, prox_threshold)
+            # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
+            # 0-d leaf, and a step never changes a param's (or its state's) dtype.
+            new_p = new_p.to(p.dtype)
+            new_slots = tuple(
+                None if new is None or old is None else new.to(old.dtype)
+                for new, old in zip(new_slots, slots, strict=True)
+            )
             if finite is not None:
                 new_p = torch.where(finite, new_p, p)
                 new_slots = tuple(
@@ -228,6 +254,8 @@ def build(
         )
 
     def step(params: Params, grads: Params, state: State, **overrides: Any) -> tuple[Params, State]:
+        if torch.is_grad_enabled():
+            _check_no_parameters(name, params)
         new = update(params, grads, state, overrides)
         new_leaves, *new_columns = new.new_columns
         fields: dict[str, Any] = {
@@ -241,7 +269,9 @@ def build(
     def step_(params: Params, grads: Params, state: State, **overrides: Any) -> None:
         with torch.no_grad():
             new = update(params, grads, state, overrides)
-            # Everything is computed before the first write, so an error leaves no trace.
+            _check_writable(name, slot_fields, new, state.skipped)
+            # Everything is computed and checked before the first write, so an error
+            # leaves no trace.
             for column, new_column in zip(new.columns, new.new_columns, strict=True):
                 for old, new_value in zip(column, new_column, strict=True):
                     if new_value is not old:
@@ -277,7 +307,159 @@ def resolve(
             raise TypeError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
         merged["beta1"], merged["beta2"] = betas
     check_scalars(name, merged, intervals)
-    return merged
+    return {key: as_scalar(value) for key, value in merged.items()}
+
+
+def _check_unique_names(name: str, names: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for leaf_name in names:
+        if leaf_name in seen:
+            raise ValueError(
+                f"{name}.init: params have two leaves named {leaf_name!r} (e.g. a key "
+                f"{leaf_name!r} next to nested keys that join to it), so their state "
+                "could not be saved apart; rename one"
+            )
+        seen.add(leaf_name)
+
+
+def _check_not_complex(name: str, names: Sequence[str], leaves: Sequence[Any]) -> None:
+    for leaf_name, leaf in zip(names, leaves, strict=True):
+        if isinstance(leaf, Tensor) and leaf.is_complex():
+            raise TypeError(
+                f"{name}: leaf {leaf_name!r} is complex ({leaf.dtype}); the update rules step "
+                "real floating-point leaves: pass torch.view_as_real(leaf) (and its grad "
+                "likewise), which is how torch.optim steps complex params"
+            )
+
+
+def _check_grads(name: str, spec: Any, leaves: Sequence[Any], grad_leaves: Sequence[Any]) -> None:
+    """Each gradient has its param's dtype and device, as autograd's do."""
+    for i, (p, g) in enumerate(zip(leaves, grad_leaves, strict=True)):
+        if g is None or not isinstance(p, Tensor):
+            continue
+        if p.is_complex() or g.is_complex():
+            _check_not_complex(name, spec_names(spec)[i : i + 1], [p if p.is_complex() else g])
+        if not is_float(p):
+            continue
+        if g.dtype != p.dtype:
+            raise TypeError(
+                f"{name}: the grad of leaf {spec_names(spec)[i]!r} is {g.dtype}, its param "
+                f"is {p.dtype}; cast the grad (g.to(p.dtype)): a step keeps params' dtypes"
+            )
+        if g.device != p.device:
+            raise ValueError(
+                f"{name}: the grad of leaf {spec_names(spec)[i]!r} is on {g.device}, its "
+                f"param on {p.device}; move the grad to the param's device"
+            )
+
+
+def _check_like_params(field: str, spec: Any, leaves: Sequence[Any], column: Sequence[Any]) -> None:
+    """A state field's tensors have their params' dtypes and devices."""
+    for i, (p, s) in enumerate(zip(leaves, column, strict=True)):
+        if not (is_float(p) and isinstance(s, Tensor)):
+            continue
+        if s.dtype != p.dtype or s.device != p.device:
+            raise TypeError(
+                f"{field} {spec_names(spec)[i]!r} is {s.dtype} on {s.device}, its param "
+                f"{p.dtype} on {p.device}; build the state with init(params) or "
+                "load_state_dict(optimizer, params, saved)"
+            )
+
+
+def _check_no_parameters(name: str, params: Params) -> None:
+    """``step`` on ``nn.Parameter`` leaves would record the update in autograd, and each
+    step's result would hold the graph of all the steps before it."""
+    leaves, spec = flatten(params)
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.nn.Parameter) and leaf.requires_grad:
+            raise TypeError(
+                f"{name}.step: leaf {spec_names(spec)[i]!r} is an nn.Parameter that requires "
+                "grad, so step() would chain autograd graphs across steps (memory grows "
+                "every step); pass {k: v.detach() for k, v in model.named_parameters()}, "
+                "call it under torch.no_grad(), or update the Parameters with step_()"
+            )
+
+
+def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped: Tensor) -> None:
+    """Every tensor that ``step_`` is about to write can take its new value, and no two
+    share memory (tied weights, a view and its base): otherwise one update would
+    overwrite the other. Memory is not inspected under ``torch.compile`` or ``vmap``."""
+    names = spec_names(new.spec)
+    targets: list[tuple[str, Tensor]] = []
+    for column_name, column, new_column in zip(
+        ["params", *(f"state.{field}" for field in slot_fields)],
+        new.columns,
+        new.new_columns,
+        strict=True,
+    ):
+        for leaf_name, old, new_value in zip(names, column, new_column, strict=True):
+            if new_value is not old:
+                targets.append((f"{column_name} {leaf_name!r}", old))
+    if new.table is not None and new.new_table is not None:
+        targets.append(("the state's leaf table", new.table))
+    targets.append(("state.skipped", skipped))
+    if torch.compiler.is_compiling():
+        return
+    local = []
+    for label, tensor in targets:
+        if torch._C._functorch.is_functorch_wrapped_tensor(tensor):  # under vmap or grad
+            return
+        tensor = tensor.to_local() if is_dtensor(tensor) else tensor
+        if tensor.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(
+                f"{name}.step_: {label} is an inference tensor (made under "
+                "torch.inference_mode()), which cannot be updated in place; clone it "
+                "outside inference mode, or use step()"
+            )
+        if torch._debug_has_internal_overlap(tensor) == 1:
+            raise ValueError(
+                f"{name}.step_: {label} has overlapping memory (e.g. made by expand()), so "
+                "an in-place update is ambiguous; pass a contiguous copy (.contiguous()), "
+                "or use step()"
+            )
+        local.append((label, tensor))
+    _check_disjoint(name, local)
+
+
+def _check_disjoint(name: str, targets: Sequence[tuple[str, Tensor]]) -> None:
+    by_storage: dict[tuple[Any, int], list[tuple[str, Tensor]]] = {}
+    for label, tensor in targets:
+        if tensor.numel() == 0 or tensor.device.type == "meta":
+            continue
+        key = (tensor.device, tensor.untyped_storage().data_ptr())
+        by_storage.setdefault(key, []).append((label, tensor))
+    for group in by_storage.values():
+        for j in range(1, len(group)):
+            for i in range(j):
+                if _overlap(group[i][1], group[j][1]):
+                    raise ValueError(
+                        f"{name}.step_: {group[i][0]} and {group[j][0]} share memory (tied "
+                        "weights, or a view of another leaf), so one in-place update would "
+                        "overwrite the other; keep one of them, or use step()"
+                    )
+
+
+def _byte_span(tensor: Tensor) -> tuple[int, int]:
+    extent = sum(
+        int(size - 1) * int(stride)
+        for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    start = int(tensor.storage_offset()) * tensor.element_size()
+    return start, start + (extent + 1) * tensor.element_size()
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors on one storage share an element."""
+    (a_start, a_end), (b_start, b_end) = _byte_span(a), _byte_span(b)
+    if a_end <= b_start or b_end <= a_start:
+        return False
+    if a.element_size() != b.element_size():
+        return True
+    # Interleaved spans (the columns of a matrix): mark one tensor's elements.
+    size = max(a_end, b_end) // a.element_size()
+    marks = torch.zeros(size, dtype=torch.bool, device=a.device)
+    marks.as_strided(a.shape, a.stride(), a.storage_offset()).fill_(True)
+    return bool(marks.as_strided(b.shape, b.stride(), b.storage_offset()).any())
 
 
 def _all_finite(grads: list[Tensor]) -> Tensor:
@@ -356,16 +538,19 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
 def _float_leaf_names(state: State) -> list[str | None]:
     """Per leaf of the params, its name, or ``None`` for a leaf without state.
 
-    Read from the state's first per-leaf field, which every state type has."""
+    Read from the state's first per-leaf field; empty when no field is per leaf."""
     table_field = getattr(state, "leaf_table", None)
-    tree = next(
+    trees = [
         tree
         for field, tree in zip(state._fields[:-1], state[:-1], strict=True)
         if enabled(tree) and field != table_field
-    )
-    leaves, _ = flatten(tree)
+    ]
+    if not trees:  # e.g. SGD without momentum keeps no per-leaf state
+        return []
+    leaves, _ = flatten(trees[0])
     return [
-        None if leaf is None else name for name, leaf in zip(leaf_names(tree), leaves, strict=True)
+        None if leaf is None else name
+        for name, leaf in zip(leaf_names(trees[0]), leaves, strict=True)
     ]
 
 

@@ -49,12 +49,16 @@ class Optimizer(NamedTuple):
         step_: ``step_(params, grads, state, **hyperparams) -> None``, the same update
             written into ``params`` and ``state`` in place.
         hyperparams: the construction-time hyperparameters.
+        validate: ``validate(**hyperparams) -> None`` raises as ``step`` would for these
+            per-call overrides, and touches nothing (e.g. to check several param
+            groups before updating any).
     """
 
     init: Callable[[Params], State]
     step: Callable[..., tuple[Params, State]]
     step_: Callable[..., None]
     hyperparams: Mapping[str, Any]
+    validate: Callable[..., None] | None = None
 
 
 class LeafRule(Protocol):
@@ -280,8 +284,11 @@ def build(
                 new.table.copy_(new.new_table)
             state.skipped.copy_(new.skipped)
 
+    def validate(**overrides: Any) -> None:
+        resolve(name, defaults, overrides, intervals)
+
     step.__doc__ = step_.__doc__ = f"One {name} step; see ``functorch_reg.{name}``."
-    return Optimizer(init, step, step_, defaults)
+    return Optimizer(init, step, step_, defaults, validate)
 
 
 def resolve(

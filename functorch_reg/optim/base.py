@@ -510,7 +510,9 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
     """Rebuild a state for ``params`` from :func:`state_dict`'s output.
 
     Every tensor is checked against a fresh ``optimizer.init(params)`` (names, shapes,
-    dtypes) before any is used; the tensors are copied onto the params' devices.
+    dtypes) before any is used; the tensors are copied onto the params' devices. For
+    DTensor params, a plain (unsharded) checkpoint's tensors are sharded like their
+    params (each rank keeps its own shard of its full copy, without communication).
     """
     template = optimizer.init(params)
     table_field = getattr(template, "leaf_table", None)
@@ -591,4 +593,11 @@ def _restored(name: str, like: Tensor, saved: Any) -> Tensor:
         raise ValueError(
             f"state_dict entry {name} should be {like.dtype} {tuple(like.shape)}, got {got}"
         )
+    if is_dtensor(like) and not is_dtensor(saved):
+        # A plain (unsharded) checkpoint: every rank holds all of it, so each keeps its
+        # own shard, without communication, sharded like the param.
+        from torch.distributed.tensor import distribute_tensor
+
+        local = saved.to(like.device, copy=True)
+        return distribute_tensor(local, like.device_mesh, like.placements, src_data_rank=None)
     return saved.to(like.device, copy=True)

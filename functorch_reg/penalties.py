@@ -103,7 +103,7 @@ def group_norms(w: Tensor, dim: int | None) -> tuple[Tensor, int]:
     reduce_dims = (
         list(range(w.ndim)) if dim is None else [d for d in range(w.ndim) if d != dim % w.ndim]
     )
-    group_size = math.prod(w.shape[d] for d in reduce_dims)
+    group_size = math.prod([w.shape[d] for d in reduce_dims])
     if not reduce_dims:
         return w.abs(), 1
     if w.numel() == 0:

@@ -47,7 +47,14 @@ class Optimizer(NamedTuple):
             neither argument is modified. Keyword arguments override the
             construction-time hyperparameters for this call (floats or tensors).
         step_: ``step_(params, grads, state, **hyperparams) -> None``, the same update
-            written into ``params`` and ``state`` in place.
+            written into ``params`` and ``state`` in place. Everything is checked
+            before the first write (hyperparameters, trees, each grad's and state
+            tensor's dtype and device against its param's, and, outside
+            ``torch.compile`` and ``vmap``, that no target is an inference or
+            expanded tensor and no two targets share memory), so an error changes
+            nothing. Neither step changes a param's dtype; ``step`` refuses
+            ``nn.Parameter`` leaves that require grad while grad mode is on (detach
+            them), and both refuse complex leaves (pass ``torch.view_as_real``).
         hyperparams: the construction-time hyperparameters.
         validate: ``validate(**hyperparams) -> None`` raises as ``step`` would for these
             per-call overrides, and touches nothing (e.g. to check several param
@@ -238,9 +245,9 @@ def build(
                 new_p = prox(new_p, prox_threshold)
             # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
             # 0-d leaf, and a step never changes a param's (or its state's) dtype.
-            new_p = new_p.to(p.dtype)
+            new_p = _as_dtype(new_p, p.dtype)
             new_slots = tuple(
-                None if new is None or old is None else new.to(old.dtype)
+                None if new is None or old is None else _as_dtype(new, old.dtype)
                 for new, old in zip(new_slots, slots, strict=True)
             )
             if finite is not None:
@@ -317,6 +324,10 @@ def resolve(
     return {key: as_scalar(value) for key, value in merged.items()}
 
 
+def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _check_unique_names(name: str, names: Sequence[str]) -> None:
     seen: set[str] = set()
     for leaf_name in names:
@@ -391,82 +402,94 @@ def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped
     """Every tensor that ``step_`` is about to write can take its new value, and no two
     share memory (tied weights, a view and its base): otherwise one update would
     overwrite the other. Memory is not inspected under ``torch.compile`` or ``vmap``."""
-    names = spec_names(new.spec)
-    targets: list[tuple[str, Tensor]] = []
-    for column_name, column, new_column in zip(
-        ["params", *(f"state.{field}" for field in slot_fields)],
-        new.columns,
-        new.new_columns,
-        strict=True,
-    ):
-        for leaf_name, old, new_value in zip(names, column, new_column, strict=True):
-            if new_value is not old:
-                targets.append((f"{column_name} {leaf_name!r}", old))
-    if new.table is not None and new.new_table is not None:
-        targets.append(("the state's leaf table", new.table))
-    targets.append(("state.skipped", skipped))
     if torch.compiler.is_compiling():
         return
-    local = []
-    for label, tensor in targets:
-        if torch._C._functorch.is_functorch_wrapped_tensor(tensor):  # under vmap or grad
-            return
-        tensor = tensor.to_local() if is_dtensor(tensor) else tensor
-        if tensor.is_inference() and not torch.is_inference_mode_enabled():
+    # (column, leaf index) of each target, the table and skipped as column -1 and -2;
+    # labels are only spelled out for an error.
+    targets: list[tuple[int, int, Tensor]] = []
+    for column_index, (column, new_column) in enumerate(
+        zip(new.columns, new.new_columns, strict=True)
+    ):
+        for i, (old, new_value) in enumerate(zip(column, new_column, strict=True)):
+            if new_value is not old:
+                targets.append((column_index, i, old))
+    if new.table is not None and new.new_table is not None:
+        targets.append((-1, 0, new.table))
+    targets.append((-2, 0, skipped))
+    if torch._C._functorch.is_functorch_wrapped_tensor(targets[0][2]):  # vmap or grad
+        return
+
+    def label(column_index: int, i: int) -> str:
+        if column_index == -1:
+            return "the state's leaf table"
+        if column_index == -2:
+            return "state.skipped"
+        column_name = "params" if column_index == 0 else f"state.{slot_fields[column_index - 1]}"
+        return f"{column_name} {spec_names(new.spec)[i]!r}"
+
+    inference_mode = torch.is_inference_mode_enabled()
+    spans = []
+    for column_index, i, tensor in targets:
+        if is_dtensor(tensor):
+            tensor = tensor.to_local()
+        if tensor.is_inference() and not inference_mode:
             raise ValueError(
-                f"{name}.step_: {label} is an inference tensor (made under "
+                f"{name}.step_: {label(column_index, i)} is an inference tensor (made under "
                 "torch.inference_mode()), which cannot be updated in place; clone it "
                 "outside inference mode, or use step()"
             )
-        if torch._debug_has_internal_overlap(tensor) == 1:
+        if not tensor.is_contiguous() and torch._debug_has_internal_overlap(tensor) == 1:
             raise ValueError(
-                f"{name}.step_: {label} has overlapping memory (e.g. made by expand()), so "
-                "an in-place update is ambiguous; pass a contiguous copy (.contiguous()), "
-                "or use step()"
+                f"{name}.step_: {label(column_index, i)} has overlapping memory (e.g. made "
+                "by expand()), so an in-place update is ambiguous; pass a contiguous copy "
+                "(.contiguous()), or use step()"
             )
-        local.append((label, tensor))
-    _check_disjoint(name, local)
+        if tensor.numel() and tensor.device.type != "meta":
+            start, end = _address_span(tensor)
+            device = (tensor.device.type, tensor.device.index or 0)
+            spans.append((device, start, end, column_index, i, tensor))
+    # Memory that two tensors share lies in both of their address spans: sorted by
+    # start, a span can only meet the earlier spans that have not ended yet.
+    spans.sort(key=lambda span: (span[0], span[1]))
+    active: list[tuple[Any, ...]] = []
+    for span in spans:
+        device, start = span[0], span[1]
+        active = [other for other in active if other[0] == device and other[2] > start]
+        for other in active:
+            if _share_elements(other[5], span[5]):
+                first, second = sorted([other[3:5], span[3:5]])
+                raise ValueError(
+                    f"{name}.step_: {label(*first)} and {label(*second)} share memory "
+                    "(tied weights, or a view of another leaf), so one in-place update "
+                    "would overwrite the other; keep one of them, or use step()"
+                )
+        active.append(span)
 
 
-def _check_disjoint(name: str, targets: Sequence[tuple[str, Tensor]]) -> None:
-    by_storage: dict[tuple[Any, int], list[tuple[str, Tensor]]] = {}
-    for label, tensor in targets:
-        if tensor.numel() == 0 or tensor.device.type == "meta":
-            continue
-        key = (tensor.device, tensor.untyped_storage().data_ptr())
-        by_storage.setdefault(key, []).append((label, tensor))
-    for group in by_storage.values():
-        for j in range(1, len(group)):
-            for i in range(j):
-                if _overlap(group[i][1], group[j][1]):
-                    raise ValueError(
-                        f"{name}.step_: {group[i][0]} and {group[j][0]} share memory (tied "
-                        "weights, or a view of another leaf), so one in-place update would "
-                        "overwrite the other; keep one of them, or use step()"
-                    )
-
-
-def _byte_span(tensor: Tensor) -> tuple[int, int]:
+def _address_span(tensor: Tensor) -> tuple[int, int]:
+    """The bytes from ``tensor``'s first element to just past its last."""
+    start = tensor.data_ptr()
+    if tensor.is_contiguous():
+        return start, start + tensor.numel() * tensor.element_size()
     extent = sum(
         int(size - 1) * int(stride)
         for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
     )
-    start = int(tensor.storage_offset()) * tensor.element_size()
     return start, start + (extent + 1) * tensor.element_size()
 
 
-def _overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors on one storage share an element."""
-    (a_start, a_end), (b_start, b_end) = _byte_span(a), _byte_span(b)
-    if a_end <= b_start or b_end <= a_start:
-        return False
-    if a.element_size() != b.element_size():
+def _share_elements(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors whose address spans meet share an element."""
+    size = a.element_size()
+    base = min(a.data_ptr(), b.data_ptr())
+    offsets = [(t.data_ptr() - base) for t in (a, b)]
+    if b.element_size() != size or any(offset % size for offset in offsets):
         return True
     # Interleaved spans (the columns of a matrix): mark one tensor's elements.
-    size = max(a_end, b_end) // a.element_size()
-    marks = torch.zeros(size, dtype=torch.bool, device=a.device)
-    marks.as_strided(a.shape, a.stride(), a.storage_offset()).fill_(True)
-    return bool(marks.as_strided(b.shape, b.stride(), b.storage_offset()).any())
+    end = max(_address_span(a)[1], _address_span(b)[1])
+    marks = torch.zeros((end - base) // size, dtype=torch.bool, device=a.device)
+    marks.as_strided(a.shape, a.stride(), offsets[0] // size).fill_(True)
+    return bool(marks.as_strided(b.shape, b.stride(), offsets[1] // size).any())
 
 
 def _all_finite(grads: list[Tensor]) -> Tensor:

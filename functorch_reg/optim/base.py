@@ -4,7 +4,7 @@ hyperparameter resolution, and the lift of a per-array rule to pytrees."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -431,7 +431,7 @@ def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped
     spans = []
     for column_index, i, tensor in targets:
         if is_dtensor(tensor):
-            tensor = tensor.to_local()
+            tensor = cast(Any, tensor).to_local()
         if tensor.is_inference() and not inference_mode:
             raise ValueError(
                 f"{name}.step_: {label(column_index, i)} is an inference tensor (made under "
@@ -621,6 +621,7 @@ def _restored(name: str, like: Tensor, saved: Any) -> Tensor:
         # own shard, without communication, sharded like the param.
         from torch.distributed.tensor import distribute_tensor
 
+        sharded: Any = like
         local = saved.to(like.device, copy=True)
-        return distribute_tensor(local, like.device_mesh, like.placements, src_data_rank=None)
+        return distribute_tensor(local, sharded.device_mesh, sharded.placements, src_data_rank=None)
     return saved.to(like.device, copy=True)

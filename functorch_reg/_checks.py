@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,6 +45,8 @@ def check_scalars(
 ) -> None:
     """Raise a clear error unless every named value is a finite scalar inside its interval.
 
+    A scalar is a Python or NumPy real number, or a 0-d floating-point tensor.
+
     Types and shapes are always checked. Values are checked for Python numbers and,
     with ``read_tensors``, for tensors (one host sync for all of them), except where
     they cannot be read without breaking the program: under ``torch.compile`` (which
@@ -63,8 +67,13 @@ def check_scalars(
                     f"{tuple(value.shape)}; to sweep it, vmap over its leading dim"
                 )
             if read_tensors and _readable(value):
+                if value.is_meta:
+                    raise ValueError(
+                        f"{owner}: {name} is a tensor on the meta device, which holds no "
+                        "value; pass a float or a tensor on the params' device"
+                    )
                 tensors[name] = value
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{owner}: {name} must be a float or a tensor, got {value!r}")
         elif not compiling and not interval.holds(float(value)):
             raise ValueError(f"{owner}: {name}={value!r} is outside {interval} or not finite")
@@ -90,3 +99,11 @@ def _all_hold(tensors: Mapping[str, Tensor], intervals: Mapping[str, Interval]) 
         below_high = value < interval.high if interval.high_open else value <= interval.high
         checks.append(torch.isfinite(value) & (value >= interval.low) & below_high)
     return bool(torch.stack([check.to(checks[0].device) for check in checks]).all())
+
+
+def as_scalar(value: Any) -> Any:
+    """A NumPy real scalar as the Python number it holds (which torch ops take as a
+    weak scalar, never promoting a tensor); anything else as it is."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float, Tensor)):
+        return value.item() if hasattr(value, "item") else float(value)
+    return value

@@ -196,7 +196,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             The closure's loss, or ``None`` without a closure.
 
         Raises:
-            RuntimeError: a gradient is sparse (checked before anything changes).
+            RuntimeError: a gradient is sparse.
+            ValueError: a group's hyperparameter is out of range or not finite.
+
+            Every group is checked before any is updated, and a step that raises
+            leaves params and state as they were (a first step creates no state).
         """
         loss = None
         if closure is not None:
@@ -209,6 +213,23 @@ class TorchOptimizer(torch.optim.Optimizer):
                         "TorchOptimizer does not support sparse gradients; "
                         f"{self._label(index, position)} has one"
                     )
+            if any(p.grad is not None for p in group["params"]):
+                self._validate_hyperparams(f"param group {index}", group)
+        created = [
+            p for group in self.param_groups for p in group["params"] if not self.state.get(p)
+        ]
+        tables = dict(self._tables)
+        try:
+            self._step_groups()
+        except BaseException:
+            # A first step that fails (e.g. while compiling) leaves no state behind.
+            for p in created:
+                self.state.pop(p, None)
+            self._tables = tables
+            raise
+        return loss
+
+    def _step_groups(self) -> None:
         trees, grads, states, hyperparams = [], [], [], []
         with torch.no_grad():
             for index, group in enumerate(self.param_groups):
@@ -230,7 +251,22 @@ class TorchOptimizer(torch.optim.Optimizer):
                 hyperparams.append(self._hyperparams(index, group))
             if trees:
                 self._update(self._functional.step_, trees, grads, states, hyperparams)
-        return loss
+
+    def _validate_hyperparams(self, label: str, group: Mapping[str, Any]) -> None:
+        """Raise, naming the group, unless its hyperparameters suit the functional step.
+
+        Under ``compile=True`` the graph cannot read its tensor inputs, so this is
+        where their values are checked."""
+        missing = [name for name in self._hyperparam_names if name not in group]
+        if missing:
+            raise ValueError(f"TorchOptimizer: {label} lacks hyperparameter {missing[0]!r}")
+        values = {name: _to_cpu(group[name]) for name in self._hyperparam_names}
+        validate = self._functional.validate
+        try:
+            if validate is not None:
+                validate(**values)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"TorchOptimizer: {label}: {error}") from error
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients: with ``flat=True`` zero each group's gradient buffer
@@ -252,9 +288,12 @@ class TorchOptimizer(torch.optim.Optimizer):
 
         Raises:
             ValueError: the groups, the params with state, or a state tensor's key,
-                shape or dtype do not match this optimizer.
+                shape or dtype do not match this optimizer, or a saved group's
+                hyperparameter is out of range or not finite.
         """
         saved = self._saved_slots(state_dict)
+        for index, group in enumerate(state_dict["param_groups"]):
+            self._validate_hyperparams(f"param group {index} of state_dict", group)
         super().load_state_dict(state_dict)
         # torch casts floating-point state to its param's dtype, but beta_powers is
         # float64 on purpose: put back exact copies, which also keep later in-place

@@ -291,7 +291,9 @@ def spectral_norm(
     gradient of :math:`\sigma_{\max}(W)`. Carrying the returned state to the next call
     continues the iteration, so one iteration per training step usually suffices; ``n``
     calls with one iteration each give the same as one call with ``n``. A zero matrix
-    keeps its vector (and contributes 0) rather than losing it for good.
+    keeps its vector (and contributes 0) rather than losing it for good; what counts
+    as zero is relative to the matrix's largest entry, so the result scales with the
+    matrix however small or large its entries.
 
     Args:
         params: the parameter pytree; only the leaves named in ``state.u`` count.
@@ -350,6 +352,11 @@ def spectral_norm(
 
 
 def _power_iteration(matrix: Tensor, u: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    # The vectors do not depend on the matrix's scale: iterating on the matrix divided
+    # by its largest entry makes the cutoff for a degenerate (zero) vector relative,
+    # so that a matrix of 1e-13 entries is not taken for a zero one.
+    largest = matrix.abs().amax()
+    matrix = matrix / torch.where(largest > 0, largest, torch.ones_like(largest))
     for _ in range(n):
         v = torch.nn.functional.normalize(torch.mv(matrix.T, u), dim=0, eps=_EPS)
         wv = torch.mv(matrix, v)

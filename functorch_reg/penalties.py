@@ -88,22 +88,32 @@ def group_norms(w: Tensor, dim: int | None) -> tuple[Tensor, int]:
     """Euclidean norm of each slice of ``w`` along ``dim`` (kept as a broadcastable
     dim) and the number of entries per slice.
 
+    Each slice is divided by its largest magnitude before its squares are summed, so
+    the norm neither overflows (``3e20`` in float32) nor underflows (``3e-25``). An
+    empty leaf has zero norms (and, with ``dim``, ``shape[dim]`` of them).
+
     For a DTensor ``w`` the norms are those of the whole slices, whichever dim ``w``
     is sharded on, and no longer partial (they may feed nonlinear ops).
     """
-    if dim is None:
-        return reduce_partial(torch.linalg.vector_norm(w)).reshape([1] * w.ndim), w.numel()
-    if not -w.ndim <= dim < w.ndim:
+    if dim is not None and not -w.ndim <= dim < w.ndim:
         raise ValueError(
             f"group dim={dim} needs leaves with more than {dim if dim >= 0 else -dim - 1} dims, "
             f"got shape {tuple(w.shape)}; choose the leaves with where="
         )
-    reduce_dims = [d for d in range(w.ndim) if d != dim % w.ndim]
+    reduce_dims = (
+        list(range(w.ndim)) if dim is None else [d for d in range(w.ndim) if d != dim % w.ndim]
+    )
+    group_size = math.prod([w.shape[d] for d in reduce_dims])
     if not reduce_dims:
         return w.abs(), 1
-    # Groups that span shards (DTensor leaves) get partial norms: reduce them here, once.
-    norms = reduce_partial(torch.linalg.vector_norm(w, dim=reduce_dims, keepdim=True))
-    return norms, w.numel() // w.shape[dim]
+    if w.numel() == 0:
+        return w.sum(dim=reduce_dims, keepdim=True), group_size
+    # Groups that span shards (DTensor leaves) get partial results: reduce them here.
+    # The scale is a constant for autograd: the norm's gradient is w / ||w|| either way.
+    largest = reduce_partial(w.detach().abs().amax(dim=reduce_dims, keepdim=True))
+    scale = torch.where(largest > 0, largest, torch.ones_like(largest))
+    norms = reduce_partial(torch.linalg.vector_norm(w / scale, dim=reduce_dims, keepdim=True))
+    return norms * scale, group_size
 
 
 def l2_sp(params: Params, reference: Params, *, where: Where = None) -> Tensor:

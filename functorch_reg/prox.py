@@ -10,9 +10,11 @@ where ``P`` is the matching penalty of :mod:`functorch_reg.penalties` and
 returned as they are. A proximal gradient step is
 ``prox.l1(params - lr * grads, lr * lam)``, and it gives exact zeros.
 
-``threshold`` is a float or a 0-d tensor (a batched one under ``vmap``). A float is
-checked to be finite and non-negative; a tensor is trusted, so that a prox inside a
-training loop never waits on the device.
+``threshold`` is a float or a 0-d tensor (a batched one under ``vmap``). A float or a
+CPU tensor is checked to be finite and non-negative; a tensor on an accelerator is
+trusted (and so is any under ``torch.compile`` or ``vmap``), so that a prox inside a
+training loop never waits on the device: a negative one would grow ``|v|``. The
+optimizers' ``prox_strength`` is checked like their other hyperparameters.
 """
 
 from __future__ import annotations
@@ -75,14 +77,19 @@ def group_lasso(
 
 def _block_soft_threshold(v: Tensor, threshold: Scalar, dim: int | None) -> Tensor:
     norms, group_size = group_norms(v, dim)
+    cut = threshold * math.sqrt(group_size)
     tiny = torch.finfo(v.dtype).tiny
-    scale = (1 - threshold * math.sqrt(group_size) / norms.clamp_min(tiny)).clamp_min(0)
-    return v * scale
+    # Compared rather than left to ``1 - cut / norm``, which rounds to 1e-16, not 0,
+    # when the norm equals the threshold.
+    scale = torch.where(norms > cut, 1 - cut / norms.clamp_min(tiny), 0)
+    return v * scale.to(v.dtype)
 
 
 def _check_threshold(name: str, threshold: Scalar) -> None:
+    # A CPU tensor is read for free; reading one on an accelerator would wait for it.
+    on_cpu = isinstance(threshold, Tensor) and threshold.device.type == "cpu"
     check_scalars(
-        f"prox.{name}", {"threshold": threshold}, {"threshold": NON_NEGATIVE}, read_tensors=False
+        f"prox.{name}", {"threshold": threshold}, {"threshold": NON_NEGATIVE}, read_tensors=on_cpu
     )
 
 

@@ -135,13 +135,25 @@ def _same_structure(spec: optree.PyTreeSpec, ref_spec: optree.PyTreeSpec) -> boo
     return spec == ref_spec
 
 
+# Buffers of torch.nn's normalization layers, which model.state_dict() lists with the
+# parameters.
+_BUFFER_NAMES = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
 def _first_difference(
     ref_names: Sequence[str], names: Sequence[str], reference_name: str, other_name: str
 ) -> str:
     known, known_ref = set(names), set(ref_names)
     missing = [name for name in ref_names if name not in known]
     if missing:
-        return f"leaf {missing[0]!r} of {reference_name} is missing from {other_name}"
+        message = f"leaf {missing[0]!r} of {reference_name} is missing from {other_name}"
+        if missing[0].rsplit(".", 1)[-1] in _BUFFER_NAMES:
+            message += (
+                f" ({missing[0]!r} looks like a module buffer, e.g. from model.state_dict(); "
+                "buffers are not parameters: pass {k: v.detach() for k, v in "
+                "model.named_parameters()})"
+            )
+        return message
     extra = [name for name in names if name not in known_ref]
     if extra:
         return f"{other_name} has a leaf {extra[0]!r} that {reference_name} lacks"

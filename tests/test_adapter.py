@@ -453,3 +453,66 @@ def test_load_state_dict_rejects_a_mismatch_before_anything_changes():
     half_precision["state"][0]["beta_powers"] = half_precision["state"][0]["beta_powers"].float()
     with pytest.raises(ValueError, match=r"beta_powers of param 0 .* torch.float64 \(2,\), got"):
         TorchOptimizer(model.parameters(), fr.adamw()).load_state_dict(half_precision)
+
+
+# Reliability: a step or a load that raises changes nothing, in any group.
+
+
+def two_group_optimizer(model, **kwargs):
+    return TorchOptimizer(weights_and_biases(model), fr.adamw(lr=1e-2), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("lr", float("nan"), "lr=nan"), ("betas", (1.5, 0.9), "beta1=1.5")],
+)
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_bad_hyperparameter_in_a_later_group_changes_no_group(key, value, message, compile):
+    model = small_model()
+    optimizer = two_group_optimizer(model, compile=compile)
+    train(model, optimizer, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    saved = optimizer.state_dict()
+    optimizer.param_groups[1][key] = value
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(ValueError, match=f"param group 1.*{message}"):
+        optimizer.step()
+    assert_identical([p.detach() for p in model.parameters()], before)
+    assert_identical(optimizer.state_dict()["state"], saved["state"])
+
+
+def test_a_failed_first_step_leaves_no_state():
+    model = small_model()
+    optimizer = two_group_optimizer(model)
+    optimizer.param_groups[1]["lr"] = float("nan")
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(ValueError, match="lr=nan"):
+        optimizer.step()
+    assert not any(optimizer.state.values())
+    optimizer.param_groups[1]["lr"] = 1e-2
+    optimizer.step()
+    assert all(optimizer.state[p] for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lr", float("nan"), "lr=nan"),
+        ("betas", (1.5, 0.9), "beta1=1.5"),
+        ("weight_decay", -1.0, "weight_decay=-1.0"),
+    ],
+)
+def test_load_state_dict_checks_hyperparameters_before_anything_changes(key, value, message):
+    model = small_model()
+    optimizer = two_group_optimizer(model)
+    train(model, optimizer, 1)
+    saved = optimizer.state_dict()
+    bad = optimizer.state_dict()
+    bad["param_groups"][1][key] = value
+    fresh = two_group_optimizer(model)
+    groups = [dict(group) for group in fresh.param_groups]
+    with pytest.raises(ValueError, match=f"param group 1.*{message}"):
+        fresh.load_state_dict(bad)
+    assert not any(fresh.state.values())
+    assert fresh.param_groups == groups
+    optimizer.load_state_dict(saved)

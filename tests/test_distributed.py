@@ -75,6 +75,7 @@ def all_scenarios(rank: int) -> dict[str, Any]:
         "fsdp": fsdp_scenario(rank),
         "dtensor": dtensor_scenario(rank),
         "sweep": sweep_scenario(rank),
+        "checkpoint": checkpoint_scenario(rank),
     }
 
 
@@ -443,3 +444,44 @@ def test_gather_grid_rejects_bad_indices_and_shapes():
         gather_grid({"loss": torch.zeros(3)}, [0, 1])
     with pytest.raises(TypeError, match="not a tensor|is a float"):
         gather_grid({"loss": 1.0}, [0])
+
+
+# --- A plain checkpoint resumed on sharded params ------------------------------------
+
+
+def checkpoint_scenario(rank: int) -> dict[str, Any]:
+    """Adam state saved by one process, loaded on params sharded over two ranks."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = cpu_mesh()
+    placements = {"w": [Shard(0)], "b": [Replicate()]}
+    params = {"w": torch.arange(8.0).reshape(4, 2), "b": torch.ones(3)}
+    opt = fr.adam(lr=0.1)
+    state = opt.init(params)
+    for step in range(2):
+        params, state = opt.step(params, {k: v.sin() + step for k, v in params.items()}, state)
+    saved = fr.state_dict(state)
+    sharded = {k: distribute_tensor(v, mesh, placements[k]) for k, v in params.items()}
+    loaded = fr.load_state_dict(opt, sharded, saved)
+    expected, _ = opt.step(params, {k: v.sin() for k, v in params.items()}, state)
+    resumed, _ = opt.step(sharded, {k: v.sin() for k, v in sharded.items()}, loaded)
+    return {
+        "placements": {
+            f"{field}.{name}": (fr.tree.is_dtensor(slot), str(getattr(slot, "placements", None)))
+            for field in ("exp_avg", "exp_avg_sq")
+            for name, slot in getattr(loaded, field).items()
+        },
+        "param_placements": {k: str(tuple(v)) for k, v in placements.items()},
+        "resumed": {k: v.full_tensor() for k, v in resumed.items()},
+        "expected": expected,
+    }
+
+
+def test_a_plain_checkpoint_loads_sharded_like_dtensor_params(ranks):
+    for result in ranks:
+        for key, (is_sharded, placements) in result["checkpoint"]["placements"].items():
+            assert is_sharded, key
+            assert placements == result["checkpoint"]["param_placements"][key.split(".")[1]]
+        torch.testing.assert_close(
+            result["checkpoint"]["resumed"], result["checkpoint"]["expected"], rtol=0, atol=0
+        )

@@ -424,3 +424,15 @@ def int_tensor():
 def test_bad_input_raises(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("scale", [1e-13, 1e-30, 1e20])
+def test_spectral_norm_is_scale_invariant_for_tiny_and_huge_matrices(scale):
+    """The cutoff for a degenerate vector is relative to the matrix, not 1e-12."""
+    base = {"w": torch.tensor([[3.0, 1.0], [0.5, 2.0], [0.0, 1.0]], dtype=torch.float64)}
+    state = init_spectral_norm(base, generator=torch.Generator().manual_seed(0))
+    reference, reference_state = spectral_norm(base, state, n_power_iterations=50)
+    scaled = {"w": base["w"] * scale}
+    penalty, new_state = spectral_norm(scaled, state, n_power_iterations=50)
+    torch.testing.assert_close(penalty, reference * scale, rtol=1e-12, atol=0)
+    torch.testing.assert_close(new_state.u, reference_state.u, rtol=1e-12, atol=0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
@@ -642,3 +644,302 @@ def test_clipping_keeps_a_nonfinite_step_skipped():
     new_params, new_state = opt.step(params, bad, state)
     assert_identical(new_params, params)
     assert new_state.skipped.item() == 1
+
+
+# Reliability: everything that can fail is checked before the first write, and no
+# step changes a param's dtype.
+
+
+def sgd_plain():
+    return fr.sgd(lr=0.1)
+
+
+def test_step_in_place_refuses_an_expanded_leaf_before_writing_any():
+    params = {"a": torch.ones(3), "z": torch.ones(1).expand(3)}
+    opt = sgd_plain()
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="'z'.*overlapping memory"):
+        opt.step_(params, {"a": torch.ones(3), "z": torch.ones(3)}, state)
+    assert_identical(params["a"], torch.ones(3))
+
+
+def test_step_in_place_refuses_an_inference_tensor_before_writing_any():
+    params = {"a": torch.ones(3)}
+    with torch.inference_mode():
+        params["z"] = torch.ones(3)
+    opt = fr.adam(lr=0.1)
+    state = opt.init({k: v.clone() for k, v in params.items()})
+    before = fr.state_dict(state)
+    with pytest.raises(ValueError, match="'z'.*inference"):
+        opt.step_(params, {"a": torch.ones(3), "z": torch.ones(3)}, state)
+    assert_identical(params["a"], torch.ones(3))
+    assert_identical(fr.state_dict(state), before)
+
+
+def test_step_in_place_refuses_tied_leaves_naming_both():
+    w = torch.ones(3)
+    params = {"dec": w, "enc": w}
+    opt = sgd_plain()
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="params 'dec' and params 'enc' share memory"):
+        opt.step_(params, {"dec": torch.ones(3), "enc": torch.ones(3)}, state)
+    assert_identical(w, torch.ones(3))
+
+
+def test_step_in_place_refuses_overlapping_views_but_not_disjoint_ones():
+    weight = torch.ones(2, 3)
+    opt = fr.adam(lr=0.1)
+    params = {"W": weight, "W0": weight[0]}
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="params 'W' and params 'W0'"):
+        opt.step_(params, {"W": torch.ones(2, 3), "W0": torch.ones(3)}, state)
+    assert_identical(weight, torch.ones(2, 3))
+    rows = {"r0": weight[0], "r1": weight[1], "c": torch.ones(4)[::2]}
+    state = opt.init(rows)
+    opt.step_(rows, {"r0": torch.ones(3), "r1": torch.ones(3), "c": torch.ones(2)}, state)
+    assert torch.all(weight < 1)
+    columns = {"c0": weight[:, 0], "c1": weight[:, 1]}
+    opt.step_(columns, {"c0": torch.ones(2), "c1": torch.ones(2)}, opt.init(columns))
+
+
+def test_step_in_place_refuses_state_that_shares_memory_with_params():
+    params = {"w": torch.ones(3)}
+    opt = fr.sgd(lr=0.1, momentum=0.9)
+    state = opt.init(params)
+    state = state._replace(momentum_buffer={"w": params["w"]})
+    with pytest.raises(ValueError, match="params 'w' and state.momentum_buffer 'w'"):
+        opt.step_(params, {"w": torch.ones(3)}, state)
+    assert_identical(params["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_grad_of_another_dtype_is_refused_naming_the_leaf(in_place):
+    params = {"a": torch.ones(2), "b": torch.ones(2)}
+    opt = fr.adam(lr=0.1)
+    state = opt.init(params)
+    grads = {"a": torch.ones(2), "b": torch.ones(2, dtype=torch.float64)}
+    with pytest.raises(TypeError, match="'b'.*float64.*float32"):
+        (opt.step_ if in_place else opt.step)(params, grads, state)
+    assert_identical(params["a"], torch.ones(2))
+
+
+def test_a_grad_on_another_device_is_refused_naming_the_leaf():
+    params = {"a": torch.ones(2), "b": torch.ones(2)}
+    opt = sgd_plain()
+    grads = {"a": torch.ones(2), "b": torch.ones(2, device="meta")}
+    with pytest.raises(ValueError, match="'b'.*meta.*cpu"):
+        opt.step_(params, grads, opt.init(params))
+    assert_identical(params["a"], torch.ones(2))
+
+
+def test_state_of_another_dtype_is_refused_naming_the_leaf():
+    params = {"w": torch.ones(2)}
+    opt = fr.adam(lr=0.1)
+    state = opt.init(params)
+    state = state._replace(exp_avg={"w": torch.zeros(2, dtype=torch.float64)})
+    with pytest.raises(TypeError, match="state.exp_avg 'w'.*float64"):
+        opt.step(params, {"w": torch.ones(2)}, state)
+
+
+@pytest.mark.parametrize(
+    "make, overrides",
+    [
+        (lambda: fr.adam(lr=0.1), {}),
+        (lambda: fr.adamw(lr=0.1, amsgrad=True), {}),
+        (lambda: fr.sgd(lr=0.1), {"lr": torch.tensor(0.1, dtype=torch.float64)}),
+        (lambda: fr.sgd(lr=0.1, momentum=0.9), {"lr": torch.tensor(0.1, dtype=torch.float64)}),
+        (lambda: fr.adam(lr=0.1), {"lr": torch.tensor(0.1, dtype=torch.float64)}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_never_changes_a_params_dtype(make, overrides, dtype):
+    """A 0-d parameter (a learned temperature) met float64 bias corrections and lr."""
+    params = {"temperature": torch.tensor(1.5, dtype=dtype), "w": torch.ones(2, dtype=dtype)}
+    opt = make()
+    state = opt.init(params)
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    new_params, new_state = opt.step(params, grads, state, **overrides)
+    for name in params:
+        assert new_params[name].dtype == dtype
+    for before, after in zip(fr.state_dict(state).values(), fr.state_dict(new_state).values()):
+        if isinstance(before, dict):
+            for name in before:
+                assert after[name].dtype == before[name].dtype
+    # The checkpoint of the new state loads back.
+    fr.load_state_dict(opt, new_params, fr.state_dict(new_state))
+    expected = new_params["temperature"].clone()
+    opt.step_(params, grads, state, **overrides)
+    assert_identical(params["temperature"], expected)
+
+
+def test_complex_leaves_are_refused_with_the_real_view_fix_which_matches_torch():
+    z = torch.tensor([1.0 + 2.0j, -0.5 + 0.25j])
+    opt = fr.adam(lr=0.1)
+    with pytest.raises(TypeError, match="'z'.*complex.*view_as_real"):
+        opt.init({"z": z})
+    with pytest.raises(TypeError, match="'z'.*complex"):
+        opt.step({"z": z}, {"z": z}, opt.init({"z": torch.ones(2)}))
+    # The suggested fix follows torch.optim.Adam on the complex parameter.
+    torch_z = z.clone().requires_grad_()
+    torch_opt = torch.optim.Adam([torch_z], lr=0.1, weight_decay=0.1)
+    opt = fr.adam(lr=0.1, weight_decay=0.1)
+    params = {"z": torch.view_as_real(z.clone())}
+    state = opt.init(params)
+    for step in range(20):
+        g = torch.randn(2, dtype=torch.complex64, generator=torch.Generator().manual_seed(step))
+        torch_z.grad = g
+        torch_opt.step()
+        params, state = opt.step(params, {"z": torch.view_as_real(g)}, state)
+    torch.testing.assert_close(torch.view_as_complex(params["z"]), torch_z.detach())
+
+
+def test_step_refuses_parameters_that_require_grad_with_the_fix():
+    model = torch.nn.Linear(2, 1)
+    params = dict(model.named_parameters())
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    opt = fr.adam(lr=0.1)
+    state = opt.init({k: v.detach() for k, v in params.items()})
+    with pytest.raises(TypeError, match=r"'bias'.*requires grad.*\.detach\(\)"):
+        opt.step(params, grads, state)
+    with torch.no_grad():
+        opt.step(params, grads, state)
+    before = model.weight.detach().clone()
+    opt.step_(params, grads, state)
+    assert not torch.equal(model.weight.detach(), before)
+
+
+def test_colliding_leaf_names_are_refused_at_init():
+    opt = fr.adam(lr=0.1)
+    with pytest.raises(ValueError, match="two leaves named 'a.b'"):
+        opt.init({"a.b": torch.ones(2), "a": {"b": torch.ones(3)}})
+
+
+def test_init_of_a_generator_names_the_fix():
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(TypeError, match=r"generator.*named_parameters\(\)"):
+        fr.adam(lr=0.1).init(model.parameters())
+
+
+def test_batch_norm_buffers_in_params_are_named_as_buffers():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    params = {k: v.detach() for k, v in model.state_dict().items()}
+    opt = fr.sgd(lr=0.1)
+    state = opt.init(params)
+    grads = {k: torch.ones_like(v) for k, v in model.named_parameters()}
+    with pytest.raises(
+        ValueError,
+        match="'1.num_batches_tracked' looks like a module buffer.*buffers are not parameters",
+    ):
+        opt.step(params, grads, state)
+
+
+def test_plain_sgd_state_round_trips():
+    opt = fr.sgd(lr=0.1)
+    params = {"w": torch.ones(2)}
+    saved = fr.state_dict(opt.init(params))
+    assert set(saved) == {"skipped"}
+    state = fr.load_state_dict(opt, params, saved)
+    params, state = opt.step(params, {"w": torch.ones(2)}, state)
+    assert_identical(params["w"], torch.full((2,), 0.9))
+
+
+def test_numpy_scalars_are_accepted_as_hyperparameters():
+    params = {"w": torch.ones(2)}
+    for lr in (np.float32(0.1), np.float64(0.1)):
+        opt = fr.sgd(lr=lr)
+        new, _ = opt.step(params, {"w": torch.ones(2)}, opt.init(params), lr=lr)
+        assert new["w"].dtype == torch.float32
+        torch.testing.assert_close(new["w"], torch.full((2,), 0.9))
+
+
+def test_a_meta_device_lr_tensor_is_a_clear_error():
+    params = {"w": torch.ones(2)}
+    opt = fr.sgd(lr=0.1)
+    with pytest.raises(ValueError, match="lr.*meta device"):
+        opt.step(
+            params, {"w": torch.ones(2)}, opt.init(params), lr=torch.tensor(0.1, device="meta")
+        )
+
+
+FAILURES = [
+    "grad_dtype",
+    "grad_device",
+    "grad_shape",
+    "expanded_leaf",
+    "inference_leaf",
+    "tied_leaf",
+    "nan_lr",
+    "negative_override",
+    "state_dtype",
+]
+RULES = {
+    "sgd": lambda: fr.sgd(lr=0.1),
+    "sgd_momentum": lambda: fr.sgd(lr=0.1, momentum=0.9, weight_decay=0.01),
+    "adam": lambda: fr.adam(lr=0.1),
+    "adamw_amsgrad_prox": lambda: fr.adamw(
+        lr=0.1, amsgrad=True, prox=fr.prox.l1, prox_strength=0.1
+    ),
+}
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    shapes=st.lists(st.lists(st.integers(2, 3), min_size=1, max_size=2), min_size=1, max_size=4),
+    dtypes=st.lists(st.sampled_from([torch.float32, torch.float64]), min_size=4, max_size=4),
+    rule=st.sampled_from(list(RULES)),
+    failure=st.sampled_from(FAILURES),
+    victim=st.integers(0, 3),
+    warmup=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_a_raising_step_in_place_leaves_params_and_state_bit_identical(
+    shapes, dtypes, rule, failure, victim, warmup, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    params = {
+        f"layer{i}.w": torch.randn(shape, generator=generator, dtype=dtypes[i])
+        for i, shape in enumerate(shapes)
+    }
+    names = list(params)
+    bad = names[victim % len(names)]
+    if failure == "tied_leaf":
+        params["tied"] = params[bad]
+    opt = RULES[rule]()
+    state = opt.init(params)
+    for step in range(warmup):
+        params, state = opt.step(params, random_grads(params, step), state)
+    grads = random_grads(params, seed)
+    overrides: dict = {}
+    if failure == "grad_dtype":
+        other = torch.float64 if params[bad].dtype == torch.float32 else torch.float32
+        grads[bad] = grads[bad].to(other)
+    elif failure == "grad_device":
+        grads[bad] = grads[bad].to("meta")
+    elif failure == "grad_shape":
+        grads[bad] = grads[bad].reshape(-1)[:1]
+    elif failure == "expanded_leaf":
+        p = params[bad]
+        params[bad] = p.reshape(-1)[:1].reshape([1] * p.ndim).expand(p.shape)
+    elif failure == "inference_leaf":
+        with torch.inference_mode():
+            params[bad] = params[bad].clone()
+    elif failure == "tied_leaf":
+        params["tied"] = params[bad]
+    elif failure == "nan_lr":
+        overrides["lr"] = torch.tensor(float("nan"))
+    elif failure == "negative_override":
+        overrides["weight_decay"] = -1.0
+    elif failure == "state_dtype":
+        field = "exp_avg" if rule.startswith("adam") else "momentum_buffer"
+        if rule == "sgd":
+            overrides["lr"] = float("inf")
+        else:
+            slots = dict(getattr(state, field))
+            slots[bad] = slots[bad].to(torch.float16)
+            state = state._replace(**{field: slots})
+    before_params = {k: v.clone() for k, v in params.items()}
+    before_state = fr.state_dict(state)
+    with pytest.raises((TypeError, ValueError)):
+        opt.step_(params, grads, state, **overrides)
+    assert_identical({k: v.clone() for k, v in params.items()}, before_params)
+    assert_identical(fr.state_dict(state), before_state)

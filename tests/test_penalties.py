@@ -221,3 +221,25 @@ def test_vmap_over_strengths_equals_a_loop():
         torch.testing.assert_close(
             {k: v[i] for k, v in batched.items()}, grad(objective)(params, lam)
         )
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_group_lasso_neither_overflows_nor_underflows_in_float32(scale, dim):
+    w = torch.tensor([[3.0, 4.0], [0.0, 0.0]]) * scale
+    exact = penalties.group_lasso({"w": w.double()}, dim=dim)
+    value = penalties.group_lasso({"w": w}, dim=dim)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value.double(), exact, rtol=1e-6, atol=0)
+    gradient = grad(lambda p: penalties.group_lasso(p, dim=dim))({"w": w})["w"]
+    exact_gradient = grad(lambda p: penalties.group_lasso(p, dim=dim))({"w": w.double()})["w"]
+    assert torch.isfinite(gradient).all()
+    torch.testing.assert_close(gradient.double(), exact_gradient, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0,)])
+@pytest.mark.parametrize("dim", [0, None])
+def test_group_lasso_of_an_empty_leaf_is_zero(shape, dim):
+    params = {"w": torch.empty(shape), "b": torch.ones(2)}
+    expected = penalties.group_lasso({"b": torch.ones(2)}, dim=dim)
+    assert penalties.group_lasso(params, dim=dim) == expected

@@ -165,3 +165,55 @@ def test_tensor_and_float_thresholds_agree():
 def test_bad_input_raises(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("scale, threshold", [(1e20, 1e20), (1e-25, 1e-26)])
+@pytest.mark.parametrize("dim", [0, None])
+def test_group_lasso_neither_overflows_nor_underflows_in_float32(scale, threshold, dim):
+    v = torch.tensor([[3.0, 4.0]]) * scale
+    exact = prox.group_lasso({"v": v.double()}, threshold, dim=dim)["v"]
+    assert 0.5 < (exact / v.double()).min() < 0.99
+    torch.testing.assert_close(
+        prox.group_lasso({"v": v}, threshold, dim=dim)["v"].double(), exact, rtol=1e-6, atol=0
+    )
+
+
+@given(
+    st.floats(1e-3, 1e3),
+    st.sampled_from(["float", "tensor32", "tensor64"]),
+    st.sampled_from([torch.float32, torch.float64]),
+)
+def test_group_lasso_gives_exact_zeros_at_the_threshold(value, threshold_type, dtype):
+    """A one-element group whose norm equals the threshold, as prox.l1 gives."""
+    v = torch.tensor([value], dtype=dtype)
+    threshold = {
+        "float": v.item(),
+        "tensor32": v.float()[0],
+        "tensor64": v.double()[0],
+    }[threshold_type]
+    if float(threshold) < v.abs().item():  # float32 rounding moved it below |v|
+        return
+    assert prox.group_lasso(v, threshold, dim=0).eq(0).all()
+    assert prox.l1(v, threshold).eq(0).all()
+
+
+def test_group_lasso_at_the_reported_threshold_is_exactly_zero():
+    v = torch.tensor([2.733564933062235], dtype=torch.float64)
+    assert prox.group_lasso(v, 2.733564933062235, dim=0).item() == 0.0
+    rows = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+    out = prox.group_lasso(rows, 5.0 / math.sqrt(2), dim=0)
+    assert out[0].eq(0).all() and out[1].eq(0).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0,)])
+@pytest.mark.parametrize("dim", [0, None])
+def test_group_lasso_of_an_empty_leaf_is_the_empty_leaf(shape, dim):
+    v = torch.empty(shape)
+    out = prox.group_lasso({"v": v}, 0.5, dim=dim)["v"]
+    assert out.shape == v.shape
+
+
+@pytest.mark.parametrize("name", ["l1", "l2", "elastic_net", "group_lasso"])
+def test_a_negative_cpu_tensor_threshold_is_refused(name):
+    with pytest.raises(ValueError, match="threshold=-0.5"):
+        getattr(prox, name)({"w": torch.ones(2, 2)}, torch.tensor(-0.5))

@@ -3,15 +3,24 @@ hyperparameter resolution, and the lift of a per-array rule to pytrees."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 from torch import Tensor
 
-from .._checks import Interval, Scalar, check_scalars
+from .._checks import Interval, Scalar, as_scalar, check_scalars
 from ..select import Where, selected
-from ..tree import Params, flatten, full_tensor, is_float, leaf_names, matching_leaves
+from ..tree import (
+    Params,
+    flatten,
+    full_tensor,
+    is_dtensor,
+    is_float,
+    leaf_names,
+    matching_leaves,
+    spec_names,
+)
 from .decay import References
 
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
@@ -39,14 +48,25 @@ class Optimizer(NamedTuple):
             neither argument is modified. Keyword arguments override the
             construction-time hyperparameters for this call (floats or tensors).
         step_: ``step_(params, grads, state, **hyperparams) -> None``, the same update
-            written into ``params`` and ``state`` in place.
+            written into ``params`` and ``state`` in place. Everything is checked
+            before the first write (hyperparameters, trees, each grad's and state
+            tensor's dtype and device against its param's, and, outside
+            ``torch.compile`` and ``vmap``, that no target is an inference or
+            expanded tensor and no two targets share memory), so an error changes
+            nothing. Neither step changes a param's dtype; ``step`` refuses
+            ``nn.Parameter`` leaves that require grad while grad mode is on (detach
+            them), and both refuse complex leaves (pass ``torch.view_as_real``).
         hyperparams: the construction-time hyperparameters.
+        validate: ``validate(**hyperparams) -> None`` raises as ``step`` would for these
+            per-call overrides, and touches nothing (e.g. to check several param
+            groups before updating any).
     """
 
     init: Callable[[Params], State]
     step: Callable[..., tuple[Params, State]]
     step_: Callable[..., None]
     hyperparams: Mapping[str, Any]
+    validate: Callable[..., None] | None = None
 
 
 class LeafRule(Protocol):
@@ -148,7 +168,16 @@ def build(
     slot_fields = [field for field in state_type._fields[:-1] if field != table_field]
 
     def init(params: Params) -> State:
+        if isinstance(params, Iterator):
+            raise TypeError(
+                f"{name}.init got a {type(params).__name__} (e.g. model.parameters()), which "
+                "has no leaf names and is used up once read; pass a dict of tensors: "
+                "{k: v.detach() for k, v in model.named_parameters()}"
+            )
         leaves, spec = flatten(params)
+        names = spec_names(spec)
+        _check_unique_names(name, names)
+        _check_not_complex(name, names, leaves)
         if not any(is_float(leaf) for leaf in leaves):
             raise ValueError(f"{name}.init: params hold no floating-point tensor")
         device = next(leaf.device for leaf in leaves if is_float(leaf))
@@ -169,6 +198,7 @@ def build(
         h = resolve(name, defaults, overrides, intervals)
         leaves, spec = flatten(params)
         grad_leaves = matching_leaves(leaves, spec, grads)
+        _check_grads(name, spec, leaves, grad_leaves)
         if not isinstance(state, state_type):
             raise TypeError(
                 f"{name}: state must be a {state_type.__name__}, got {type(state).__name__}"
@@ -179,11 +209,11 @@ def build(
             if not enabled(tree):
                 columns.append([None] * len(leaves))
             else:
-                columns.append(
-                    matching_leaves(
-                        leaves, spec, tree, other_name=f"state.{field}", check_shapes=False
-                    )
+                column = matching_leaves(
+                    leaves, spec, tree, other_name=f"state.{field}", check_shapes=False
                 )
+                _check_like_params(f"state.{field}", spec, leaves, column)
+                columns.append(column)
         decays = selected(params, mask)
         refs = [None] * len(leaves) if references is None else references(leaves, spec, decays)
         prox_threshold = (
@@ -219,6 +249,13 @@ def build(
             new_p, new_slots = rule(p, g, slots, row, h, decay, refs[i])
             if decay and prox_threshold is not None:
                 new_p = prox(new_p, prox_threshold)
+            # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
+            # 0-d leaf, and a step never changes a param's (or its state's) dtype.
+            new_p = _as_dtype(new_p, p.dtype)
+            new_slots = tuple(
+                None if new is None or old is None else _as_dtype(new, old.dtype)
+                for new, old in zip(new_slots, slots, strict=True)
+            )
             if finite is not None:
                 new_p = torch.where(finite, new_p, p)
                 new_slots = tuple(
@@ -234,6 +271,8 @@ def build(
         )
 
     def step(params: Params, grads: Params, state: State, **overrides: Any) -> tuple[Params, State]:
+        if torch.is_grad_enabled():
+            _check_no_parameters(name, params)
         new = update(params, grads, state, overrides)
         new_leaves, *new_columns = new.new_columns
         fields: dict[str, Any] = {
@@ -247,7 +286,9 @@ def build(
     def step_(params: Params, grads: Params, state: State, **overrides: Any) -> None:
         with torch.no_grad():
             new = update(params, grads, state, overrides)
-            # Everything is computed before the first write, so an error leaves no trace.
+            _check_writable(name, slot_fields, new, state.skipped)
+            # Everything is computed and checked before the first write, so an error
+            # leaves no trace.
             for column, new_column in zip(new.columns, new.new_columns, strict=True):
                 for old, new_value in zip(column, new_column, strict=True):
                     if new_value is not old:
@@ -256,8 +297,11 @@ def build(
                 new.table.copy_(new.new_table)
             state.skipped.copy_(new.skipped)
 
+    def validate(**overrides: Any) -> None:
+        resolve(name, defaults, overrides, intervals)
+
     step.__doc__ = step_.__doc__ = f"One {name} step; see ``functorch_reg.{name}``."
-    return Optimizer(init, step, step_, defaults)
+    return Optimizer(init, step, step_, defaults, validate)
 
 
 def resolve(
@@ -283,7 +327,175 @@ def resolve(
             raise TypeError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
         merged["beta1"], merged["beta2"] = betas
     check_scalars(name, merged, intervals)
-    return merged
+    return {key: as_scalar(value) for key, value in merged.items()}
+
+
+def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _check_unique_names(name: str, names: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for leaf_name in names:
+        if leaf_name in seen:
+            raise ValueError(
+                f"{name}.init: params have two leaves named {leaf_name!r} (e.g. a key "
+                f"{leaf_name!r} next to nested keys that join to it), so their state "
+                "could not be saved apart; rename one"
+            )
+        seen.add(leaf_name)
+
+
+def _check_not_complex(name: str, names: Sequence[str], leaves: Sequence[Any]) -> None:
+    for leaf_name, leaf in zip(names, leaves, strict=True):
+        if isinstance(leaf, Tensor) and leaf.is_complex():
+            raise TypeError(
+                f"{name}: leaf {leaf_name!r} is complex ({leaf.dtype}); the update rules step "
+                "real floating-point leaves: pass torch.view_as_real(leaf) (and its grad "
+                "likewise), which is how torch.optim steps complex params"
+            )
+
+
+def _check_grads(name: str, spec: Any, leaves: Sequence[Any], grad_leaves: Sequence[Any]) -> None:
+    """Each gradient has its param's dtype and device, as autograd's do."""
+    for i, (p, g) in enumerate(zip(leaves, grad_leaves, strict=True)):
+        if g is None or not isinstance(p, Tensor):
+            continue
+        if p.is_complex() or g.is_complex():
+            _check_not_complex(name, spec_names(spec)[i : i + 1], [p if p.is_complex() else g])
+        if not is_float(p):
+            continue
+        if g.dtype != p.dtype:
+            raise TypeError(
+                f"{name}: the grad of leaf {spec_names(spec)[i]!r} is {g.dtype}, its param "
+                f"is {p.dtype}; cast the grad (g.to(p.dtype)): a step keeps params' dtypes"
+            )
+        if g.device != p.device:
+            raise ValueError(
+                f"{name}: the grad of leaf {spec_names(spec)[i]!r} is on {g.device}, its "
+                f"param on {p.device}; move the grad to the param's device"
+            )
+
+
+def _check_like_params(field: str, spec: Any, leaves: Sequence[Any], column: Sequence[Any]) -> None:
+    """A state field's tensors have their params' dtypes and devices."""
+    for i, (p, s) in enumerate(zip(leaves, column, strict=True)):
+        if not (is_float(p) and isinstance(s, Tensor)):
+            continue
+        if s.dtype != p.dtype or s.device != p.device:
+            raise TypeError(
+                f"{field} {spec_names(spec)[i]!r} is {s.dtype} on {s.device}, its param "
+                f"{p.dtype} on {p.device}; build the state with init(params) or "
+                "load_state_dict(optimizer, params, saved)"
+            )
+
+
+def _check_no_parameters(name: str, params: Params) -> None:
+    """``step`` on ``nn.Parameter`` leaves would record the update in autograd, and each
+    step's result would hold the graph of all the steps before it."""
+    leaves, spec = flatten(params)
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.nn.Parameter) and leaf.requires_grad:
+            raise TypeError(
+                f"{name}.step: leaf {spec_names(spec)[i]!r} is an nn.Parameter that requires "
+                "grad, so step() would chain autograd graphs across steps (memory grows "
+                "every step); pass {k: v.detach() for k, v in model.named_parameters()}, "
+                "call it under torch.no_grad(), or update the Parameters with step_()"
+            )
+
+
+def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped: Tensor) -> None:
+    """Every tensor that ``step_`` is about to write can take its new value, and no two
+    share memory (tied weights, a view and its base): otherwise one update would
+    overwrite the other. Memory is not inspected under ``torch.compile`` or ``vmap``."""
+    if torch.compiler.is_compiling():
+        return
+    # (column, leaf index) of each target, the table and skipped as column -1 and -2;
+    # labels are only spelled out for an error.
+    targets: list[tuple[int, int, Tensor]] = []
+    for column_index, (column, new_column) in enumerate(
+        zip(new.columns, new.new_columns, strict=True)
+    ):
+        for i, (old, new_value) in enumerate(zip(column, new_column, strict=True)):
+            if new_value is not old:
+                targets.append((column_index, i, old))
+    if new.table is not None and new.new_table is not None:
+        targets.append((-1, 0, new.table))
+    targets.append((-2, 0, skipped))
+    if torch._C._functorch.is_functorch_wrapped_tensor(targets[0][2]):  # vmap or grad
+        return
+
+    def label(column_index: int, i: int) -> str:
+        if column_index == -1:
+            return "the state's leaf table"
+        if column_index == -2:
+            return "state.skipped"
+        column_name = "params" if column_index == 0 else f"state.{slot_fields[column_index - 1]}"
+        return f"{column_name} {spec_names(new.spec)[i]!r}"
+
+    inference_mode = torch.is_inference_mode_enabled()
+    spans = []
+    for column_index, i, tensor in targets:
+        if is_dtensor(tensor):
+            tensor = cast(Any, tensor).to_local()
+        if tensor.is_inference() and not inference_mode:
+            raise ValueError(
+                f"{name}.step_: {label(column_index, i)} is an inference tensor (made under "
+                "torch.inference_mode()), which cannot be updated in place; clone it "
+                "outside inference mode, or use step()"
+            )
+        if not tensor.is_contiguous() and torch._debug_has_internal_overlap(tensor) == 1:
+            raise ValueError(
+                f"{name}.step_: {label(column_index, i)} has overlapping memory (e.g. made "
+                "by expand()), so an in-place update is ambiguous; pass a contiguous copy "
+                "(.contiguous()), or use step()"
+            )
+        if tensor.numel() and tensor.device.type != "meta":
+            start, end = _address_span(tensor)
+            device = (tensor.device.type, tensor.device.index or 0)
+            spans.append((device, start, end, column_index, i, tensor))
+    # Memory that two tensors share lies in both of their address spans: sorted by
+    # start, a span can only meet the earlier spans that have not ended yet.
+    spans.sort(key=lambda span: (span[0], span[1]))
+    active: list[tuple[Any, ...]] = []
+    for span in spans:
+        device, start = span[0], span[1]
+        active = [other for other in active if other[0] == device and other[2] > start]
+        for other in active:
+            if _share_elements(other[5], span[5]):
+                first, second = sorted([other[3:5], span[3:5]])
+                raise ValueError(
+                    f"{name}.step_: {label(*first)} and {label(*second)} share memory "
+                    "(tied weights, or a view of another leaf), so one in-place update "
+                    "would overwrite the other; keep one of them, or use step()"
+                )
+        active.append(span)
+
+
+def _address_span(tensor: Tensor) -> tuple[int, int]:
+    """The bytes from ``tensor``'s first element to just past its last."""
+    start = tensor.data_ptr()
+    if tensor.is_contiguous():
+        return start, start + tensor.numel() * tensor.element_size()
+    extent = sum(
+        int(size - 1) * int(stride)
+        for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    return start, start + (extent + 1) * tensor.element_size()
+
+
+def _share_elements(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors whose address spans meet share an element."""
+    size = a.element_size()
+    base = min(a.data_ptr(), b.data_ptr())
+    offsets = [(t.data_ptr() - base) for t in (a, b)]
+    if b.element_size() != size or any(offset % size for offset in offsets):
+        return True
+    # Interleaved spans (the columns of a matrix): mark one tensor's elements.
+    end = max(_address_span(a)[1], _address_span(b)[1])
+    marks = torch.zeros((end - base) // size, dtype=torch.bool, device=a.device)
+    marks.as_strided(a.shape, a.stride(), offsets[0] // size).fill_(True)
+    return bool(marks.as_strided(b.shape, b.stride(), offsets[1] // size).any())
 
 
 def _all_finite(grads: list[Tensor]) -> Tensor:
@@ -327,7 +539,9 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
     """Rebuild a state for ``params`` from :func:`state_dict`'s output.
 
     Every tensor is checked against a fresh ``optimizer.init(params)`` (names, shapes,
-    dtypes) before any is used; the tensors are copied onto the params' devices.
+    dtypes) before any is used; the tensors are copied onto the params' devices. For
+    DTensor params, a plain (unsharded) checkpoint's tensors are sharded like their
+    params (each rank keeps its own shard of its full copy, without communication).
     """
     template = optimizer.init(params)
     table_field = getattr(template, "leaf_table", None)
@@ -362,16 +576,19 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
 def _float_leaf_names(state: State) -> list[str | None]:
     """Per leaf of the params, its name, or ``None`` for a leaf without state.
 
-    Read from the state's first per-leaf field, which every state type has."""
+    Read from the state's first per-leaf field; empty when no field is per leaf."""
     table_field = getattr(state, "leaf_table", None)
-    tree = next(
+    trees = [
         tree
         for field, tree in zip(state._fields[:-1], state[:-1], strict=True)
         if enabled(tree) and field != table_field
-    )
-    leaves, _ = flatten(tree)
+    ]
+    if not trees:  # e.g. SGD without momentum keeps no per-leaf state
+        return []
+    leaves, _ = flatten(trees[0])
     return [
-        None if leaf is None else name for name, leaf in zip(leaf_names(tree), leaves, strict=True)
+        None if leaf is None else name
+        for name, leaf in zip(leaf_names(trees[0]), leaves, strict=True)
     ]
 
 
@@ -405,4 +622,12 @@ def _restored(name: str, like: Tensor, saved: Any) -> Tensor:
         raise ValueError(
             f"state_dict entry {name} should be {like.dtype} {tuple(like.shape)}, got {got}"
         )
+    if is_dtensor(like) and not is_dtensor(saved):
+        # A plain (unsharded) checkpoint: every rank holds all of it, so each keeps its
+        # own shard, without communication, sharded like the param.
+        from torch.distributed.tensor import distribute_tensor
+
+        sharded: Any = like
+        local = saved.to(like.device, copy=True)
+        return distribute_tensor(local, sharded.device_mesh, sharded.placements, src_data_rank=None)
     return saved.to(like.device, copy=True)

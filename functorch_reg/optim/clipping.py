@@ -36,6 +36,15 @@ def with_clipping(name: str, optimizer: Optimizer, clip_grad_norm: Scalar | None
     def step_(params: Params, grads: Params, state: State, **overrides: Any) -> None:
         optimizer.step_(params, clipped(grads, overrides), state, **overrides)
 
+    def validate(**overrides: Any) -> None:
+        check_scalars(
+            name,
+            {"clip_grad_norm": overrides.pop("clip_grad_norm", clip_grad_norm)},
+            {"clip_grad_norm": NON_NEGATIVE},
+        )
+        if optimizer.validate is not None:
+            optimizer.validate(**overrides)
+
     step.__doc__ = optimizer.step.__doc__
     step_.__doc__ = optimizer.step_.__doc__
-    return Optimizer(optimizer.init, step, step_, hyperparams)
+    return Optimizer(optimizer.init, step, step_, hyperparams, validate)

@@ -35,6 +35,7 @@ from .optim import (
     sgd,
     state_dict,
 )
+from .train import TrainStep, train_step
 from .tree import leaf_names, stack, unstack
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "SGDState",
     "SweepResult",
     "TorchOptimizer",
+    "TrainStep",
     "adam",
     "adamw",
     "distributed",
@@ -64,5 +66,6 @@ __all__ = [
     "stack",
     "state_dict",
     "sweep",
+    "train_step",
     "unstack",
 ]

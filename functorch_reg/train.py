@@ -33,6 +33,8 @@ from typing import Any, Protocol
 import optree
 import torch
 from torch import Tensor
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.utils import is_pointwise_use
 from torch.func import grad_and_value
 
 from .optim.base import Optimizer, State
@@ -97,7 +99,9 @@ class TrainStep:
         self.mode = mode
         self._captures_cuda_graphs = mode in _CUDA_GRAPH_MODES
         self._compiled_step = (
-            torch.compile(_own_code(self._step_in_place), fullgraph=True, mode=mode)
+            torch.compile(
+                _own_code(self._step_in_place), fullgraph=True, options=_inductor_options(mode)
+            )
             if compile
             else None
         )
@@ -252,6 +256,50 @@ def train_step(
         tensor([0.5000, 0.5000, 0.5000])
     """
     return TrainStep(loss, optimizer, flat=flat, has_aux=has_aux, compile=compile, mode=mode)
+
+
+def _inductor_options(mode: str | None) -> dict[str, Any]:
+    options = dict(torch._inductor.list_mode_options(mode or "default"))
+    options["post_grad_custom_post_pass"] = _UnfuseGradientAddmm()
+    return options
+
+
+class _UnfuseGradientAddmm(CustomGraphPass):
+    """Turn ``addmm(inp, a, b)`` back into ``mm(a, b) + inp`` where ``inp`` has the full
+    output shape and every use of the result is element-wise.
+
+    A penalty's gradient reaches a weight as ``mm(...) + penalty_grad``. On CPU, Inductor
+    folds that into ``addmm``, which writes the penalty's gradient to memory and reads it
+    twice (copied into the output, then read by the GEMM). Left as an addition, it fuses
+    into the optimizer's element-wise update, which reads the weight anyway, and the
+    penalty costs little more than its forward reduction. Inductor already makes this
+    choice on GPUs (``should_prefer_unfused_addmm``); a 1-d bias (the forward of a
+    ``Linear``) stays fused.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        aten = torch.ops.aten
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not aten.addmm.default:
+                continue
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                continue
+            inp, mat1, mat2 = node.args[:3]
+            out, bias = node.meta.get("val"), getattr(inp, "meta", {}).get("val")
+            if not isinstance(out, Tensor) or not isinstance(bias, Tensor):
+                continue
+            if bias.shape != out.shape or not all(is_pointwise_use(user) for user in node.users):
+                continue
+            with graph.inserting_before(node):
+                product = graph.call_function(aten.mm.default, (mat1, mat2))
+                product.meta["val"] = out
+                total = graph.call_function(aten.add.Tensor, (product, inp))
+                total.meta["val"] = out
+            node.replace_all_uses_with(total)
+            graph.erase_node(node)
+
+    def uuid(self) -> Any:
+        return get_hash_for_files((__file__,))
 
 
 def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:

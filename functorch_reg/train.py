@@ -34,7 +34,7 @@ import optree
 import torch
 from torch import Tensor
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-from torch._inductor.utils import is_pointwise_use
+from torch._inductor.utils import is_pointwise_use, is_view
 from torch.func import grad_and_value
 
 from .optim.base import Optimizer, State
@@ -288,7 +288,11 @@ class _UnfuseGradientAddmm(CustomGraphPass):
             out, bias = node.meta.get("val"), getattr(inp, "meta", {}).get("val")
             if not isinstance(out, Tensor) or not isinstance(bias, Tensor):
                 continue
-            if bias.shape != out.shape or not all(is_pointwise_use(user) for user in node.users):
+            if (
+                bias.shape != out.shape
+                or not all(is_pointwise_use(user) for user in node.users)
+                or not _elementwise_of_inputs(inp, {})
+            ):
                 continue
             with graph.inserting_before(node):
                 product = graph.call_function(aten.mm.default, (mat1, mat2))
@@ -300,6 +304,26 @@ class _UnfuseGradientAddmm(CustomGraphPass):
 
     def uuid(self) -> Any:
         return get_hash_for_files((__file__,))
+
+
+def _elementwise_of_inputs(node: Any, known: dict[torch.fx.Node, bool]) -> bool:
+    """Whether ``node`` is computed from the graph's inputs by element-wise ops and views.
+
+    Only such gradients (l1, l2, elastic net, l2_sp) are unfused: one that depends on a
+    reduction of the weight, like group lasso's row norms, would make Inductor 2.13 fuse
+    that reduction and the update into one outer loop, whose C++ codegen fails.
+    """
+    if not isinstance(node, torch.fx.Node) or node.op in ("placeholder", "get_attr"):
+        return True
+    if node not in known:
+        target = node.target
+        known[node] = (
+            node.op == "call_function"
+            and isinstance(target, torch._ops.OpOverload)
+            and (torch.Tag.pointwise in target.tags or is_view(target))
+            and all(_elementwise_of_inputs(arg, known) for arg in node.all_input_nodes)
+        )
+    return known[node]
 
 
 def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:

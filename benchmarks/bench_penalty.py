@@ -95,6 +95,10 @@ PENALTIES = ["none", "l1", "l2", "elastic_net", "group_lasso", "l2_sp", "orthogo
 
 def penalties(params: Params, where: fr.select.Where = None) -> dict[str, Penalty | None]:
     reference = {name: p + 0.01 * torch.randn_like(p) for name, p in params.items()}
+    for leaf in reference.values():
+        # A tensor the loss captures is a graph input too: static, CUDA graphs read it in
+        # place rather than copying it in at every replay.
+        torch._dynamo.mark_static_address(leaf)
     at = {} if where is None else {"where": where}
     return {
         "none": None,

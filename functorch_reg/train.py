@@ -214,8 +214,10 @@ def train_step(
     updates them in place rather than copying them in; the step calls
     ``torch.compiler.cudagraph_mark_step_begin()`` and returns a copy of the loss,
     which the next replay would overwrite. Pass the same params and state tensors
-    every call: new addresses make CUDA graphs re-record. On CPU the mode compiles as
-    the default one.
+    every call: new addresses make CUDA graphs re-record. Large tensors that ``loss``
+    captures (the reference of ``l2_sp``) are graph inputs too: mark them with
+    ``torch._dynamo.mark_static_address`` or every replay copies them. On CPU the mode
+    compiles as the default one.
 
     Args:
         loss: ``loss(params, *args)`` returning a 0-d floating-point tensor, or

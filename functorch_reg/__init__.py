@@ -35,6 +35,7 @@ from .optim import (
     sgd,
     state_dict,
 )
+from .train import TrainStep, train_step
 from .transforms import (
     EMA,
     EMAState,
@@ -57,6 +58,7 @@ __all__ = [
     "SGDState",
     "SweepResult",
     "TorchOptimizer",
+    "TrainStep",
     "accumulate",
     "accumulate_",
     "adam",
@@ -81,5 +83,6 @@ __all__ = [
     "stack",
     "state_dict",
     "sweep",
+    "train_step",
     "unstack",
 ]

@@ -1,0 +1,365 @@
+"""One training step as one compiled graph: loss, gradient, penalty and update.
+
+``fr.train_step(loss, optimizer)`` is the ``jax.jit(train_step)`` of optax users: a
+callable that, per batch, takes the gradient of ``loss`` with
+``torch.func.grad_and_value``, applies ``optimizer.step_`` in place and returns the
+loss, all inside one ``torch.compile(fullgraph=True)`` graph. A penalty written in the
+loss then lives in the same graph as the update, so Inductor can fuse the penalty's
+gradient into the update's element-wise loop (both read the same weights).
+
+Example:
+    >>> import functorch_reg as fr
+    >>> from torch.func import functional_call
+    >>> model = torch.nn.Linear(3, 1)
+    >>> params = {k: v.detach() for k, v in model.named_parameters()}
+    >>> def loss(params, x, y, lam):
+    ...     mse = torch.nn.functional.mse_loss(functional_call(model, params, (x,)), y)
+    ...     return mse + lam * fr.penalties.l1(params, where="weight")
+    >>> opt = fr.sgd(lr=0.1)
+    >>> state = opt.init(params)
+    >>> step = fr.train_step(loss, opt, compile=False)
+    >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+    >>> value = step(params, state, x, y, torch.tensor(1e-3), lr=torch.tensor(0.05))
+    >>> value.shape
+    torch.Size([])
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import optree
+import torch
+from torch import Tensor
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.utils import is_pointwise_use, is_view
+from torch.func import grad_and_value
+
+from .optim.base import Optimizer, State
+from .tree import Params, flatten
+
+__all__ = ["Loss", "TrainStep", "train_step"]
+
+Loss = Callable[..., Any]
+"""``loss(params, *args) -> value`` (a 0-d tensor), or ``(value, aux)`` with ``has_aux``."""
+
+# torch.compile modes that capture CUDA graphs, whose outputs the next replay overwrites.
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+class FlatLayout(Protocol):
+    """What :func:`train_step` needs of ``fr.flat.pack(...)``'s result."""
+
+    def unpack(self, buffers: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+
+class TrainStep:
+    """The callable that :func:`train_step` returns; see there.
+
+    Attributes:
+        loss: the loss function.
+        optimizer: the update rule.
+        flat: the flat layout, or ``None`` for per-leaf params.
+        has_aux: whether ``loss`` returns ``(value, aux)``.
+        compiled: whether calls run the compiled graph.
+        mode: the ``torch.compile`` mode.
+    """
+
+    def __init__(
+        self,
+        loss: Loss,
+        optimizer: Optimizer,
+        *,
+        flat: FlatLayout | None,
+        has_aux: bool,
+        compile: bool,
+        mode: str | None,
+    ) -> None:
+        if not callable(loss):
+            raise TypeError(f"train_step: loss must be callable, got {type(loss).__name__}")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                "train_step: optimizer must be a functorch_reg Optimizer (fr.sgd, fr.adam, "
+                f"fr.adamw), got {type(optimizer).__name__}"
+            )
+        if flat is not None and not callable(getattr(flat, "unpack", None)):
+            raise TypeError(
+                "train_step: flat must be the result of fr.flat.pack(params), "
+                f"got {type(flat).__name__}"
+            )
+        if mode is not None and not compile:
+            raise ValueError(f"train_step: mode={mode!r} needs compile=True")
+        self.loss = loss
+        self.optimizer = optimizer
+        self.flat = flat
+        self.has_aux = has_aux
+        self.compiled = compile
+        self.mode = mode
+        self._captures_cuda_graphs = mode in _CUDA_GRAPH_MODES
+        self._compiled_step = (
+            torch.compile(
+                _own_code(self._step_in_place), fullgraph=True, options=_inductor_options(mode)
+            )
+            if compile
+            else None
+        )
+
+    def __call__(self, params: Params, state: State, *args: Any, **overrides: Any) -> Any:
+        """One step in place: ``params`` and ``state`` are updated, the loss is returned.
+
+        Returns:
+            The loss value, a 0-d tensor on the params' device (no host sync), or
+            ``(value, aux)`` with ``has_aux``.
+        """
+        if self._compiled_step is None:
+            return self._step_in_place(params, state, args, overrides)
+        if self._captures_cuda_graphs:
+            _mark_static(params, state)
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            out = self._compiled_step(params, state, args, overrides)
+        except torch._dynamo.exc.TorchDynamoException as compile_error:
+            # Raised while tracing, before the graph ran: nothing has been written. The
+            # same step in eager mode, pure, names the problem as eager code would.
+            try:
+                self.pure(params, state, *args, **overrides)
+            except Exception as eager_error:
+                raise eager_error from compile_error
+            raise
+        if self._captures_cuda_graphs:
+            # The next replay overwrites the graph's outputs; the caller may keep these.
+            out = optree.tree_map(_clone, out, none_is_leaf=True)
+        return out
+
+    def pure(
+        self, params: Params, state: State, *args: Any, **overrides: Any
+    ) -> tuple[Params, State, Any]:
+        """The same step without side effects, for ``vmap``: ``(params, state, value)``.
+
+        ``value`` is ``(value, aux)`` with ``has_aux``. Never compiled here: compile the
+        vmapped function, ``torch.compile(vmap(step.pure), fullgraph=True)``.
+        """
+        grads, value = self._grad_and_value(params, args)
+        new_params, new_state = self.optimizer.step(params, grads, state, **overrides)
+        return new_params, new_state, value
+
+    def _step_in_place(
+        self, params: Params, state: State, args: tuple[Any, ...], overrides: dict[str, Any]
+    ) -> Any:
+        grads, value = self._grad_and_value(params, args)
+        self.optimizer.step_(params, grads, state, **overrides)
+        return value
+
+    def _grad_and_value(self, params: Params, args: tuple[Any, ...]) -> tuple[Params, Any]:
+        grads, (value, aux) = grad_and_value(self._objective, has_aux=True)(params, *args)
+        return grads, ((value, aux) if self.has_aux else value)
+
+    def _objective(self, params: Params, *args: Any) -> tuple[Tensor, Any]:
+        leaves = params if self.flat is None else self.flat.unpack(params)
+        out = self.loss(leaves, *args)
+        if self.has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    "train_step: with has_aux=True, loss must return a pair (value, aux), "
+                    f"got {_describe(out)}"
+                )
+            value, aux = out
+        else:
+            if isinstance(out, tuple):
+                raise TypeError(
+                    f"train_step: loss returned a tuple of {len(out)}; pass has_aux=True "
+                    "to return (value, aux)"
+                )
+            value, aux = out, ()
+        if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
+            raise ValueError(
+                f"train_step: loss must return a 0-d floating-point tensor, got {_describe(value)}"
+            )
+        return value, aux
+
+
+def train_step(
+    loss: Loss,
+    optimizer: Optimizer,
+    *,
+    flat: FlatLayout | None = None,
+    has_aux: bool = False,
+    compile: bool = True,
+    mode: str | None = None,
+) -> TrainStep:
+    r"""Forward, gradient and update of ``loss`` as one call, compiled as one graph.
+
+    ``step = train_step(loss, optimizer)``, then per batch
+    ``value = step(params, state, *args, **overrides)`` computes
+
+    .. math::
+        v, g = \operatorname{value\_and\_grad}_\theta \; \mathrm{loss}(\theta, *args),
+        \qquad (\theta, s) \leftarrow \mathrm{optimizer.step\_}(\theta, g, s, **overrides)
+
+    in place and returns :math:`v` as a 0-d tensor, without a host sync. ``args`` are
+    whatever changes per call (the batch, a 0-d ``lam`` tensor); ``overrides`` are the
+    optimizer's per-call hyperparameters (``lr=``, ``weight_decay=``, ...).
+
+    With ``compile=True`` the whole step is one ``torch.compile(fullgraph=True)`` graph,
+    compiled on the first call. It does not recompile when the *values* of tensor
+    arguments change (pass lr and lambda as 0-d float tensors on the params' device; a
+    Python float that changes recompiles). A new batch shape recompiles once, after
+    which Dynamo marks the changed dims dynamic. Each ``train_step`` compiles its own
+    code, so many of them in one process do not share Dynamo's recompile limit.
+
+    ``mode="reduce-overhead"`` captures CUDA graphs: the params and state tensors are
+    marked as static inputs (``torch._dynamo.mark_static_address``), so the graph
+    updates them in place rather than copying them in; the step calls
+    ``torch.compiler.cudagraph_mark_step_begin()`` and returns a copy of the loss,
+    which the next replay would overwrite. Pass the same params and state tensors
+    every call: new addresses make CUDA graphs re-record. Large tensors that ``loss``
+    captures (the reference of ``l2_sp``) are graph inputs too: mark them with
+    ``torch._dynamo.mark_static_address`` or every replay copies them. On CPU the mode
+    compiles as the default one.
+
+    Args:
+        loss: ``loss(params, *args)`` returning a 0-d floating-point tensor, or
+            ``(value, aux)`` with ``has_aux`` (``aux`` a pytree of tensors).
+        optimizer: a functorch_reg update rule, e.g. ``fr.adamw(...)``.
+        flat: a flat layout from ``fr.flat.pack``: the step then takes ``flat.buffers``
+            as ``params`` (and the state of ``optimizer.init(flat.buffers)``), ``loss``
+            receives the leaf views ``flat.unpack(buffers)``, and the gradient is taken
+            with respect to the buffers.
+        has_aux: ``loss`` returns ``(value, aux)``; the step returns them both.
+        compile: compile the step (``fullgraph=True``); ``False`` runs it eagerly.
+        mode: the ``torch.compile`` mode, e.g. ``"reduce-overhead"``.
+
+    Returns:
+        A :class:`TrainStep`: call it for the in-place step; ``step.pure(params, state,
+        *args, **overrides) -> (params, state, value)`` is the side-effect-free step
+        for ``vmap`` (compile the vmapped function, not the other way round).
+
+    Raises:
+        TypeError, ValueError: before anything is modified, when ``loss`` returns
+            something other than a 0-d floating tensor (or a pair with ``has_aux``),
+            when params, gradients and state do not match (naming the first differing
+            leaf), or for a bad hyperparameter. In compiled mode such an error stops
+            the trace; the step is then rerun eagerly and purely to raise the error
+            eager code gives.
+
+    Example:
+        >>> import functorch_reg as fr
+        >>> params = {"w": torch.ones(3)}
+        >>> def loss(params, target):
+        ...     return (params["w"] - target).square().sum()
+        >>> opt = fr.sgd(lr=0.25)
+        >>> state = opt.init(params)
+        >>> step = fr.train_step(loss, opt, compile=False)
+        >>> step(params, state, torch.zeros(3))
+        tensor(3.)
+        >>> params["w"]
+        tensor([0.5000, 0.5000, 0.5000])
+    """
+    return TrainStep(loss, optimizer, flat=flat, has_aux=has_aux, compile=compile, mode=mode)
+
+
+def _inductor_options(mode: str | None) -> dict[str, Any]:
+    options = dict(torch._inductor.list_mode_options(mode or "default"))
+    options["post_grad_custom_post_pass"] = _UnfuseGradientAddmm()
+    return options
+
+
+class _UnfuseGradientAddmm(CustomGraphPass):
+    """Turn ``addmm(inp, a, b)`` back into ``mm(a, b) + inp`` where ``inp`` has the full
+    output shape and every use of the result is element-wise.
+
+    A penalty's gradient reaches a weight as ``mm(...) + penalty_grad``. On CPU, Inductor
+    folds that into ``addmm``, which writes the penalty's gradient to memory and reads it
+    twice (copied into the output, then read by the GEMM). Left as an addition, it fuses
+    into the optimizer's element-wise update, which reads the weight anyway, and the
+    penalty costs little more than its forward reduction. Inductor already makes this
+    choice on GPUs (``should_prefer_unfused_addmm``); a 1-d bias (the forward of a
+    ``Linear``) stays fused.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        aten = torch.ops.aten
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not aten.addmm.default:
+                continue
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                continue
+            inp, mat1, mat2 = node.args[:3]
+            out, bias = node.meta.get("val"), getattr(inp, "meta", {}).get("val")
+            if not isinstance(out, Tensor) or not isinstance(bias, Tensor):
+                continue
+            if (
+                bias.shape != out.shape
+                or not all(is_pointwise_use(user) for user in node.users)
+                or not _elementwise_of_inputs(inp, {})
+            ):
+                continue
+            with graph.inserting_before(node):
+                product = graph.call_function(aten.mm.default, (mat1, mat2))
+                product.meta["val"] = out
+                total = graph.call_function(aten.add.Tensor, (product, inp))
+                total.meta["val"] = out
+            node.replace_all_uses_with(total)
+            graph.erase_node(node)
+
+    def uuid(self) -> Any:
+        return get_hash_for_files((__file__,))
+
+
+def _elementwise_of_inputs(node: Any, known: dict[torch.fx.Node, bool]) -> bool:
+    """Whether ``node`` is computed from the graph's inputs by element-wise ops and views.
+
+    Only such gradients (l1, l2, elastic net, l2_sp) are unfused: one that depends on a
+    reduction of the weight, like group lasso's row norms, would make Inductor 2.13 fuse
+    that reduction and the update into one outer loop, whose C++ codegen fails.
+    """
+    if not isinstance(node, torch.fx.Node) or node.op in ("placeholder", "get_attr"):
+        return True
+    if node not in known:
+        target = node.target
+        known[node] = (
+            node.op == "call_function"
+            and isinstance(target, torch._ops.OpOverload)
+            and (torch.Tag.pointwise in target.tags or is_view(target))
+            and all(_elementwise_of_inputs(arg, known) for arg in node.all_input_nodes)
+        )
+    return known[node]
+
+
+def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` as a function with a code object of its own.
+
+    Dynamo caches compiled graphs per code object and counts every new closure or
+    bound ``self`` as a recompile of that code; with ``fullgraph=True`` the ninth
+    ``train_step`` of a process would then fail at the recompile limit.
+    """
+    function = method.__func__  # type: ignore[attr-defined]
+    fresh = types.FunctionType(
+        function.__code__.replace(),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    return types.MethodType(fresh, method.__self__)  # type: ignore[attr-defined]
+
+
+def _mark_static(params: Params, state: State) -> None:
+    for tree in (params, state):
+        for leaf in flatten(tree)[0]:
+            if isinstance(leaf, Tensor) and not hasattr(leaf, "_dynamo_static_input_type"):
+                torch._dynamo.mark_static_address(leaf)
+
+
+def _clone(leaf: Any) -> Any:
+    return leaf.clone() if isinstance(leaf, Tensor) else leaf
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)}"
+    return type(value).__name__

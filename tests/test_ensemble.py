@@ -63,7 +63,7 @@ def test_compiled_vmapped_sweep_equals_members_trained_one_by_one():
         seed=3,
         progress=False,
     )
-    batches = fr.ensemble._batches(64, 16, 30, seed=3, device=torch.device("cpu"))
+    batches = fr.sweep_data.sample_batches(64, 16, 30, seed=3, device=torch.device("cpu"))
     for i, strength in enumerate(strengths):
         expected = train_one(
             model,

@@ -422,9 +422,9 @@ def test_best_index_follows_select_and_never_picks_a_diverged_member():
     assert by_accuracy.best_index == 0
     assert result_with([0.5, 0.4], select=lambda r: 0).best_index == 0
     with pytest.raises(ValueError, match="not finite"):
-        result_with([0.5, float("nan")], select=lambda r: 1).best_index
+        _ = result_with([0.5, float("nan")], select=lambda r: 1).best_index
     with pytest.raises(ValueError, match="all diverged"):
-        result_with([float("nan")]).best_index
+        _ = result_with([float("nan")]).best_index
 
 
 def test_zero_dim_parameter_and_refit_on_train_plus_val():
@@ -533,19 +533,19 @@ def test_grid_runs_the_product_of_its_axes():
     assert result.grid["lr"].tolist() == pytest.approx([0.05, 0.2, 0.05, 0.2])
     header = result.table().splitlines()[0]
     assert "penalty" in header and "lr" in header
+
+    def objective(params, strength):
+        loss = torch.nn.functional.cross_entropy(
+            functional_call(model, params, (train[0],)), train[1]
+        )
+        return loss + strength * fr.penalties.l2(params)
+
     for i in range(4):
         lr, strength = result.grid["lr"][i], result.grid["penalty"][i]
         params = {k: v.detach() for k, v in model.named_parameters()}
         state = optimizer.init(params)
         for _ in range(4):
-            grads = grad(
-                lambda p: (
-                    torch.nn.functional.cross_entropy(
-                        functional_call(model, p, (train[0],)), train[1]
-                    )
-                    + strength * fr.penalties.l2(p)
-                )
-            )(params)
+            grads = grad(objective)(params, strength)
             params, state = optimizer.step(params, grads, state, lr=lr)
         torch.testing.assert_close(fr.unstack(result.params)[i], params)
     assert set(result.best) == {"penalty", "lr"}

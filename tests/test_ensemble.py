@@ -592,3 +592,26 @@ def test_plot_names_layers_marks_the_choice_and_has_two_legends(tmp_path):
     names = [t.get_text() for t in path_axis.get_legend().get_texts()]
     assert "Linear 5->8 weight" in names and any(n.startswith("chosen penalty=") for n in names)
     assert val_axis.get_legend() is not None and path_axis.get_xlabel() == "penalty"
+
+
+@pytest.mark.parametrize("l1_ratio", [1.0, 0.5])
+def test_cross_validated_path_matches_lasso_cv_and_elastic_net_cv(l1_ratio):
+    from sklearn.linear_model import ElasticNetCV
+    from sklearn.model_selection import KFold
+
+    X, y = load_diabetes(return_X_y=True)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    grid = fr.lambda_grid(Xt, yt, n=12, l1_ratio=l1_ratio)
+    path = fr.linear_path(Xt, yt, grid, l1_ratio=l1_ratio, folds=5, steps=20_000)
+    cv = ElasticNetCV(
+        l1_ratio=l1_ratio, alphas=grid.numpy(), cv=KFold(5), tol=1e-12, max_iter=100_000
+    ).fit(X, y)
+    assert path.mse_path.shape == (12, 5)
+    np.testing.assert_allclose(cv.alphas_, grid.numpy())
+    np.testing.assert_allclose(path.mse_path.numpy(), cv.mse_path_, rtol=1e-9)
+    assert path.best_strength == pytest.approx(cv.alpha_, rel=1e-12)
+    best = path.best_index
+    np.testing.assert_allclose(
+        path.coef[best].numpy(), cv.coef_, atol=1e-6 * np.abs(cv.coef_).max()
+    )
+    np.testing.assert_allclose(path.intercept[best].item(), cv.intercept_, rtol=1e-9)

@@ -615,3 +615,26 @@ def test_cross_validated_path_matches_lasso_cv_and_elastic_net_cv(l1_ratio):
         path.coef[best].numpy(), cv.coef_, atol=1e-6 * np.abs(cv.coef_).max()
     )
     np.testing.assert_allclose(path.intercept[best].item(), cv.intercept_, rtol=1e-9)
+
+
+@pytest.mark.compile
+def test_kfold_grid_sweep_is_one_compiled_graph_without_recompiles(monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=counter, **kw))
+    run = functools.partial(
+        fr.sweep,
+        small_model(),
+        torch.nn.functional.cross_entropy,
+        fr.adam(lr=0.05),
+        {"penalty": [0.0, 0.1], "lr": [0.01, 0.05]},
+        **sweep_kwargs(val=None, steps=8, batch_size=16),
+    )
+    torch._dynamo.reset()
+    compiled = run(folds=4, compile=True)
+    assert counter.frame_count == 1, "folds x grid x minibatches: one graph, no recompile"
+    eager = run(folds=4, compile=False)
+    torch.testing.assert_close(compiled.params, eager.params, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.fold_val_loss, eager.fold_val_loss, rtol=1e-5, atol=1e-6)

@@ -160,17 +160,20 @@ class SweepResult:
         :meth:`refit` gives one model)."""
         return unstack(self.params)[self.best_index]
 
-    def refit(self, *, steps: int | None = None, progress: bool = False) -> Params:
+    def refit(
+        self, *, steps: int | None = None, compile: bool | None = None, progress: bool = False
+    ) -> Params:
         """Train the chosen member's hyperparameters again on all the data.
 
         All the data is ``train`` and ``val`` together (with folds, all of ``train``),
         from the chosen member's initialization, with the sweep's optimizer, batches and
-        ``steps`` unless given. Returns one member's parameters, keyed by
+        ``steps`` unless given; ``compile`` defaults to the sweep's (one member of a small
+        model often runs faster eagerly than it compiles). Returns one member's parameters, keyed by
         ``model.named_parameters()``: ``model.load_state_dict(params, strict=False)``.
         """
         if self._refit is None:
             raise ValueError("this SweepResult was not made by fr.sweep and cannot refit")
-        return self._refit(self.best_index, steps=steps, progress=progress)
+        return self._refit(self.best_index, steps=steps, compile=compile, progress=progress)
 
     def table(self) -> str:
         """A text table: grid values, validation loss and accuracy, sparsity, norm."""
@@ -394,7 +397,8 @@ def sweep(
     def fold_view(tree: Any) -> Any:
         return optree.tree_map(lambda t: t.reshape(count, n_folds, *t.shape[1:]), tree)
 
-    def refit(index: int, *, steps: int | None, progress: bool) -> Params:
+    def refit(index: int, *, steps: int | None, compile: bool | None, progress: bool) -> Params:
+        compile = compile_sweep if compile is None else compile
         data = (
             train_data
             if val_data is None
@@ -420,7 +424,7 @@ def sweep(
         )
         return unstack(trained)[0]
 
-    sweep_steps = steps
+    sweep_steps, compile_sweep = steps, compile
     train_loss = torch.stack(losses).cpu()
     return SweepResult(
         strengths=next(iter(grid.values())).cpu(),

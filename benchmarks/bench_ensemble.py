@@ -14,7 +14,8 @@ reported apart).
 A second table compares K-fold cross-validation in one vmapped run (``fr.sweep(...,
 folds=F)``'s step: F x K members on the shared batch, each with its held-out fold
 weighted 0) with one K-member sweep on a single train/validation split (the batch's
-first (F-1)/F samples), per step.
+first (F-1)/F samples), per step, next to as many unmasked members on the whole batch
+(what the fold masks cost) and one member (what a launch-bound device pays for members).
 
     python benchmarks/bench_ensemble.py                      # CPU: K = 8, 32, 128
     python benchmarks/bench_ensemble.py --device cuda
@@ -130,10 +131,14 @@ def bench_folds(folds: int, strengths: int, device: str) -> dict[str, float]:
     loss_fn = torch.nn.functional.cross_entropy
     lams = torch.logspace(-4, -1, strengths, device=device)
     held_out = fr.sweep_data.kfold_masks(BATCH, folds).to(device)
+    sample_losses = fr.sweep_data.per_sample(loss_fn, model(x[:2]).detach(), y[:2])
     times: dict[str, float] = {}
     split = BATCH * (folds - 1) // folds
     cases = {
+        "one member": (1, False, lams[:1], x[:split], y[:split], ()),
         "one split": (strengths, False, lams, x[:split], y[:split], ()),
+        # as many members as the folds, unmasked: isolates what the fold masks cost
+        "members, no folds": (strengths * folds, False, lams.repeat_interleave(folds), x, y, ()),
         "folds": (
             strengths * folds,
             True,
@@ -146,7 +151,9 @@ def bench_folds(folds: int, strengths: int, device: str) -> dict[str, float]:
     for label, (members, weighted, member_lams, xs, ys, extra) in cases.items():
         # The step fr.sweep compiles (the same private builder), timed without the loop.
         step = torch.compile(
-            fr.ensemble._vmapped_step(model, loss_fn, optimizer, penalty, weighted=weighted),
+            fr.ensemble._vmapped_step(
+                model, loss_fn, optimizer, penalty, sample_losses if weighted else None
+            ),
             fullgraph=True,
         )
         box = {
@@ -202,10 +209,15 @@ def main() -> None:
             f"{args.strengths} members on one split ({(args.folds - 1) * 100 // args.folds}% "
             "of the batch)"
         )
-        print(f"{'members':>8} {'one split ms':>13} {'folds ms':>9} {'ratio':>6}")
         print(
-            f"{args.folds * args.strengths:>8} {times['one split']:>13.2f} "
-            f"{times['folds']:>9.2f} {times['folds'] / times['one split']:>5.2f}x",
+            f"{'members':>8} {'1 member ms':>12} {'one split ms':>13} {'no folds ms':>12} "
+            f"{'folds ms':>9} {'folds / one split':>18} {'folds / no folds':>17}"
+        )
+        print(
+            f"{args.folds * args.strengths:>8} {times['one member']:>12.2f} "
+            f"{times['one split']:>13.2f} {times['members, no folds']:>12.2f} "
+            f"{times['folds']:>9.2f} {times['folds'] / times['one split']:>17.2f}x "
+            f"{times['folds'] / times['members, no folds']:>16.2f}x",
             flush=True,
         )
 

@@ -289,7 +289,8 @@ def sweep(
         optimizer: a functional optimizer such as ``fr.adam(prox=fr.prox.l1)``.
         strengths: one strength per member, shape ``(K,)``, or a dict of grid axes.
         train: a pair of tensors ``(x, y)``, a ``DataLoader`` or any re-iterable of
-            ``(x, y)`` batches (re-iterated per epoch).
+            ``(x, y)`` batches (re-iterated per epoch). A batch of a new shape (a
+            loader's last partial batch) compiles once more: ``drop_last=True`` avoids it.
         val: the same forms; evaluated batch by batch (the exact mean over samples).
             Integer targets make it a classification problem and add accuracy.
         penalty: ``penalty(params) -> 0-d tensor``, scaled by the strength.
@@ -327,19 +328,23 @@ def sweep(
         )
     train_data = sweep_data.as_data(train, "train")
     cross_validate = folds is not None or cv is not None
+    if folds is not None and cv is not None:
+        raise ValueError("sweep: give folds= or cv=, not both")
     if cross_validate and val is not None:
         raise ValueError("sweep: folds=/cv= cross-validate within train; pass val=None")
     if not cross_validate and val is None:
         raise ValueError("sweep: give val= data, or folds=k to cross-validate on train")
     if cross_validate and train_data.tensors is None:
         raise ValueError("sweep: folds=/cv= need train as a pair of tensors (folds are positions)")
-    val_data = None if val is None else sweep_data.as_data(val, "val")
+    val_data = None if val is None else sweep_data.as_data(val, "val", check_all=True)
     _check_batch_size(batch_size, train_data)
     device = next(model.parameters()).device
     positions = _positions(grid_positions, count)
     members = _initial_members(model, init, count, seed, positions)
     first_member = unstack(members)[0]
-    classification = _probe(model, loss_fn, first_member, val_data or train_data, device)
+    classification, sample_losses = _probe(
+        model, loss_fn, first_member, val_data or train_data, device
+    )
     if select == "val_accuracy" and not classification:
         raise ValueError(
             "sweep: select='val_accuracy' needs a classification problem (integer targets "
@@ -359,7 +364,9 @@ def sweep(
         members = _repeat_members(members, n_folds)
     member_grid = {axis: values.repeat_interleave(n_folds) for axis, values in grid.items()}
     states = stack([optimizer.init(member) for member in unstack(members)])
-    step = _vmapped_step(model, loss_fn, optimizer, penalty, weighted=cross_validate)
+    step = _vmapped_step(
+        model, loss_fn, optimizer, penalty, sample_losses if cross_validate else None
+    )
     if compile:
         step = torch.compile(step, fullgraph=True)
     initial = members
@@ -384,7 +391,7 @@ def sweep(
         if cross_validate:
             assert train_data.tensors is not None and held_out is not None
             loss, accuracy = _evaluate_folds(
-                model, loss_fn, members, train_data.tensors, held_out, device, classification
+                model, sample_losses, members, train_data.tensors, held_out, device, classification
             )
         else:
             assert val_data is not None
@@ -406,7 +413,7 @@ def sweep(
         )
         start = unstack(initial)[index * n_folds]
         one = {axis: values[index : index + 1] for axis, values in grid.items()}
-        refit_step = _vmapped_step(model, loss_fn, optimizer, penalty, weighted=False)
+        refit_step = _vmapped_step(model, loss_fn, optimizer, penalty, None)
         trained, _ = _train(
             torch.compile(refit_step, fullgraph=True) if compile else refit_step,
             stack([start]),
@@ -463,7 +470,7 @@ def ensemble_step(
     """
     _check_strength_target(optimizer, penalty, hyperparameter)
     axis = "penalty" if hyperparameter is None else hyperparameter
-    vmapped = _vmapped_step(model, loss_fn, optimizer, penalty, weighted=False)
+    vmapped = _vmapped_step(model, loss_fn, optimizer, penalty, None)
 
     def step(members: Params, states: Any, strengths: Tensor, x: Tensor, y: Tensor):
         return vmapped(members, states, {axis: strengths}, x, y)
@@ -476,12 +483,11 @@ def _vmapped_step(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     optimizer: Optimizer,
     penalty: Callable[[Params], Tensor] | None,
-    *,
-    weighted: bool,
+    sample_losses: Callable[[Tensor, Tensor], Tensor] | None,
 ) -> Callable[..., tuple[Params, Any, Tensor]]:
     """``step(members, states, grid, x, y[, weights])``: ``grid`` maps each axis to one
-    value per member; ``weights`` (members x batch) weight each member's samples."""
-    sample_losses = sweep_data.per_sample(loss_fn)
+    value per member; with ``sample_losses`` (:func:`~functorch_reg.sweep_data.per_sample`),
+    ``weights`` (members x batch) weight each member's samples."""
 
     def objective(
         params: Params, grid: dict[str, Tensor], x: Tensor, y: Tensor, weights: Tensor | None
@@ -490,6 +496,7 @@ def _vmapped_step(
         if weights is None:
             loss = loss_fn(outputs, y)
         else:  # a held-out fold's samples weigh 0; clamp: a batch may miss a fold entirely
+            assert sample_losses is not None
             loss = (sample_losses(outputs, y) * weights).sum() / weights.sum().clamp(min=1)
         if penalty is None:
             return loss, loss
@@ -508,7 +515,7 @@ def _vmapped_step(
         params, state = optimizer.step(params, grads, state, **overrides)
         return params, state, loss
 
-    in_dims = (0, 0, 0, None, None, 0) if weighted else (0, 0, 0, None, None)
+    in_dims = (0, 0, 0, None, None) if sample_losses is None else (0, 0, 0, None, None, 0)
     return vmap(member_step, in_dims=in_dims)
 
 
@@ -578,7 +585,7 @@ def _evaluate(
 
 def _evaluate_folds(
     model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    sample_losses: Callable[[Tensor, Tensor], Tensor],
     members: Params,
     data: tuple[Tensor, Tensor],
     held_out: Tensor,
@@ -587,7 +594,6 @@ def _evaluate_folds(
 ) -> tuple[Tensor, Tensor | None]:
     """Each member's mean loss (and accuracy) over its held-out samples."""
     x, y = (t.to(device) for t in data)
-    sample_losses = sweep_data.per_sample(loss_fn)
 
     def evaluate(params: Params) -> tuple[Tensor, Tensor]:
         outputs = functional_call(model, params, (x,))
@@ -671,15 +677,17 @@ def _probe(
     member: Params,
     data: sweep_data.Data,
     device: torch.device,
-) -> bool:
-    """Run one sample through the model and loss; say whether it is classification."""
+) -> tuple[bool, Callable[[Tensor, Tensor], Tensor]]:
+    """Run two samples through the model and loss: whether it is classification, and
+    the per-sample loss that fold weights need."""
     x, y = next(data.epoch(device))
     with torch.no_grad():
-        outputs = functional_call(model, member, (x[:1],))
-        loss = loss_fn(outputs, y[:1])
+        outputs = functional_call(model, member, (x[:2],))
+        loss = loss_fn(outputs, y[:2])
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         raise ValueError(f"sweep: loss_fn must return a 0-d tensor (a mean), got {loss!r}")
-    return not y.is_floating_point() and outputs.ndim == 2 and y.ndim == 1
+    classification = not y.is_floating_point() and outputs.ndim == 2 and y.ndim == 1
+    return classification, sweep_data.per_sample(loss_fn, outputs, y[:2])
 
 
 def _positions(grid_positions: Tensor | Sequence[int] | None, count: int) -> Tensor:

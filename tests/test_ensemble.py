@@ -12,6 +12,7 @@ import torch
 from sklearn.datasets import load_diabetes
 from sklearn.linear_model import lasso_path
 from torch.func import functional_call, grad
+from torch.utils.data import DataLoader, TensorDataset
 
 import functorch_reg as fr
 
@@ -302,8 +303,6 @@ def sweep_kwargs(**kwargs):
 
 
 def test_dataloader_sweep_equals_tensor_batches_and_val_is_the_exact_mean():
-    from torch.utils.data import DataLoader, TensorDataset
-
     train, val = classification_data()
     model, optimizer = small_model(), fr.sgd(lr=0.2, momentum=0.5)
     loader = DataLoader(TensorDataset(*train), batch_size=16)  # 4 batches: 6 steps = 1.5 epochs
@@ -348,7 +347,12 @@ def mismatched_init():
     ("kwargs", "error", "message"),
     [
         ({"train": 5}, TypeError, "pair of tensors"),
-        ({"train": [{"x": torch.zeros(2, 5), "y": torch.zeros(2)}]}, TypeError, "\\(x, y\\) pair"),
+        ({"train": [{"x": torch.zeros(2, 5), "y": torch.zeros(2)}]}, TypeError, "train batch 0"),
+        (
+            {"train": DataLoader([{"x": torch.zeros(5), "y": 0}] * 4, batch_size=2)},
+            TypeError,
+            "train batch 0 must be an \\(x, y\\) pair of tensors, got a dict",
+        ),
         ({"train": (batch for batch in [])}, TypeError, "one-shot iterator"),
         ({"train": []}, ValueError, "train is empty"),
         ({"train": (torch.zeros(20, 5), torch.zeros(40).long())}, ValueError, "same leading"),
@@ -372,6 +376,17 @@ def mismatched_init():
         ({"folds": 3}, ValueError, "pass val=None"),
         ({"val": None, "folds": 65}, ValueError, "more than the 64"),
         ({"val": None, "folds": 1}, ValueError, "folds must be an int >= 2"),
+        ({"val": None, "folds": 2, "cv": [([0], [1])] * 2}, ValueError, "not both"),
+        (
+            {
+                "val": [
+                    (torch.zeros(4, 5), torch.zeros(4).long()),
+                    (torch.zeros(4, 5), torch.zeros(3)),
+                ]
+            },
+            ValueError,
+            "val batch 1",
+        ),
     ],
 )
 def test_bad_sweep_data_raises_before_training(kwargs, error, message):

@@ -255,7 +255,7 @@ def sweep(
     *,
     train: Any,
     val: Any = None,
-    penalty: Callable[[Params], Tensor] | None = None,
+    penalty: Callable[[Params], Tensor] | Mapping[str, Callable[[Params], Tensor]] | None = None,
     hyperparameter: str | None = None,
     steps: int = 200,
     batch_size: int | None = None,
@@ -293,7 +293,10 @@ def sweep(
             loader's last partial batch) compiles once more: ``drop_last=True`` avoids it.
         val: the same forms; evaluated batch by batch (the exact mean over samples).
             Integer targets make it a classification problem and add accuracy.
-        penalty: ``penalty(params) -> 0-d tensor``, scaled by the strength.
+        penalty: ``penalty(params) -> 0-d tensor``, scaled by the strength; or a dict
+            of named penalties (one per group of layers, e.g. ``functools.partial(
+            fr.penalties.l1, where="0.*")``), each with its own strength axis of the
+            same name in a dict ``strengths``.
         hyperparameter: the optimizer hyperparameter the strength sets instead.
         steps: optimizer steps (across epochs).
         batch_size: minibatch size for tensor data (the last partial batch of an epoch
@@ -318,7 +321,8 @@ def sweep(
     Raises:
         ValueError, TypeError: bad input, before any training.
     """
-    grid = _grid(strengths, optimizer, penalty, hyperparameter)
+    penalties = _penalties(penalty, strengths, optimizer)
+    grid = _grid(strengths, optimizer, penalties, hyperparameter)
     count = len(next(iter(grid.values())))
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"sweep: steps must be a positive int, got {steps!r}")
@@ -350,7 +354,7 @@ def sweep(
             "sweep: select='val_accuracy' needs a classification problem (integer targets "
             "and outputs of shape (batch, classes)); use 'val_loss' or a callable"
         )
-    _check_hyperparameters(optimizer, first_member, grid)
+    _check_hyperparameters(optimizer, first_member, grid, penalties)
     grid = {axis: values.to(device) for axis, values in grid.items()}
 
     n_folds, train_weights, held_out = 1, None, None
@@ -365,7 +369,7 @@ def sweep(
     member_grid = {axis: values.repeat_interleave(n_folds) for axis, values in grid.items()}
     states = stack([optimizer.init(member) for member in unstack(members)])
     step = _vmapped_step(
-        model, loss_fn, optimizer, penalty, sample_losses if cross_validate else None
+        model, loss_fn, optimizer, penalties, sample_losses if cross_validate else None
     )
     if compile:
         step = torch.compile(step, fullgraph=True)
@@ -413,7 +417,7 @@ def sweep(
         )
         start = unstack(initial)[index * n_folds]
         one = {axis: values[index : index + 1] for axis, values in grid.items()}
-        refit_step = _vmapped_step(model, loss_fn, optimizer, penalty, None)
+        refit_step = _vmapped_step(model, loss_fn, optimizer, penalties, None)
         trained, _ = _train(
             torch.compile(refit_step, fullgraph=True) if compile else refit_step,
             stack([start]),
@@ -470,7 +474,9 @@ def ensemble_step(
     """
     _check_strength_target(optimizer, penalty, hyperparameter)
     axis = "penalty" if hyperparameter is None else hyperparameter
-    vmapped = _vmapped_step(model, loss_fn, optimizer, penalty, None)
+    vmapped = _vmapped_step(
+        model, loss_fn, optimizer, {} if penalty is None else {"penalty": penalty}, None
+    )
 
     def step(members: Params, states: Any, strengths: Tensor, x: Tensor, y: Tensor):
         return vmapped(members, states, {axis: strengths}, x, y)
@@ -482,7 +488,7 @@ def _vmapped_step(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     optimizer: Optimizer,
-    penalty: Callable[[Params], Tensor] | None,
+    penalties: Mapping[str, Callable[[Params], Tensor]],
     sample_losses: Callable[[Tensor, Tensor], Tensor] | None,
 ) -> Callable[..., tuple[Params, Any, Tensor]]:
     """``step(members, states, grid, x, y[, weights])``: ``grid`` maps each axis to one
@@ -498,9 +504,10 @@ def _vmapped_step(
         else:  # a held-out fold's samples weigh 0; clamp: a batch may miss a fold entirely
             assert sample_losses is not None
             loss = (sample_losses(outputs, y) * weights).sum() / weights.sum().clamp(min=1)
-        if penalty is None:
-            return loss, loss
-        return loss + grid["penalty"] * penalty(params), loss
+        objective = loss
+        for name, penalty in penalties.items():
+            objective = objective + grid[name] * penalty(params)
+        return objective, loss
 
     def member_step(
         params: Params,
@@ -511,7 +518,7 @@ def _vmapped_step(
         weights: Tensor | None = None,
     ):
         grads, loss = grad(objective, has_aux=True)(params, grid, x, y, weights)
-        overrides = {axis: value for axis, value in grid.items() if axis != "penalty"}
+        overrides = {axis: value for axis, value in grid.items() if axis not in penalties}
         params, state = optimizer.step(params, grads, state, **overrides)
         return params, state, loss
 
@@ -612,15 +619,41 @@ def first_member_dtype(params: Params) -> torch.dtype:
     return next(leaf.dtype for leaf in flatten(params)[0] if is_float(leaf))
 
 
+def _penalties(
+    penalty: Callable[[Params], Tensor] | Mapping[str, Callable[[Params], Tensor]] | None,
+    strengths: Strengths,
+    optimizer: Optimizer,
+) -> dict[str, Callable[[Params], Tensor]]:
+    """The penalties by axis name: ``{"penalty": penalty}``, or the named group penalties."""
+    if penalty is None:
+        return {}
+    if not isinstance(penalty, Mapping):
+        return {"penalty": penalty}
+    if not isinstance(strengths, Mapping):
+        raise ValueError(
+            "sweep: a dict of penalties needs a dict of strengths with one axis per penalty"
+        )
+    clashes = sorted(set(penalty) & set(optimizer.hyperparams))
+    if clashes or not penalty:
+        raise ValueError(
+            f"sweep: penalty names must be non-empty and differ from the optimizer's "
+            f"hyperparameters, got {sorted(penalty)}"
+        )
+    for name, function in penalty.items():
+        if not callable(function):
+            raise TypeError(f"sweep: penalty[{name!r}] is not callable")
+    return dict(penalty)
+
+
 def _grid(
     strengths: Strengths,
     optimizer: Optimizer,
-    penalty: Callable[[Params], Tensor] | None,
+    penalties: Mapping[str, Callable[[Params], Tensor]],
     hyperparameter: str | None,
 ) -> dict[str, Tensor]:
     """Each axis's value per member (the product of the axes, first axis slowest)."""
     if not isinstance(strengths, Mapping):
-        _check_strength_target(optimizer, penalty, hyperparameter)
+        _check_strength_target(optimizer, penalties.get("penalty"), hyperparameter)
         axis = "penalty" if hyperparameter is None else hyperparameter
         return {axis: _as_strengths(strengths)}
     if hyperparameter is not None:
@@ -631,25 +664,32 @@ def _grid(
     if not strengths:
         raise ValueError("sweep: strengths is an empty dict; give at least one axis")
     scalars = sorted(set(optimizer.hyperparams) - {"betas"})
+    named = sorted(penalties) if penalties else ["penalty"]
     for axis in strengths:
-        if axis != "penalty" and axis not in scalars:
+        if axis not in named and axis not in scalars:
             raise ValueError(
-                f"sweep: grid axis {axis!r} names no scalar hyperparameter of the optimizer; "
-                f"choose 'penalty' or one of {scalars}"
+                f"sweep: grid axis {axis!r} names no scalar hyperparameter of the optimizer "
+                f"and no penalty; choose from {named + scalars}"
             )
-    if ("penalty" in strengths) != (penalty is not None):
-        raise ValueError("sweep: a 'penalty' axis and penalty= go together: give both or neither")
+    missing = sorted(set(penalties) - set(strengths))
+    if missing or ("penalty" in strengths and not penalties):
+        raise ValueError(
+            "sweep: a penalty axis and penalty= go together: give both or neither "
+            f"(penalties without an axis: {missing})"
+        )
     axes = {axis: _as_strengths(values) for axis, values in strengths.items()}
     mesh = torch.meshgrid(*axes.values(), indexing="ij")
     return {axis: values.reshape(-1) for axis, values in zip(axes, mesh, strict=True)}
 
 
-def _check_hyperparameters(optimizer: Optimizer, member: Params, grid: dict[str, Tensor]) -> None:
+def _check_hyperparameters(
+    optimizer: Optimizer, member: Params, grid: dict[str, Tensor], penalties: Mapping[str, Any]
+) -> None:
     """Let the optimizer validate every swept value (inside vmap it cannot read them)."""
     state = optimizer.init(member)
     zeros = optree.tree_map(torch.zeros_like, member)
     for axis, values in grid.items():
-        if axis != "penalty":
+        if axis not in penalties:
             for value in values.unique():
                 optimizer.step(member, zeros, state, **{axis: value})
 

@@ -370,7 +370,7 @@ def mismatched_init():
             "dampening=2.0",
         ),
         ({"strengths": {"penalty": [0.1], "gamma": [1.0]}}, ValueError, "grid axis 'gamma'"),
-        ({"strengths": {"lr": [0.1]}}, ValueError, "'penalty' axis and penalty="),
+        ({"strengths": {"lr": [0.1]}}, ValueError, "penalty axis and penalty="),
         ({"select": "val_f1"}, ValueError, "select must be"),
         ({"val": None}, ValueError, "give val="),
         ({"folds": 3}, ValueError, "pass val=None"),
@@ -653,3 +653,49 @@ def test_kfold_grid_sweep_is_one_compiled_graph_without_recompiles(monkeypatch):
     eager = run(folds=4, compile=False)
     torch.testing.assert_close(compiled.params, eager.params, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled.fold_val_loss, eager.fold_val_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_per_layer_strengths_are_grid_axes_of_named_penalties():
+    train, _ = classification_data()
+    model, optimizer = small_model(), fr.sgd(lr=0.1)
+    penalties = {
+        "first": functools.partial(fr.penalties.l2, where="0.*"),
+        "last": functools.partial(fr.penalties.l1, where="2.weight"),
+    }
+    result = fr.sweep(
+        model,
+        torch.nn.functional.cross_entropy,
+        optimizer,
+        {"first": [0.0, 0.5], "last": [0.0, 0.2]},
+        **sweep_kwargs(penalty=penalties, steps=4),
+    )
+    assert result.grid["first"].tolist() == [0.0, 0.0, 0.5, 0.5]
+
+    def objective(params, first, last):
+        logits = functional_call(model, params, (train[0],))
+        loss = torch.nn.functional.cross_entropy(logits, train[1])
+        return loss + first * penalties["first"](params) + last * penalties["last"](params)
+
+    for i in range(4):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        state = optimizer.init(params)
+        for _ in range(4):
+            grads = grad(objective)(params, result.grid["first"][i], result.grid["last"][i])
+            params, state = optimizer.step(params, grads, state)
+        torch.testing.assert_close(fr.unstack(result.params)[i], params)
+    with pytest.raises(ValueError, match="without an axis: \\['last'\\]"):
+        fr.sweep(
+            model,
+            torch.nn.functional.cross_entropy,
+            optimizer,
+            {"first": [0.1]},
+            **sweep_kwargs(penalty=penalties),
+        )
+    with pytest.raises(ValueError, match="one axis per penalty"):
+        fr.sweep(
+            model,
+            torch.nn.functional.cross_entropy,
+            optimizer,
+            [0.1],
+            **sweep_kwargs(penalty=penalties),
+        )

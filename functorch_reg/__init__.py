@@ -13,7 +13,7 @@ hyperparameters and match ``torch.optim`` step for step::
     params, state = opt.step(params, grads, state)
 """
 
-from . import distributed, flat, function_space, penalties, prox, select
+from . import distributed, flat, function_space, penalties, prox, select, sweep_data
 from .adapter import TorchOptimizer
 from .ensemble import (
     LinearPath,
@@ -83,6 +83,7 @@ __all__ = [
     "stack",
     "state_dict",
     "sweep",
+    "sweep_data",
     "train_step",
     "unstack",
 ]

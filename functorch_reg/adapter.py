@@ -8,14 +8,14 @@ training loop, LR scheduler and checkpoint code use it unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast, overload
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, StateDict
 
 from .adapter_flat import FlatGroup
-from .optim.base import DISABLED, Optimizer, State, enabled
+from .optim.base import DISABLED, Optimizer, State, enabled, leaf_table_field
 from .tree import flatten
 
 __all__ = ["TorchOptimizer"]
@@ -137,13 +137,13 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._flat_states: dict[int, tuple[State, list[dict[str, Tensor]]]] = {}
         self._functional = optimizer
         template = optimizer.init([torch.empty((), device="meta")])
-        self._state_type: type = type(template)
+        self._state_type: type[Any] = type(template)
         self._slot_names = tuple(
             field
             for field, tree in zip(template._fields[:-1], template[:-1], strict=True)
             if enabled(tree)
         )
-        table_field = getattr(self._state_type, "leaf_table", None)
+        table_field = leaf_table_field(self._state_type)
         self._table_field = table_field if table_field in self._slot_names else None
         # Per group index, the functional state's leaf table, whose rows the group's
         # params hold as views in self.state (see _leaf_table).
@@ -184,6 +184,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Update every param that has a gradient, in place.
@@ -230,7 +236,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_groups(self) -> None:
-        trees, grads, states, hyperparams = [], [], [], []
+        trees: list[Any] = []
+        grads: list[Any] = []
+        states: list[State] = []
+        hyperparams: list[dict[str, Any]] = []
         with torch.no_grad():
             for index, group in enumerate(self.param_groups):
                 params = group["params"]
@@ -348,7 +357,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         for s in slots:
             if s is not None:
                 s["skipped"] = skipped
-        fields = []
+        fields: list[Any] = []
         for field in self._state_type._fields[:-1]:
             if field not in self._slot_names:
                 fields.append(DISABLED)
@@ -401,12 +410,13 @@ class TorchOptimizer(torch.optim.Optimizer):
                 f"TorchOptimizer(flat=True): {self._label(index, position)} has no state while "
                 "others of its group do; with flat=True a group's params step together"
             )
-        fields = []
+        entries = cast("list[dict[str, Tensor]]", slots)  # none is None, as checked
+        fields: list[Any] = []
         for field, tree in zip(fresh._fields[:-1], fresh[:-1], strict=True):
             if not enabled(tree):
                 fields.append(DISABLED)
             elif field == self._table_field:
-                rows = [s[field].to(tree.device) for s in slots]
+                rows = [s[field].to(tree.device) for s in entries]
                 if not all(torch.equal(row, rows[0]) for row in rows):
                     raise ValueError(
                         f"TorchOptimizer(flat=True): the params of param group {index} have "
@@ -415,8 +425,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                     )
                 fields.append(rows[0].clone().unsqueeze(0))
             else:
-                fields.append([packed.pack([s[field] for s in slots])])
-        skipped = slots[0]["skipped"].detach().clone().to(fresh.skipped.device)
+                fields.append([packed.pack([s[field] for s in entries])])
+        skipped = entries[0]["skipped"].detach().clone().to(fresh.skipped.device)
         return self._state_type(*fields, skipped)
 
     def _leaf_table(self, index: int, slots: Sequence[dict[str, Tensor] | None]) -> Tensor:

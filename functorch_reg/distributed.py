@@ -23,6 +23,7 @@ Launched with ``torchrun --nproc-per-node 2 script.py``::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import optree
 import torch
@@ -133,7 +134,7 @@ def gather_grid(
     indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
     leaves, spec = flatten(local)
     cpu_leaves = [leaf.detach().cpu() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
-    gathered: list = [(spec, cpu_leaves, indices)]
+    gathered: list[Any] = [(spec, cpu_leaves, indices)]
     if dist.is_available() and dist.is_initialized():
         gathered = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, (spec, cpu_leaves, indices), group=group)
@@ -152,7 +153,7 @@ def gather_grid(
             f"exactly once, got {all_indices.tolist()}"
         )
     order = all_indices.argsort()
-    merged = []
+    merged: list[Tensor | None] = []
     for position, name in enumerate(spec_names(spec)):
         column = [rank_leaves[position] for _, rank_leaves, _ in gathered]
         if all(part is None for part in column):

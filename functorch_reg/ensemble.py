@@ -478,7 +478,9 @@ def ensemble_step(
         model, loss_fn, optimizer, {} if penalty is None else {"penalty": penalty}, None
     )
 
-    def step(members: Params, states: Any, strengths: Tensor, x: Tensor, y: Tensor):
+    def step(
+        members: Params, states: Any, strengths: Tensor, x: Tensor, y: Tensor
+    ) -> tuple[Params, Any, Tensor]:
         return vmapped(members, states, {axis: strengths}, x, y)
 
     return step
@@ -497,7 +499,7 @@ def _vmapped_step(
 
     def objective(
         params: Params, grid: dict[str, Tensor], x: Tensor, y: Tensor, weights: Tensor | None
-    ):
+    ) -> tuple[Tensor, Tensor]:
         outputs = functional_call(model, params, (x,))
         if weights is None:
             loss = loss_fn(outputs, y)
@@ -516,7 +518,7 @@ def _vmapped_step(
         x: Tensor,
         y: Tensor,
         weights: Tensor | None = None,
-    ):
+    ) -> tuple[Params, Any, Tensor]:
         grads, loss = grad(objective, has_aux=True)(params, grid, x, y, weights)
         overrides = {axis: value for axis, value in grid.items() if axis not in penalties}
         params, state = optimizer.step(params, grads, state, **overrides)
@@ -616,7 +618,8 @@ def _evaluate_folds(
 
 
 def first_member_dtype(params: Params) -> torch.dtype:
-    return next(leaf.dtype for leaf in flatten(params)[0] if is_float(leaf))
+    dtype: torch.dtype = next(leaf.dtype for leaf in flatten(params)[0] if is_float(leaf))
+    return dtype
 
 
 def _penalties(
@@ -690,7 +693,7 @@ def _check_hyperparameters(
     zeros = optree.tree_map(torch.zeros_like, member)
     for axis, values in grid.items():
         if axis not in penalties:
-            for value in values.unique():
+            for value in values.unique():  # type: ignore[no-untyped-call]  # untyped in torch
                 optimizer.step(member, zeros, state, **{axis: value})
 
 
@@ -921,7 +924,7 @@ def linear_path(
 
     def member_step(
         coef: Tensor, state: Any, strength: Tensor, gram: Tensor, correlation: Tensor, lr: Tensor
-    ):
+    ) -> tuple[Tensor, Any]:
         grads = {"coef": gram @ coef - correlation}
         params, state = optimizer.step({"coef": coef}, grads, state, lr=lr, prox_strength=strength)
         return params["coef"], state

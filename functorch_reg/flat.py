@@ -245,7 +245,9 @@ def pack(params: Params, groups: Mapping[str, Where] | None = None) -> FlatParam
     return FlatParams(buffers, slots, others, names)
 
 
-def leafwise(flat: FlatParams, prox: Callable[..., Params], **kwargs: Any) -> Callable:
+def leafwise(
+    flat: FlatParams, prox: Callable[..., Params], **kwargs: Any
+) -> Callable[[Tensor, Any], Tensor]:
     """A prox that needs leaf structure (e.g. :func:`functorch_reg.prox.group_lasso`),
     lifted to the buffers of ``flat``.
 

@@ -70,10 +70,11 @@ def input_gradient_norm(loss_of_input: Callable[[Tensor], Tensor], x: Tensor) ->
         tensor(36.)
     """
     _check_input("input_gradient_norm", x)
-    loss, vjp_fn = vjp(loss_of_input, x)
+    loss, vjp_fn = vjp(loss_of_input, x)  # type: ignore[misc]  # torch types it as a 2- or 3-tuple (no overload on has_aux)
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"input_gradient_norm: loss_of_input must return a 0-d tensor, got {got}")
+    gradient: Tensor
     (gradient,) = vjp_fn(torch.ones_like(loss))
     return gradient.square().sum()
 
@@ -142,8 +143,9 @@ def jacobian_frobenius(
         True
     """
     _check_input("jacobian_frobenius", x)
+    products: Tensor
     if mode == "vjp":
-        out, vjp_fn = vjp(fn, x)
+        out, vjp_fn = vjp(fn, x)  # type: ignore[misc]  # torch types it as a 2- or 3-tuple (no overload on has_aux)
         _check_output("jacobian_frobenius", out)
         vectors = _projections(projections, out, generator, "fn(x)")
         (products,) = vmap(vjp_fn)(vectors)
@@ -156,7 +158,8 @@ def jacobian_frobenius(
 
 
 def _jvp_output(fn: Callable[[Tensor], Tensor], x: Tensor, vector: Tensor) -> Tensor:
-    out, tangent = jvp(fn, (x,), (vector,))
+    tangent: Tensor
+    out, tangent = jvp(fn, (x,), (vector,))  # type: ignore[misc]  # torch types it as a 2- or 3-tuple (no overload on has_aux)
     _check_output("jacobian_frobenius", out)
     return tangent
 
@@ -202,7 +205,8 @@ def jacobian_frobenius_exact(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tenso
         tensor(6.)
     """
     _check_input("jacobian_frobenius_exact", x)
-    return jacrev(functools.partial(_checked_output, fn))(x).square().sum()
+    jacobian: Tensor = jacrev(functools.partial(_checked_output, fn))(x)
+    return jacobian.square().sum()
 
 
 def _checked_output(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

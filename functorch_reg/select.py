@@ -93,7 +93,7 @@ def selected(params: Params, where: Where) -> list[bool]:
     return _from_bool_tree(params, where, names, leaves, floats)
 
 
-@torch.compiler.assume_constant_result
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]  # torch leaves it untyped
 def _match_globs(
     names: tuple[str, ...], floats: tuple[bool, ...], patterns: tuple[str, ...]
 ) -> tuple[bool, ...]:

@@ -117,7 +117,7 @@ class TrainStep:
             return self._step_in_place(params, state, args, overrides)
         if self._captures_cuda_graphs:
             _mark_static(params, state)
-            torch.compiler.cudagraph_mark_step_begin()
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]  # untyped in torch
         try:
             out = self._compiled_step(params, state, args, overrides)
         except torch._dynamo.exc.TorchDynamoException as compile_error:

@@ -82,7 +82,8 @@ def global_norm(grads: Params, norm_type: float = 2.0) -> Tensor:
         for g in present
     ]
     dtype = functools.reduce(torch.promote_types, [norm.dtype for norm in norms])
-    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), norm_type)
+    norm: Tensor = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), norm_type)
+    return norm
 
 
 def clip_by_global_norm(

@@ -11,7 +11,7 @@ untouched.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeGuard, cast
 
 import optree
 import torch
@@ -178,7 +178,8 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
 
 
 def _stack_leaves(*leaves: Tensor | None) -> Tensor | None:
-    return None if leaves[0] is None else torch.stack(leaves)
+    # check_structure made the leaves None (or not) together.
+    return None if leaves[0] is None else torch.stack(cast("tuple[Tensor, ...]", leaves))
 
 
 def unstack(stacked: PyTree) -> list[PyTree]:
@@ -196,7 +197,7 @@ def unstack(stacked: PyTree) -> list[PyTree]:
     ]
 
 
-def is_dtensor(leaf: Any) -> bool:
+def is_dtensor(leaf: Any) -> TypeGuard[DTensor]:
     """Whether ``leaf`` is a ``torch.distributed.tensor.DTensor``."""
     return isinstance(leaf, _DTENSOR)
 

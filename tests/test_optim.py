@@ -14,6 +14,7 @@ from sklearn.linear_model import Lasso
 from torch.func import vmap
 
 import functorch_reg as fr
+from functorch_reg.optim.base import leaf_table_field
 
 from .conftest import mlp_params
 
@@ -220,14 +221,16 @@ def test_leaf_table_has_a_row_per_leaf_saved_under_its_name(name, rows_after):
         if step == 0:
             grads["0.bias"] = None
         params, state = opt.step(params, grads, state)
-    table = getattr(state, type(state).leaf_table)
+    table_field = leaf_table_field(state)
+    assert table_field is not None
+    table = getattr(state, table_field)
     assert table.shape[0] == len(fr.leaf_names(params))
-    saved = fr.state_dict(state)[type(state).leaf_table]
+    saved = fr.state_dict(state)[table_field]
     assert sorted(saved) == sorted(mlp_params())
     assert_identical(saved["0.bias"], rows_after(2))
     assert_identical(saved["0.weight"], rows_after(3))
     assert_identical(fr.load_state_dict(opt, params, fr.state_dict(state)), state)
-    wrong_rows = state._replace(**{type(state).leaf_table: table[1:]})
+    wrong_rows = state._replace(**{table_field: table[1:]})
     with pytest.raises(ValueError, match="rows for 4 leaves, the params have 5"):
         opt.step(params, grads, wrong_rows)
 

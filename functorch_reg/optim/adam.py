@@ -11,7 +11,7 @@ from torch import Tensor
 from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
 from ..select import Where
 from ..tree import Params
-from .base import LeafTable, Optimizer, Prox, build, is_zero
+from .base import LEAF_TABLES, LeafTable, Optimizer, Prox, build, is_zero
 from .clipping import with_clipping
 from .decay import INTERVALS as DECAY_INTERVALS
 from .decay import DecayScaling, decay_coefficient, decay_options, decayed
@@ -52,7 +52,8 @@ class AdamState(NamedTuple):
     beta_powers: Tensor
     skipped: Tensor
 
-    leaf_table = "beta_powers"
+
+LEAF_TABLES[AdamState] = "beta_powers"
 
 
 def adam(

@@ -28,9 +28,20 @@ __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
 State = Any
 """An optimizer state: a NamedTuple whose fields are pytrees of tensors.
 
-A state type may name one field in a class attribute ``leaf_table``: that field holds
-a scalar (or a small row) per leaf as a single ``[n_leaves, *row]`` tensor, one row per
-leaf of the flattened params in order, rather than as a pytree of tiny tensors."""
+A state type may name one field in :data:`LEAF_TABLES`: that field holds a scalar (or
+a small row) per leaf as a single ``[n_leaves, *row]`` tensor, one row per leaf of the
+flattened params in order, rather than as a pytree of tiny tensors."""
+
+LEAF_TABLES: dict[type, str] = {}
+"""Per state type, the name of its leaf-table field (see :data:`State`), if it has one.
+
+A registry rather than a class attribute of the state: type checkers allow only fields
+in a NamedTuple's body."""
+
+
+def leaf_table_field(state: Any) -> str | None:
+    """The leaf-table field of a state (or state type), or ``None`` when it has none."""
+    return LEAF_TABLES.get(state if isinstance(state, type) else type(state))
 
 
 class Prox(Protocol):
@@ -92,7 +103,7 @@ class LeafRule(Protocol):
 
 
 class LeafTable(NamedTuple):
-    """How the state's ``leaf_table`` field starts and advances.
+    """How the state's leaf-table field (:data:`LEAF_TABLES`) starts and advances.
 
     Scalars that each leaf keeps for itself (Adam's beta products, SGD's update count)
     live in one ``[n_leaves, *row]`` tensor, so a step advances all of them with one
@@ -142,7 +153,7 @@ def is_zero(value: Scalar) -> bool:
 def build(
     name: str,
     *,
-    state_type: type,
+    state_type: type[Any],
     init_slots: Callable[[Tensor], tuple[Tensor | None, ...]],
     rule: LeafRule,
     hyperparams: Mapping[str, Any],
@@ -155,16 +166,16 @@ def build(
 ) -> Optimizer:
     """Lift ``rule`` to an :class:`Optimizer` over pytrees.
 
-    ``state_type`` is a NamedTuple whose last field is ``skipped``. Its ``leaf_table``
-    field (if it names one) is driven by ``table``, and is :data:`DISABLED` when
-    ``table`` is ``None``. Its other fields are pytrees shaped like the params, one per
+    ``state_type`` is a NamedTuple whose last field is ``skipped``. Its leaf-table field
+    (if :data:`LEAF_TABLES` names one) is driven by ``table``, and is :data:`DISABLED`
+    when ``table`` is ``None``. Its other fields are pytrees shaped like the params, one per
     slot of ``init_slots``, or :data:`DISABLED` when ``init_slots`` gives ``None`` for
     them. ``references`` gives each leaf's decay reference (see :mod:`.decay`), checked
     at every step before anything changes.
     """
     defaults = dict(hyperparams)
     resolve(name, defaults, {}, intervals)
-    table_field = getattr(state_type, "leaf_table", None)
+    table_field = leaf_table_field(state_type)
     slot_fields = [field for field in state_type._fields[:-1] if field != table_field]
 
     def init(params: Params) -> State:
@@ -193,7 +204,7 @@ def build(
         skipped = torch.zeros((), dtype=torch.int64, device=device)
         return state_type(**fields, skipped=skipped)
 
-    def update(params: Params, grads: Params, state: State, overrides: dict) -> _Update:
+    def update(params: Params, grads: Params, state: State, overrides: dict[str, Any]) -> _Update:
         """The new leaves and state columns; nothing is modified."""
         h = resolve(name, defaults, overrides, intervals)
         leaves, spec = flatten(params)
@@ -203,7 +214,7 @@ def build(
             raise TypeError(
                 f"{name}: state must be a {state_type.__name__}, got {type(state).__name__}"
             )
-        columns = []
+        columns: list[list[Tensor | None]] = []
         for field in slot_fields:
             tree = getattr(state, field)
             if not enabled(tree):
@@ -225,7 +236,7 @@ def build(
         updated = [g is not None and is_float(p) for p, g in zip(leaves, grad_leaves, strict=True)]
         old_table = new_table = derived = None
         if table is not None:
-            old_table = getattr(state, table_field)
+            old_table = getattr(state, cast(str, table_field))
             if old_table.shape[0] != len(leaves):
                 raise ValueError(
                     f"{name}: state.{table_field} has rows for {old_table.shape[0]} leaves, "
@@ -247,7 +258,7 @@ def build(
             slots = tuple(column[i] for column in columns)
             row = None if derived is None else derived[i]
             new_p, new_slots = rule(p, g, slots, row, h, decay, refs[i])
-            if decay and prox_threshold is not None:
+            if decay and prox is not None and prox_threshold is not None:
                 new_p = prox(new_p, prox_threshold)
             # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
             # 0-d leaf, and a step never changes a param's (or its state's) dtype.
@@ -259,7 +270,7 @@ def build(
             if finite is not None:
                 new_p = torch.where(finite, new_p, p)
                 new_slots = tuple(
-                    None if new is None else torch.where(finite, new, old)
+                    None if new is None or old is None else torch.where(finite, new, old)
                     for new, old in zip(new_slots, slots, strict=True)
                 )
             new_leaves[i] = new_p
@@ -507,11 +518,11 @@ def _all_finite(grads: list[Tensor]) -> Tensor:
 def state_dict(state: State) -> dict[str, Any]:
     """The state as plain nested dicts of tensors, keyed by field and leaf name.
 
-    A ``leaf_table`` field is split into its rows, keyed by leaf name like the other
-    per-leaf fields. The result round-trips through ``torch.save`` and
+    A leaf-table field (:data:`LEAF_TABLES`) is split into its rows, keyed by leaf name
+    like the other per-leaf fields. The result round-trips through ``torch.save`` and
     ``torch.load(weights_only=True)``; restore it with :func:`load_state_dict`.
     """
-    table_field = getattr(state, "leaf_table", None)
+    table_field = leaf_table_field(state)
     names = _float_leaf_names(state)
     out: dict[str, Any] = {}
     for field, tree in zip(state._fields, state, strict=True):
@@ -544,7 +555,7 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
     params (each rank keeps its own shard of its full copy, without communication).
     """
     template = optimizer.init(params)
-    table_field = getattr(template, "leaf_table", None)
+    table_field = leaf_table_field(template)
     expected = {
         field for field, tree in zip(template._fields, template, strict=True) if enabled(tree)
     }
@@ -554,7 +565,7 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
             f"{sorted(expected)}"
         )
     float_names = _float_leaf_names(template)
-    fields = []
+    fields: list[Any] = []
     for field, tree in zip(template._fields, template, strict=True):
         if not enabled(tree):
             fields.append(DISABLED)
@@ -577,7 +588,7 @@ def _float_leaf_names(state: State) -> list[str | None]:
     """Per leaf of the params, its name, or ``None`` for a leaf without state.
 
     Read from the state's first per-leaf field; empty when no field is per leaf."""
-    table_field = getattr(state, "leaf_table", None)
+    table_field = leaf_table_field(state)
     trees = [
         tree
         for field, tree in zip(state._fields[:-1], state[:-1], strict=True)
@@ -593,7 +604,7 @@ def _float_leaf_names(state: State) -> list[str | None]:
 
 
 def _restored_leaves(
-    field: str, names: list[str | None], likes: Sequence[Tensor | None], saved: Any
+    field: str, names: Sequence[str | None], likes: Sequence[Tensor | None], saved: Any
 ) -> dict[int, Tensor]:
     """One per-leaf field's saved tensors, checked, keyed by leaf index.
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from .._checks import NON_NEGATIVE, UNIT, Scalar
 from ..select import Where
 from ..tree import Params
-from .base import LeafTable, Optimizer, Prox, build, is_zero
+from .base import LEAF_TABLES, LeafTable, Optimizer, Prox, build, is_zero
 from .clipping import with_clipping
 from .decay import INTERVALS as DECAY_INTERVALS
 from .decay import DecayScaling, decay_coefficient, decay_options, decayed
@@ -41,10 +41,13 @@ class SGDState(NamedTuple):
     """
 
     momentum_buffer: Params | tuple[()]
-    count: Tensor | tuple[()]
+    # Shadows tuple.count, which type checkers flag; the name is kept: it is a
+    # state_dict key (checkpoints) and says what the field holds.
+    count: Tensor | tuple[()]  # type: ignore[assignment]
     skipped: Tensor
 
-    leaf_table = "count"
+
+LEAF_TABLES[SGDState] = "count"
 
 
 def sgd(

@@ -70,7 +70,8 @@ def input_gradient_norm(loss_of_input: Callable[[Tensor], Tensor], x: Tensor) ->
         tensor(36.)
     """
     _check_input("input_gradient_norm", x)
-    loss, vjp_fn = vjp(loss_of_input, x)  # type: ignore[misc]  # torch types it as a 2- or 3-tuple (no overload on has_aux)
+    # torch types vjp/jvp as a 2- or 3-tuple (no overload on has_aux).
+    loss, vjp_fn = vjp(loss_of_input, x)  # type: ignore[misc]
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"input_gradient_norm: loss_of_input must return a 0-d tensor, got {got}")
@@ -145,7 +146,8 @@ def jacobian_frobenius(
     _check_input("jacobian_frobenius", x)
     products: Tensor
     if mode == "vjp":
-        out, vjp_fn = vjp(fn, x)  # type: ignore[misc]  # torch types it as a 2- or 3-tuple (no overload on has_aux)
+        # torch types vjp/jvp as a 2- or 3-tuple (no overload on has_aux).
+        out, vjp_fn = vjp(fn, x)  # type: ignore[misc]
         _check_output("jacobian_frobenius", out)
         vectors = _projections(projections, out, generator, "fn(x)")
         (products,) = vmap(vjp_fn)(vectors)
@@ -159,7 +161,8 @@ def jacobian_frobenius(
 
 def _jvp_output(fn: Callable[[Tensor], Tensor], x: Tensor, vector: Tensor) -> Tensor:
     tangent: Tensor
-    out, tangent = jvp(fn, (x,), (vector,))  # type: ignore[misc]  # torch types it as a 2- or 3-tuple (no overload on has_aux)
+    # torch types vjp/jvp as a 2- or 3-tuple (no overload on has_aux).
+    out, tangent = jvp(fn, (x,), (vector,))  # type: ignore[misc]
     _check_output("jacobian_frobenius", out)
     return tangent
 

@@ -168,9 +168,9 @@ def build(
 
     ``state_type`` is a NamedTuple whose last field is ``skipped``. Its leaf-table field
     (if :data:`LEAF_TABLES` names one) is driven by ``table``, and is :data:`DISABLED`
-    when ``table`` is ``None``. Its other fields are pytrees shaped like the params, one per
-    slot of ``init_slots``, or :data:`DISABLED` when ``init_slots`` gives ``None`` for
-    them. ``references`` gives each leaf's decay reference (see :mod:`.decay`), checked
+    when ``table`` is ``None``. Its other fields are pytrees shaped like the params, one
+    per slot of ``init_slots``, or :data:`DISABLED` when ``init_slots`` gives ``None``
+    for them. ``references`` gives each leaf's decay reference (see :mod:`.decay`), checked
     at every step before anything changes.
     """
     defaults = dict(hyperparams)

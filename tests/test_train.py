@@ -341,3 +341,21 @@ def test_compiled_flat_step_is_one_graph_and_matches_eager(device):
         torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
     assert graphs() - before == 1
     torch.testing.assert_close(flat.buffers, eager_flat.buffers, rtol=1e-5, atol=1e-6)
+
+
+def test_pure_flat_step_under_vmap_equals_a_loop_over_members():
+    members = [mlp_params(seed=seed) for seed in range(3)]
+    groups = {"decay": fr.select.weights(), "no_decay": fr.select.biases()}
+    flats = [fr.flat.pack(member, groups) for member in members]
+    opt = fr.sgd(lr=0.1, momentum=0.9, weight_decay=1e-2, mask="decay")
+    step = fr.train_step(penalized_loss(model_for(members[0])), opt, flat=flats[0])
+    lams = torch.tensor([0.0, 1e-2, 1e-1])
+    x, y = next(batches(1))
+    stacked = vmap(lambda b, s, lam: step.pure(b, s, x, y, lam))(
+        fr.stack([f.buffers for f in flats]), fr.stack([opt.init(f.buffers) for f in flats]), lams
+    )
+    for i, flat in enumerate(flats):
+        buffers, state, value = step.pure(flat.buffers, opt.init(flat.buffers), x, y, lams[i])
+        torch.testing.assert_close(fr.unstack(stacked[0])[i], buffers)
+        torch.testing.assert_close(fr.unstack(stacked[1])[i], state)
+        torch.testing.assert_close(stacked[2][i], value)

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import types
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -268,15 +269,16 @@ def _inductor_options(mode: str | None) -> dict[str, Any]:
 
 class _UnfuseGradientAddmm(CustomGraphPass):
     """Turn ``addmm(inp, a, b)`` back into ``mm(a, b) + inp`` where ``inp`` has the full
-    output shape and every use of the result is element-wise.
+    output shape, is an element-wise function of the graph's inputs, and every use of
+    the result is element-wise (or the ``cat`` that forms a flat gradient).
 
     A penalty's gradient reaches a weight as ``mm(...) + penalty_grad``. On CPU, Inductor
     folds that into ``addmm``, which writes the penalty's gradient to memory and reads it
     twice (copied into the output, then read by the GEMM). Left as an addition, it fuses
     into the optimizer's element-wise update, which reads the weight anyway, and the
     penalty costs little more than its forward reduction. Inductor already makes this
-    choice on GPUs (``should_prefer_unfused_addmm``); a 1-d bias (the forward of a
-    ``Linear``) stays fused.
+    choice on GPUs for element-wise uses (``should_prefer_unfused_addmm``), not for the
+    flat layout's ``cat``; a 1-d bias (the forward of a ``Linear``) stays fused.
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -292,7 +294,7 @@ class _UnfuseGradientAddmm(CustomGraphPass):
                 continue
             if (
                 bias.shape != out.shape
-                or not all(is_pointwise_use(user) for user in node.users)
+                or not all(is_pointwise_use(user, _is_cat) for user in node.users)
                 or not _elementwise_of_inputs(inp, {})
             ):
                 continue
@@ -308,6 +310,12 @@ class _UnfuseGradientAddmm(CustomGraphPass):
         return get_hash_for_files((__file__,))
 
 
+def _is_cat(op: torch._ops.OpOverload) -> bool:
+    # With the flat layout, each weight's gradient is copied into its group's flat
+    # gradient by a cat, whose copy loop the addition joins.
+    return op is torch.ops.aten.cat.default
+
+
 def _elementwise_of_inputs(node: Any, known: dict[torch.fx.Node, bool]) -> bool:
     """Whether ``node`` is computed from the graph's inputs by element-wise ops and views.
 
@@ -319,10 +327,14 @@ def _elementwise_of_inputs(node: Any, known: dict[torch.fx.Node, bool]) -> bool:
         return True
     if node not in known:
         target = node.target
+        # getitem picks one output of a multi-output view op: the flat layout's split.
+        elementwise = target is operator.getitem or (
+            isinstance(target, torch._ops.OpOverload)
+            and (torch.Tag.pointwise in target.tags or is_view(target))
+        )
         known[node] = (
             node.op == "call_function"
-            and isinstance(target, torch._ops.OpOverload)
-            and (torch.Tag.pointwise in target.tags or is_view(target))
+            and elementwise
             and all(_elementwise_of_inputs(arg, known) for arg in node.all_input_nodes)
         )
     return known[node]

@@ -13,7 +13,7 @@ hyperparameters and match ``torch.optim`` step for step::
     params, state = opt.step(params, grads, state)
 """
 
-from . import distributed, function_space, penalties, prox, select
+from . import distributed, function_space, hypergrad, penalties, prox, select
 from .adapter import TorchOptimizer
 from .ensemble import (
     LinearPath,
@@ -51,6 +51,7 @@ __all__ = [
     "distributed",
     "ensemble_step",
     "function_space",
+    "hypergrad",
     "init_ensemble",
     "lambda_grid",
     "leaf_names",

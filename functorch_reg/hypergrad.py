@@ -478,13 +478,17 @@ def _select(keep: Tensor, old: Leaves, new: Leaves) -> Leaves:
 def _conjugate_gradients(
     matvec: Callable[[Leaves], Leaves], rhs: Leaves, maxiter: int, tolerance: float
 ) -> Leaves:
-    """CG for a symmetric positive (semi-)definite ``matvec``, with a fixed iteration count.
+    """CG for a symmetric positive (semi-)definite ``matvec``, at most ``maxiter`` products.
 
-    Converged, or broken-down (non-positive curvature ``p.Ap``) iterations freeze the
-    state with ``torch.where`` rather than leaving the loop, so the result does not depend
-    on a data-dependent exit (eager mode leaves early once everything is frozen, for
-    speed). The iterate with the smallest recursive residual is returned.
+    It stops when the residual reaches ``tolerance`` relative to ``rhs``, or at
+    non-positive curvature ``p.Ap`` (an indefinite matrix), and returns the iterate with
+    the smallest recursive residual (not the last: that residual is not monotone). Under
+    ``torch.compile`` the loop runs all ``maxiter`` iterations and stopping freezes the
+    state with ``torch.where`` (no data-dependent exit); eager mode leaves the loop
+    instead, with the same iterates.
     """
+    if not torch.compiler.is_compiling():
+        return _conjugate_gradients_eager(matvec, rhs, maxiter, tolerance)
     x = tuple(torch.zeros_like(b) for b in rhs)
     residual = rhs
     direction = rhs
@@ -492,10 +496,7 @@ def _conjugate_gradients(
     threshold = tolerance**2 * squared
     done = squared <= threshold
     best, best_squared = x, squared
-    eager = not torch.compiler.is_compiling()
     for _ in range(maxiter):
-        if eager and bool(done):
-            break
         product = matvec(direction)
         curvature = _dot(direction, product)
         breakdown = ~(curvature > 0)
@@ -512,6 +513,36 @@ def _conjugate_gradients(
         best = _select(improved, x, best)
         best_squared = torch.where(improved, squared, best_squared)
         done = done | (squared <= threshold)
+    return best
+
+
+def _conjugate_gradients_eager(
+    matvec: Callable[[Leaves], Leaves], rhs: Leaves, maxiter: int, tolerance: float
+) -> Leaves:
+    """:func:`_conjugate_gradients` with early exits and foreach updates, no masking."""
+    x = tuple(torch.zeros_like(b) for b in rhs)
+    squared = float(_dot(rhs, rhs))
+    threshold = tolerance**2 * squared
+    best, best_squared = x, squared
+    if squared <= threshold:
+        return x
+    residual, direction = rhs, rhs
+    for _ in range(maxiter):
+        product = matvec(direction)
+        curvature = float(_dot(direction, product))
+        if not curvature > 0:
+            break
+        alpha = squared / curvature
+        x = tuple(torch._foreach_add(list(x), list(direction), alpha=alpha))
+        residual = tuple(torch._foreach_add(list(residual), list(product), alpha=-alpha))
+        new_squared = float(_dot(residual, residual))
+        if new_squared < best_squared:
+            best, best_squared = x, new_squared
+        if new_squared <= threshold:
+            break
+        beta = new_squared / squared
+        direction = tuple(torch._foreach_add(list(residual), list(direction), alpha=beta))
+        squared = new_squared
     return best
 
 

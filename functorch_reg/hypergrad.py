@@ -318,6 +318,21 @@ def tune(
     Returns:
         A :class:`TuneResult` with the trained parameters, the final strengths and the
         history to plot.
+
+    Example:
+        Noise-free targets: less regularization is better, and the strength falls.
+
+        >>> from functorch_reg import sgd
+        >>> X = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+        >>> y = X @ torch.tensor([1.0, -1.0, 0.5])
+        >>> def train(w, lam):
+        ...     return (X[:20] @ w - y[:20]).square().mean() + lam * w.square().sum()
+        >>> def val(w):
+        ...     return (X[20:] @ w - y[20:]).square().mean()
+        >>> result = tune(train, val, torch.zeros(3), torch.tensor(1.0), sgd(lr=0.1),
+        ...               rounds=10, steps_per_round=5, progress=False)
+        >>> result.train_steps, bool(result.strengths < 0.5)
+        (50, True)
     """
     _check_strengths("tune", strengths)
     _check_positive_int("tune", "rounds", rounds)

@@ -99,7 +99,8 @@ def implicit(
     residual. A ``RuntimeWarning`` also reports a stationarity residual
     (:math:`\|\nabla_w L\|`, or :math:`\|T(w) - w\| / \eta` with a prox) above
     ``stationary_tol``. Under ``torch.compile`` the loop runs all ``maxiter`` iterations
-    and nothing is read back to warn.
+    and nothing is read back: no warnings, and no check of the prox's Jacobian for
+    ``"cg"`` (run it once eagerly first).
 
     Args:
         train_loss: ``train_loss(params, strengths) -> 0-d tensor``.
@@ -111,7 +112,9 @@ def implicit(
         solver: ``"cg"`` or ``"normal_cg"``.
         maxiter: iterations of the solver (matrix-vector products).
         tol: relative residual at which the solver stops.
-        damping: added to the Hessian (``H + damping * I``), for non-convex losses.
+        damping: added to the Hessian (``H + damping * I``), for non-convex losses;
+            with a prox, to :math:`I - \partial_w T` (which is :math:`\eta H` on the
+            support).
         stationary_tol: warn when the stationarity residual is above this.
 
     Returns:
@@ -611,7 +614,7 @@ def _implicit(
 
         def transpose_matvec(x: Leaves) -> Leaves:  # H^T x = H x
             product = gradient_vjp(x)[0]
-            return _combine(product, torch.tensor(damping), x) if damping else product
+            return tuple(p + damping * a for p, a in zip(product, x, strict=True))
 
         matvec = transpose_matvec
 

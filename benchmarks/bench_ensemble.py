@@ -4,6 +4,7 @@ Each member is a 64-128-10 MLP trained with Adam on ``cross_entropy + lam * l1(w
 over a shared batch; K members, one per lambda. One training step of all K members:
 
 * ``vmap+compile``: ``torch.compile(fr.ensemble_step(...))`` (what ``fr.sweep`` runs)
+* ``vmap+compile flat``: the same over stacked flat buffers (``fr.sweep(flat=True)``)
 * ``loop functional``: eager ``grad`` + ``opt.step`` per member
 * ``loop functional compiled``: one compiled single-member step, called K times
 * ``loop torch.optim``: an ``nn.Module`` and a ``torch.optim.Adam`` per member, ``backward()``
@@ -11,8 +12,15 @@ over a shared batch; K members, one per lambda. One training step of all K membe
 Medians from ``torch.utils.benchmark``; warm-up and compile excluded (compile time is
 reported apart).
 
+A second table compares K-fold cross-validation in one vmapped run (``fr.sweep(...,
+folds=F)``'s step: F x K members on the shared batch, each with its held-out fold
+weighted 0) with one K-member sweep on a single train/validation split (the batch's
+first (F-1)/F samples), per step, next to as many unmasked members on the whole batch
+(what the fold masks cost) and one member (what a launch-bound device pays for members).
+
     python benchmarks/bench_ensemble.py                      # CPU: K = 8, 32, 128
     python benchmarks/bench_ensemble.py --device cuda
+    python benchmarks/bench_ensemble.py --members --folds 5 --strengths 16   # the CV row only
 """
 
 from __future__ import annotations
@@ -79,6 +87,22 @@ def bench(members: int, device: str) -> dict[str, float]:
 
     times["vmap+compile"] = median_ms(vmapped, device)
 
+    # the same on stacked flat buffers: one buffer per member row, one kernel per update
+    layout = fr.flat.pack(params)
+    flat_step = torch.compile(
+        fr.ensemble_step(model, loss_fn, optimizer, penalty=penalty, flat=layout), fullgraph=True
+    )
+    buffers = fr.stack([layout.pack_like(params)] * members)
+    flat_box = {"members": buffers, "states": fr.stack([optimizer.init(layout.buffers)] * members)}
+
+    def vmapped_flat() -> None:
+        flat_box["members"], flat_box["states"], _ = flat_step(
+            flat_box["members"], flat_box["states"], lams, x, y
+        )
+
+    vmapped_flat()
+    times["vmap+compile flat"] = median_ms(vmapped_flat, device)
+
     # a Python loop of functional single-member steps, eager and compiled
     def objective(p: dict[str, torch.Tensor], lam: torch.Tensor) -> torch.Tensor:
         return loss_fn(functional_call(model, p, (x,)), y) + lam * penalty(p)
@@ -114,10 +138,65 @@ def bench(members: int, device: str) -> dict[str, float]:
     return times
 
 
+def bench_folds(folds: int, strengths: int, device: str) -> dict[str, float]:
+    """Per-step time of F x K cross-validation members vs K members on one split."""
+    model = make_model(device)
+    x = torch.randn(BATCH, FEATURES, device=device)
+    y = torch.randint(CLASSES, (BATCH,), device=device)
+    optimizer = fr.adam(lr=1e-3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss_fn = torch.nn.functional.cross_entropy
+    lams = torch.logspace(-4, -1, strengths, device=device)
+    held_out = fr.sweep_data.kfold_masks(BATCH, folds).to(device)
+    sample_losses = fr.sweep_data.per_sample(loss_fn, model(x[:2]).detach(), y[:2])
+    times: dict[str, float] = {}
+    split = BATCH * (folds - 1) // folds
+    cases = {
+        "one member": (1, False, lams[:1], x[:split], y[:split], ()),
+        "one split": (strengths, False, lams, x[:split], y[:split], ()),
+        # as many members as the folds, unmasked: isolates what the fold masks cost
+        "members, no folds": (strengths * folds, False, lams.repeat_interleave(folds), x, y, ()),
+        "folds": (
+            strengths * folds,
+            True,
+            lams.repeat_interleave(folds),
+            x,
+            y,
+            ((~held_out).float().repeat(strengths, 1),),
+        ),
+    }
+    for label, (members, weighted, member_lams, xs, ys, extra) in cases.items():
+        # The step fr.sweep compiles (the same private builder), timed without the loop.
+        step = torch.compile(
+            fr.ensemble._vmapped_step(
+                model, loss_fn, optimizer, penalty, sample_losses if weighted else None
+            ),
+            fullgraph=True,
+        )
+        box = {
+            "members": fr.stack([params] * members),
+            "states": fr.stack([optimizer.init(params)] * members),
+        }
+        grid = {"penalty": member_lams}
+
+        def run(step=step, box=box, grid=grid, xs=xs, ys=ys, extra=extra) -> None:
+            box["members"], box["states"], _ = step(
+                box["members"], box["states"], grid, xs, ys, *extra
+            )
+
+        started = time.perf_counter()
+        run()
+        times[f"{label} compile s"] = time.perf_counter() - started
+        times[label] = median_ms(run, device)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--members", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--members", type=int, nargs="*", default=[8, 32, 128])
+    parser.add_argument("--folds", type=int, default=5, help="folds of the CV row (0: none)")
+    parser.add_argument("--strengths", type=int, default=16, help="strengths of the CV row")
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     print(
@@ -125,7 +204,13 @@ def main() -> None:
         f"{datetime.date.today()}, {torch.get_num_threads()} threads"
     )
     print(f"# MLP {FEATURES}-{HIDDEN}-{CLASSES}, batch {BATCH}, Adam, loss + lam * l1(weights)")
-    columns = ["vmap+compile", "loop functional", "loop functional compiled", "loop torch.optim"]
+    columns = [
+        "vmap+compile",
+        "vmap+compile flat",
+        "loop functional",
+        "loop functional compiled",
+        "loop torch.optim",
+    ]
     print(
         f"{'K':>5} {'compile s':>10} "
         + " ".join(f"{c + ' ms':>26}" for c in columns)
@@ -133,11 +218,29 @@ def main() -> None:
     )
     for members in args.members:
         times = bench(members, args.device)
-        best_loop = min(times[c] for c in columns[1:])
+        best_loop = min(times[c] for c in columns[2:])
         cells = " ".join(f"{times[c]:>26.2f}" for c in columns)
         print(
             f"{members:>5} {times['compile s']:>10.1f} {cells} "
             f"{best_loop / times['vmap+compile']:>20.1f}x",
+            flush=True,
+        )
+    if args.folds:
+        times = bench_folds(args.folds, args.strengths, args.device)
+        print(
+            f"\n# {args.folds}-fold CV x {args.strengths} strengths in one vmapped step vs "
+            f"{args.strengths} members on one split ({(args.folds - 1) * 100 // args.folds}% "
+            "of the batch)"
+        )
+        print(
+            f"{'members':>8} {'1 member ms':>12} {'one split ms':>13} {'no folds ms':>12} "
+            f"{'folds ms':>9} {'folds / one split':>18} {'folds / no folds':>17}"
+        )
+        print(
+            f"{args.folds * args.strengths:>8} {times['one member']:>12.2f} "
+            f"{times['one split']:>13.2f} {times['members, no folds']:>12.2f} "
+            f"{times['folds']:>9.2f} {times['folds'] / times['one split']:>17.2f}x "
+            f"{times['folds'] / times['members, no folds']:>16.2f}x",
             flush=True,
         )
 

@@ -20,10 +20,12 @@ run() {  # name, timeout in s, command...
     echo "=== $name"
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt" | grep -v "^  ready:"
 }
-run tests 120 python3 -m pytest -q -p no:cacheprovider -k cuda ${TESTS:-tests/test_flat.py tests/test_adapter_flat.py}
 cd benchmarks
 run step_adamw 150 python3 bench_step.py --device cuda --sizes 100M --cases flat,combo,foreach
 run step_sgd 80 python3 bench_step.py --device cuda --sizes 100M --optimizer sgd --cases flat
+cd ..
+run tests 120 python3 -m pytest -q -p no:cacheprovider -k cuda ${TESTS:-tests/test_flat.py tests/test_adapter_flat.py}
+cd benchmarks
 for extra in ${EXTRA:-}; do
     run "$extra" 150 python3 "$extra.py" --device cuda ${EXTRA_ARGS:-}
 done

@@ -15,7 +15,8 @@ Launched with ``torchrun --nproc-per-node 2 script.py``::
     dist.init_process_group("gloo")
     grid = torch.logspace(-4, 0, 8)
     strengths, indices = shard_grid(grid)  # this rank's 4 strengths
-    result = fr.sweep(model, loss_fn, opt, strengths, train=train, val=val, penalty=penalty)
+    result = fr.sweep(model, loss_fn, opt, strengths, train=train, val=val, penalty=penalty,
+                      grid_positions=indices)  # init="independent" as in the whole grid
     val_loss = gather_grid(result.val_loss, indices)  # all 8, in grid order, on every rank
 """
 

@@ -10,17 +10,22 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import optree
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from . import prox as prox_ops
+from . import sweep_data
+from .flat import FlatParams, pack
 from .optim import Optimizer, sgd
+from .select import Where
+from .train import TrainStep
 from .tree import Params, flatten, is_float, spec_names, stack, unstack
 
 if TYPE_CHECKING:
@@ -37,12 +42,17 @@ __all__ = [
 ]
 
 
-def init_ensemble(model: nn.Module, n: int, seed: int = 0) -> Params:
+def init_ensemble(
+    model: nn.Module, n: int, seed: int = 0, *, positions: Tensor | Sequence[int] | None = None
+) -> Params:
     """Parameters of ``n`` independently initialized copies of ``model``, stacked.
 
     Each member is ``model`` re-initialized by its modules' ``reset_parameters()``
     under a seed drawn from ``seed``, so the ensemble is reproducible and ``model``
-    itself is left untouched.
+    itself is left untouched. The member at position ``i`` of a grid gets the ``i``-th
+    seed drawn, so a slice of a grid (``positions``, e.g. a rank's
+    :func:`~functorch_reg.distributed.shard_grid` indices) gets the members it has in
+    the whole grid.
 
     Example:
         >>> members = init_ensemble(torch.nn.Linear(3, 2), n=4, seed=0)
@@ -51,7 +61,12 @@ def init_ensemble(model: nn.Module, n: int, seed: int = 0) -> Params:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"init_ensemble: n must be a positive int, got {n!r}")
-    member_seeds = torch.randint(2**62, (n,), generator=torch.Generator().manual_seed(seed))
+    where = torch.arange(n) if positions is None else torch.as_tensor(positions).long().cpu()
+    if where.shape != (n,) or (where < 0).any():
+        raise ValueError(f"init_ensemble: positions must be {n} non-negative ints, got {where}")
+    # Draws are prefix-stable: the first m of n draws are the m draws of a shorter grid.
+    generator = torch.Generator().manual_seed(seed)
+    member_seeds = torch.randint(2**62, (int(where.max()) + 1,), generator=generator)[where]
     members = []
     for member_seed in member_seeds.tolist():
         replica = copy.deepcopy(model)
@@ -65,18 +80,32 @@ def init_ensemble(model: nn.Module, n: int, seed: int = 0) -> Params:
     return stack(members)
 
 
+Strengths = Tensor | Sequence[float] | Mapping[str, Tensor | Sequence[float]]
+Select = Literal["val_loss", "val_accuracy"] | Callable[["SweepResult"], int]
+
+
 @dataclass(frozen=True)
 class SweepResult:
-    """What :func:`sweep` measured, one entry per member (per strength).
+    """What :func:`sweep` measured, one entry per member (per point of the grid).
+
+    With ``folds``, a member is a grid point: its metrics are means over its folds and
+    the per-fold figures are in ``fold_val_loss`` / ``fold_val_accuracy``.
 
     Attributes:
-        strengths: the regularization strengths, shape ``(K,)``.
-        params: the trained members' parameters, stacked (leading dim ``K``).
-        train_loss: unregularized training loss per step, shape ``(steps, K)``.
-        val_loss: validation loss, shape ``(K,)``.
+        strengths: the first grid axis's value of each member, shape ``(K,)``.
+        params: the trained parameters, stacked: leading dim ``K``, or ``(K, folds)``.
+        train_loss: unregularized training loss per step, ``(steps, K)`` or
+            ``(steps, K, folds)``.
+        val_loss: validation loss, shape ``(K,)`` (with folds, the mean over folds).
         val_accuracy: validation accuracy for classification (integer targets), else ``None``.
         sparsity: fraction of parameter entries that are exactly zero, shape ``(K,)``.
         param_norm: Euclidean norm of all parameters, shape ``(K,)``.
+        fold_val_loss: held-out loss per member and fold, ``(K, folds)``, or ``None``.
+        fold_val_accuracy: held-out accuracy per member and fold, or ``None``.
+        grid: each axis's value per member, ``{axis: (K,)}``; the axis is ``"penalty"``
+            or the optimizer hyperparameter the values set.
+        select: ``"val_loss"`` (lowest), ``"val_accuracy"`` (highest) or a callable
+            ``result -> index``; it sets :attr:`best_index`.
     """
 
     strengths: Tensor
@@ -86,54 +115,138 @@ class SweepResult:
     val_accuracy: Tensor | None
     sparsity: Tensor
     param_norm: Tensor
+    fold_val_loss: Tensor | None = None
+    fold_val_accuracy: Tensor | None = None
+    grid: Mapping[str, Tensor] = field(default_factory=dict)
+    select: Select = "val_loss"
+    labels: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    _refit: Callable[..., Params] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def finite(self) -> Tensor:
+        """Whether each member's validation loss is finite (``False``: it diverged)."""
+        return torch.isfinite(self.val_loss)
 
     @property
     def best_index(self) -> int:
-        """The member with the lowest validation loss."""
-        return int(self.val_loss.argmin())
+        """The member chosen by :attr:`select`; a member with a non-finite validation
+        loss is never chosen."""
+        finite = self.finite
+        if not finite.any():
+            raise ValueError("every member's validation loss is non-finite: all diverged")
+        if callable(self.select):
+            index = self.select(self)
+            if isinstance(index, Tensor):
+                index = int(index)
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise TypeError(f"select must return an int index, got {index!r}")
+            if not 0 <= index < len(self.val_loss):
+                raise ValueError(f"select returned {index}, not in [0, {len(self.val_loss)})")
+            if not finite[index]:
+                raise ValueError(
+                    f"select chose member {index}, whose validation loss is not finite"
+                )
+            return index
+        if self.select == "val_accuracy":
+            assert self.val_accuracy is not None
+            return int(torch.where(finite, self.val_accuracy, -math.inf).argmax())
+        return int(torch.where(finite, self.val_loss, math.inf).argmin())
+
+    @property
+    def best(self) -> dict[str, float]:
+        """The chosen member's value on each grid axis."""
+        return {axis: values[self.best_index].item() for axis, values in self.grid.items()}
 
     @property
     def best_params(self) -> Params:
-        """Parameters of :attr:`best_index`."""
+        """Parameters of :attr:`best_index` (with folds: its members, stacked per fold;
+        :meth:`refit` gives one model)."""
         return unstack(self.params)[self.best_index]
 
+    def refit(
+        self, *, steps: int | None = None, compile: bool | None = None, progress: bool = False
+    ) -> Params:
+        """Train the chosen member's hyperparameters again on all the data.
+
+        All the data is ``train`` and ``val`` together (with folds, all of ``train``),
+        from the chosen member's initialization, with the sweep's optimizer, batches and
+        ``steps`` unless given; ``compile`` defaults to the sweep's (one member of a small
+        model often runs faster eagerly than it compiles). Returns one member's parameters, keyed by
+        ``model.named_parameters()``: ``model.load_state_dict(params, strict=False)``.
+        """
+        if self._refit is None:
+            raise ValueError("this SweepResult was not made by fr.sweep and cannot refit")
+        return self._refit(self.best_index, steps=steps, compile=compile, progress=progress)
+
     def table(self) -> str:
-        """A text table: strength, validation loss and accuracy, sparsity, norm."""
-        header = f"{'lambda':>10}  {'val loss':>9}  {'val acc':>7}  {'zeros':>6}  {'norm':>8}"
+        """A text table: grid values, validation loss and accuracy, sparsity, norm."""
+        axes = self.grid or {"lambda": self.strengths}
+        header = "  ".join(f"{axis:>13}" for axis in axes)
+        header += f"  {'val loss':>9}  {'val acc':>7}  {'zeros':>6}  {'norm':>8}"
         rows = [header, "-" * len(header)]
-        for i, lam in enumerate(self.strengths.tolist()):
+        best = self.best_index if self.finite.any() else -1
+        for i in range(len(self.val_loss)):
             accuracy = "" if self.val_accuracy is None else f"{self.val_accuracy[i].item():.3f}"
-            mark = "  <- best" if i == self.best_index else ""
+            mark = "  <- best" if i == best else ""
+            if not self.finite[i]:
+                mark = "  diverged"
+            cells = "  ".join(f"{values[i].item():>13.3g}" for values in axes.values())
             rows.append(
-                f"{lam:>10.3g}  {self.val_loss[i].item():>9.4f}  {accuracy:>7}  "
+                f"{cells}  {self.val_loss[i].item():>9.4f}  {accuracy:>7}  "
                 f"{self.sparsity[i].item():>6.1%}  {self.param_norm[i].item():>8.3f}{mark}"
             )
         return "\n".join(rows)
 
     def plot(self, path: str | None = None) -> Figure:
-        """Regularization path (norm of each parameter tensor per strength) and
-        validation curve, on a log strength axis. Needs matplotlib; saves to ``path``
-        when given."""
+        """Regularization path (norm of each parameter tensor along the first axis) and
+        validation curve (one line per value of the other axes), on a log axis, the
+        chosen member marked. Needs matplotlib; saves to ``path`` when given."""
         plt = _pyplot()
         figure, (path_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4))
+        axes = dict(self.grid) or {"lambda": self.strengths}
+        first, *others = axes
+        best = self.best_index
+        # The path along the first axis, the other axes held at the chosen member's values.
+        along = torch.ones(len(self.val_loss), dtype=torch.bool)
+        for axis in others:
+            along &= axes[axis] == axes[axis][best]
+        x = axes[first]
         leaves, spec = flatten(self.params)
         for name, leaf in zip(spec_names(spec), leaves, strict=True):
             if is_float(leaf):
-                path_axis.plot(self.strengths, leaf.flatten(1).norm(dim=1), label=name)
-        path_axis.set(title="Regularization path", xlabel="lambda", ylabel="parameter norm")
-        path_axis.legend(fontsize="small")
+                norms = leaf.reshape(len(self.val_loss), -1).norm(dim=1)
+                path_axis.plot(x[along], norms[along], label=self.labels.get(name, name))
+        path_axis.set(title="Regularization path", xlabel=first, ylabel="parameter norm")
         metric, label = (
             (self.val_accuracy, "validation accuracy")
-            if self.val_accuracy is not None
+            if self.val_accuracy is not None and self.select == "val_accuracy"
             else (self.val_loss, "validation loss")
         )
-        val_axis.plot(self.strengths, metric, marker="o", label=label)
-        val_axis.set(title="Validation", xlabel="lambda", ylabel=label)
+        keys = sorted({tuple(axes[a][i].item() for a in others) for i in range(len(x))})
+        for key in keys:
+            line = torch.ones(len(x), dtype=torch.bool)
+            for axis, value in zip(others, key, strict=True):
+                line &= axes[axis] == value
+            name = ", ".join(f"{a}={v:.3g}" for a, v in zip(others, key, strict=True)) or label
+            val_axis.plot(x[line], metric[line], marker="o", label=name)
         zeros_axis = val_axis.twinx()
-        zeros_axis.plot(self.strengths, self.sparsity, color="gray", linestyle="--")
+        zeros_axis.plot(
+            x[along],
+            self.sparsity[along],
+            color="gray",
+            linestyle="--",
+            label="fraction of exact zeros",
+        )
         zeros_axis.set_ylabel("fraction of exact zeros", color="gray")
+        val_axis.set(title="Validation", xlabel=first, ylabel=label)
+        chosen = x[best].item()
         for axis in (path_axis, val_axis):
-            _log_strength_axis(axis, self.strengths)
+            _log_strength_axis(axis, x)
+            axis.axvline(chosen, color="black", linestyle=":", label=f"chosen {first}={chosen:.3g}")
+        path_axis.legend(fontsize="small")
+        lines, names = val_axis.get_legend_handles_labels()
+        zero_lines, zero_names = zeros_axis.get_legend_handles_labels()
+        val_axis.legend(lines + zero_lines, names + zero_names, fontsize="small")
         return _finish(figure, path)
 
 
@@ -141,88 +254,221 @@ def sweep(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     optimizer: Optimizer,
-    strengths: Tensor | Sequence[float],
+    strengths: Strengths,
     *,
-    train: tuple[Tensor, Tensor],
-    val: tuple[Tensor, Tensor],
-    penalty: Callable[[Params], Tensor] | None = None,
+    train: Any,
+    val: Any = None,
+    penalty: Callable[[Params], Tensor] | Mapping[str, Callable[[Params], Tensor]] | None = None,
     hyperparameter: str | None = None,
     steps: int = 200,
     batch_size: int | None = None,
+    folds: int | None = None,
+    cv: Any = None,
+    select: Select = "val_loss",
     init: Literal["shared", "independent"] | Params = "shared",
     seed: int = 0,
+    grid_positions: Tensor | Sequence[int] | None = None,
+    flat: bool | Mapping[str, Where] = False,
     compile: bool = True,
     progress: bool = True,
 ) -> SweepResult:
-    """Train one member of ``model`` per regularization strength, all at once.
+    """Train one member of ``model`` per regularization strength (or grid point), all at once.
 
     The strength of member ``k`` either scales a penalty added to the loss,
     ``loss_fn(model(x), y) + strengths[k] * penalty(params)`` (give ``penalty``), or
     drives one of the optimizer's hyperparameters, e.g. ``prox_strength`` or
-    ``weight_decay`` (give ``hyperparameter``). Every step runs all members through one
-    ``torch.compile(vmap(step))``; all members see the same batches.
+    ``weight_decay`` (give ``hyperparameter``). A dict of axes,
+    ``{"penalty" or hyperparameter: values}``, sweeps their product. Every step runs all
+    members through one ``torch.compile(vmap(step))``; all members see the same batches.
+
+    With ``folds=k`` (or a ``cv`` splitter) and no ``val``, each grid point trains one
+    member per fold, all in the same vmapped step: every member sees the shared batch
+    with its held-out fold's samples weighted 0, so ``loss_fn`` must be a mean over
+    samples (as the torch losses are by default). Folds are contiguous, as
+    ``sklearn.model_selection.KFold(k)`` without shuffling.
 
     Args:
         model: the architecture; its parameters are the shared initialization.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, a mean over samples.
         optimizer: a functional optimizer such as ``fr.adam(prox=fr.prox.l1)``.
-        strengths: one strength per member, shape ``(K,)``.
-        train: training inputs and targets.
-        val: validation inputs and targets; integer targets make it a classification
-            problem and add accuracy.
-        penalty: ``penalty(params) -> 0-d tensor``, scaled by the strength.
+        strengths: one strength per member, shape ``(K,)``, or a dict of grid axes.
+        train: a pair of tensors ``(x, y)``, a ``DataLoader`` or any re-iterable of
+            ``(x, y)`` batches (re-iterated per epoch). A batch of a new shape (a
+            loader's last partial batch) compiles once more: ``drop_last=True`` avoids it.
+        val: the same forms; evaluated batch by batch (the exact mean over samples).
+            Integer targets make it a classification problem and add accuracy.
+        penalty: ``penalty(params) -> 0-d tensor``, scaled by the strength; or a dict
+            of named penalties (one per group of layers, e.g. ``functools.partial(
+            fr.penalties.l1, where="0.*")``), each with its own strength axis of the
+            same name in a dict ``strengths``.
         hyperparameter: the optimizer hyperparameter the strength sets instead.
-        steps: optimizer steps.
-        batch_size: minibatch size (the last partial batch of an epoch is dropped so
-            shapes stay static); ``None`` for full-batch steps.
+        steps: optimizer steps (across epochs).
+        batch_size: minibatch size for tensor data (the last partial batch of an epoch
+            is dropped so shapes stay static); ``None`` for full-batch steps.
+        folds: cross-validate over ``folds`` contiguous folds of ``train`` (tensors).
+        cv: a scikit-learn splitter or a list of ``(train_index, test_index)`` instead.
+        select: ``"val_loss"``, ``"val_accuracy"`` or ``result -> index``.
         init: ``"shared"`` (every member starts from ``model``'s parameters),
             ``"independent"`` (:func:`init_ensemble` with ``seed``), or stacked
             parameters with ``K`` members.
         seed: seeds the batch order (and the members' initialization when independent).
+        grid_positions: the members' positions in a larger grid split across ranks
+            (:func:`~functorch_reg.distributed.shard_grid`'s indices), so that
+            ``init="independent"`` gives each member the initialization it has in the
+            whole grid.
+        flat: train stacked flat buffers (see :mod:`functorch_reg.flat`): ``True`` packs
+            one group per dtype, a dict ``group -> where=`` names the groups, and the
+            optimizer's ``mask`` then names groups (``mask="decay"``). Each member's
+            update is then one kernel per group rather than one per leaf; results equal
+            the per-leaf sweep, and :attr:`SweepResult.params` is per-leaf either way.
         compile: compile the vmapped step with ``fullgraph=True``.
-        progress: show a progress bar.
+        progress: show a progress bar (it says "compiling" during the first step).
 
     Returns:
         A :class:`SweepResult`.
+
+    Raises:
+        ValueError, TypeError: bad input, before any training.
     """
-    strengths = _as_strengths(strengths)
-    count = len(strengths)
-    step = ensemble_step(model, loss_fn, optimizer, penalty=penalty, hyperparameter=hyperparameter)
-    if compile:
-        step = torch.compile(step, fullgraph=True)
+    penalties = _penalties(penalty, strengths, optimizer)
+    grid = _grid(strengths, optimizer, penalties, hyperparameter)
+    count = len(next(iter(grid.values())))
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"sweep: steps must be a positive int, got {steps!r}")
+    if select not in ("val_loss", "val_accuracy") and not callable(select):
+        raise ValueError(
+            f"sweep: select must be 'val_loss', 'val_accuracy' or a callable, got {select!r}"
+        )
+    train_data = sweep_data.as_data(train, "train")
+    cross_validate = folds is not None or cv is not None
+    if folds is not None and cv is not None:
+        raise ValueError("sweep: give folds= or cv=, not both")
+    if cross_validate and val is not None:
+        raise ValueError("sweep: folds=/cv= cross-validate within train; pass val=None")
+    if not cross_validate and val is None:
+        raise ValueError("sweep: give val= data, or folds=k to cross-validate on train")
+    if cross_validate and train_data.tensors is None:
+        raise ValueError("sweep: folds=/cv= need train as a pair of tensors (folds are positions)")
+    val_data = None if val is None else sweep_data.as_data(val, "val", check_all=True)
+    _check_batch_size(batch_size, train_data)
     device = next(model.parameters()).device
-    members = _initial_members(model, init, count, seed)
-    states = stack([optimizer.init(member) for member in unstack(members)])
-    strengths = strengths.to(device)
-    x_train, y_train = (t.to(device) for t in train)
-    x_val, y_val = (t.to(device) for t in val)
-    batches = _batches(len(x_train), batch_size, steps, seed, device)
-    losses = []
-    for index in tqdm(batches, desc=f"sweep over {count} strengths", disable=not progress):
-        members, states, loss = step(members, states, strengths, x_train[index], y_train[index])
-        losses.append(loss)
+    positions = _positions(grid_positions, count)
+    members = _initial_members(model, init, count, seed, positions)
+    first_member = unstack(members)[0]
+    classification, sample_losses = _probe(
+        model, loss_fn, first_member, val_data or train_data, device
+    )
+    if select == "val_accuracy" and not classification:
+        raise ValueError(
+            "sweep: select='val_accuracy' needs a classification problem (integer targets "
+            "and outputs of shape (batch, classes)); use 'val_loss' or a callable"
+        )
+    layout = None
+    if flat is not False:
+        layout = pack(first_member, None if flat is True else flat)
+    _check_hyperparameters(
+        optimizer, first_member if layout is None else layout.buffers, grid, penalties
+    )
+    grid = {axis: values.to(device) for axis, values in grid.items()}
 
-    def evaluate(params: Params) -> tuple[Tensor, Tensor]:
-        outputs = functional_call(model, params, (x_val,))
-        return loss_fn(outputs, y_val), outputs
-
+    n_folds, train_weights, held_out = 1, None, None
+    if cross_validate:
+        assert train_data.tensors is not None
+        train_mask, held_mask = sweep_data.fold_masks(len(train_data.tensors[0]), folds, cv)
+        n_folds = len(train_mask)
+        dtype = first_member_dtype(first_member)
+        train_weights = train_mask.to(device, dtype).repeat(count, 1)
+        held_out = held_mask.to(device, dtype).repeat(count, 1)
+        members = _repeat_members(members, n_folds)
+    member_grid = {axis: values.repeat_interleave(n_folds) for axis, values in grid.items()}
+    trained = members if layout is None else stack([layout.pack_like(m) for m in unstack(members)])
+    states = stack([optimizer.init(member) for member in unstack(trained)])
+    step = _vmapped_step(
+        model, loss_fn, optimizer, penalties, sample_losses if cross_validate else None, layout
+    )
+    if compile:
+        step = torch.compile(step, fullgraph=True)
+    initial = members
+    trained, losses = _train(
+        step,
+        trained,
+        states,
+        member_grid,
+        train_data,
+        batch_size,
+        steps,
+        seed,
+        device,
+        train_weights,
+        progress=progress,
+        compiling=compile,
+        desc=f"sweep over {count} x {n_folds} members"
+        if cross_validate
+        else f"sweep over {count} members",
+    )
+    members = trained if layout is None else layout.unpack(trained)
     with torch.no_grad():
-        val_loss, outputs = vmap(evaluate)(members)
-        accuracy = None
-        if not y_val.is_floating_point() and outputs.ndim == 3:
-            accuracy = (outputs.argmax(-1) == y_val).float().mean(-1)
-        leaves = [leaf.flatten(1) for leaf in flatten(members)[0] if is_float(leaf)]
+        if cross_validate:
+            assert train_data.tensors is not None and held_out is not None
+            loss, accuracy = _evaluate_folds(
+                model, sample_losses, members, train_data.tensors, held_out, device, classification
+            )
+        else:
+            assert val_data is not None
+            loss, accuracy = _evaluate(model, loss_fn, members, val_data, device, classification)
+        leaves = [leaf.reshape(len(leaf), -1) for leaf in flatten(members)[0] if is_float(leaf)]
         entries = torch.cat(leaves, dim=1)
+        sparsity = (entries == 0).float().mean(1).view(count, n_folds).mean(1)
+        norm = entries.norm(dim=1).view(count, n_folds).mean(1)
+
+    def fold_view(tree: Any) -> Any:
+        return optree.tree_map(lambda t: t.reshape(count, n_folds, *t.shape[1:]), tree)
+
+    def refit(index: int, *, steps: int | None, compile: bool | None, progress: bool) -> Params:
+        compile = compile_sweep if compile is None else compile
+        data = (
+            train_data
+            if val_data is None
+            else sweep_data.concatenated(train_data, val_data, batch_size)
+        )
+        start = unstack(initial)[index * n_folds]
+        one = {axis: values[index : index + 1] for axis, values in grid.items()}
+        refit_step = _vmapped_step(model, loss_fn, optimizer, penalties, None)
+        trained, _ = _train(
+            torch.compile(refit_step, fullgraph=True) if compile else refit_step,
+            stack([start]),
+            stack([optimizer.init(start)]),
+            one,
+            data,
+            batch_size,
+            steps or sweep_steps,
+            seed,
+            device,
+            None,
+            progress=progress,
+            compiling=compile,
+            desc="refit",
+        )
+        return unstack(trained)[0]
+
+    sweep_steps, compile_sweep = steps, compile
+    train_loss = torch.stack(losses).cpu()
     return SweepResult(
-        strengths=strengths.cpu(),
-        params=members,
-        train_loss=torch.stack(losses).cpu(),
-        val_loss=val_loss.cpu(),
-        val_accuracy=None if accuracy is None else accuracy.cpu(),
-        sparsity=(entries == 0).float().mean(1).cpu(),
-        param_norm=entries.norm(dim=1).cpu(),
+        strengths=next(iter(grid.values())).cpu(),
+        params=fold_view(members) if cross_validate else members,
+        train_loss=train_loss.view(steps, count, n_folds) if cross_validate else train_loss,
+        val_loss=loss.view(count, n_folds).mean(1).cpu(),
+        val_accuracy=None if accuracy is None else accuracy.view(count, n_folds).mean(1).cpu(),
+        sparsity=sparsity.cpu(),
+        param_norm=norm.cpu(),
+        fold_val_loss=loss.view(count, n_folds).cpu() if cross_validate else None,
+        fold_val_accuracy=(
+            accuracy.view(count, n_folds).cpu() if cross_validate and accuracy is not None else None
+        ),
+        grid={axis: values.cpu() for axis, values in grid.items()},
+        select=select,
+        labels=_layer_labels(model),
+        _refit=refit,
     )
 
 
@@ -233,30 +479,311 @@ def ensemble_step(
     *,
     penalty: Callable[[Params], Tensor] | None = None,
     hyperparameter: str | None = None,
+    flat: FlatParams | None = None,
 ) -> Callable[..., tuple[Params, Any, Tensor]]:
     """The vmapped training step that :func:`sweep` compiles, for loops of your own.
 
     ``step(members, states, strengths, x, y) -> (members, states, losses)`` takes stacked
     parameters and optimizer states (leading dim ``K``), one strength per member and a
     batch shared by all members; ``losses`` are the members' unregularized losses.
-    Compile the returned function (``torch.compile(step, fullgraph=True)``), not the
-    other way round.
+    With ``flat=fr.flat.pack(params, ...)``, ``members`` are stacked buffers
+    (``[K, n]`` per group, e.g. ``fr.stack([flat.pack_like(m) for m in trees])``), the
+    model and ``penalty`` see their leaf views, and one kernel per group updates every
+    member. Compile the returned function (``torch.compile(step, fullgraph=True)``), not
+    the other way round.
     """
     _check_strength_target(optimizer, penalty, hyperparameter)
+    axis = "penalty" if hyperparameter is None else hyperparameter
+    vmapped = _vmapped_step(
+        model, loss_fn, optimizer, {} if penalty is None else {"penalty": penalty}, None, flat
+    )
 
-    def objective(params: Params, strength: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        loss = loss_fn(functional_call(model, params, (x,)), y)
-        if penalty is None:
-            return loss, loss
-        return loss + strength * penalty(params), loss
+    def step(members: Params, states: Any, strengths: Tensor, x: Tensor, y: Tensor):
+        return vmapped(members, states, {axis: strengths}, x, y)
 
-    def member_step(params: Params, state: Any, strength: Tensor, x: Tensor, y: Tensor):
-        grads, loss = grad(objective, has_aux=True)(params, strength, x, y)
-        overrides = {} if hyperparameter is None else {hyperparameter: strength}
-        params, state = optimizer.step(params, grads, state, **overrides)
+    return step
+
+
+def _vmapped_step(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    optimizer: Optimizer,
+    penalties: Mapping[str, Callable[[Params], Tensor]],
+    sample_losses: Callable[[Tensor, Tensor], Tensor] | None,
+    flat: FlatParams | None = None,
+) -> Callable[..., tuple[Params, Any, Tensor]]:
+    """``step(members, states, grid, x, y[, weights])``: ``grid`` maps each axis to one
+    value per member; with ``sample_losses`` (:func:`~functorch_reg.sweep_data.per_sample`),
+    ``weights`` (members x batch) weight each member's samples. Each member's step is
+    :meth:`~functorch_reg.train.TrainStep.pure` of the penalized loss (over ``flat``'s
+    buffers when given)."""
+
+    def objective(
+        params: Params, grid: dict[str, Tensor], x: Tensor, y: Tensor, weights: Tensor | None
+    ):
+        outputs = functional_call(model, params, (x,))
+        if weights is None:
+            loss = loss_fn(outputs, y)
+        else:  # a held-out fold's samples weigh 0; clamp: a batch may miss a fold entirely
+            assert sample_losses is not None
+            loss = (sample_losses(outputs, y) * weights).sum() / weights.sum().clamp(min=1)
+        objective = loss
+        for name, penalty in penalties.items():
+            objective = objective + grid[name] * penalty(params)
+        return objective, loss
+
+    train = TrainStep(objective, optimizer, flat=flat, has_aux=True, compile=False, mode=None)
+
+    def member_step(
+        params: Params,
+        state: Any,
+        grid: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        weights: Tensor | None = None,
+    ):
+        overrides = {axis: value for axis, value in grid.items() if axis not in penalties}
+        params, state, (_, loss) = train.pure(params, state, grid, x, y, weights, **overrides)
         return params, state, loss
 
-    return vmap(member_step, in_dims=(0, 0, 0, None, None))
+    in_dims = (0, 0, 0, None, None) if sample_losses is None else (0, 0, 0, None, None, 0)
+    return vmap(member_step, in_dims=in_dims)
+
+
+def _train(
+    step: Callable[..., tuple[Params, Any, Tensor]],
+    members: Params,
+    states: Any,
+    grid: dict[str, Tensor],
+    data: sweep_data.Data,
+    batch_size: int | None,
+    steps: int,
+    seed: int,
+    device: torch.device,
+    weights: Tensor | None,
+    *,
+    progress: bool,
+    compiling: bool,
+    desc: str,
+) -> tuple[Params, list[Tensor]]:
+    losses = []
+    bar = tqdm(total=steps, desc=desc, disable=not progress)
+    if compiling:
+        bar.set_postfix_str("compiling (first step)")
+    for number, ((x, y), index) in enumerate(
+        sweep_data.training_batches(data, batch_size, steps, seed, device)
+    ):
+        extra = () if weights is None else (weights[:, index],)
+        members, states, loss = step(members, states, grid, x, y, *extra)
+        losses.append(loss)
+        if number == 0 and compiling:
+            # The rate and ETA count from here: compiling is not a step.
+            bar.set_postfix_str("")
+            bar.reset()
+            bar.initial = bar.n = bar.last_print_n = 1
+            bar.refresh()
+        else:
+            bar.update(1)
+    bar.close()
+    return members, losses
+
+
+def _evaluate(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    members: Params,
+    data: sweep_data.Data,
+    device: torch.device,
+    classification: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Mean validation loss (and accuracy) per member over all batches, weighted by size."""
+    total, loss_sum, correct = 0, None, None
+    for x, y in data.epoch(device):
+
+        def evaluate(params: Params, x: Tensor = x, y: Tensor = y) -> tuple[Tensor, Tensor]:
+            outputs = functional_call(model, params, (x,))
+            return loss_fn(outputs, y), outputs
+
+        loss, outputs = vmap(evaluate)(members)
+        total += len(y)
+        loss_sum = loss * len(y) if loss_sum is None else loss_sum + loss * len(y)
+        if classification:
+            hits = (outputs.argmax(-1) == y).sum(-1)
+            correct = hits if correct is None else correct + hits
+    assert loss_sum is not None
+    return loss_sum / total, None if correct is None else correct / total
+
+
+def _evaluate_folds(
+    model: nn.Module,
+    sample_losses: Callable[[Tensor, Tensor], Tensor],
+    members: Params,
+    data: tuple[Tensor, Tensor],
+    held_out: Tensor,
+    device: torch.device,
+    classification: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Each member's mean loss (and accuracy) over its held-out samples."""
+    x, y = (t.to(device) for t in data)
+
+    def evaluate(params: Params) -> tuple[Tensor, Tensor]:
+        outputs = functional_call(model, params, (x,))
+        return sample_losses(outputs, y), outputs
+
+    losses, outputs = vmap(evaluate)(members)
+    count = held_out.sum(1)
+    loss = (losses * held_out).sum(1) / count
+    accuracy = None
+    if classification:
+        accuracy = ((outputs.argmax(-1) == y) * held_out).sum(1) / count
+    return loss, accuracy
+
+
+def first_member_dtype(params: Params) -> torch.dtype:
+    return next(leaf.dtype for leaf in flatten(params)[0] if is_float(leaf))
+
+
+def _penalties(
+    penalty: Callable[[Params], Tensor] | Mapping[str, Callable[[Params], Tensor]] | None,
+    strengths: Strengths,
+    optimizer: Optimizer,
+) -> dict[str, Callable[[Params], Tensor]]:
+    """The penalties by axis name: ``{"penalty": penalty}``, or the named group penalties."""
+    if penalty is None:
+        return {}
+    if not isinstance(penalty, Mapping):
+        return {"penalty": penalty}
+    if not isinstance(strengths, Mapping):
+        raise ValueError(
+            "sweep: a dict of penalties needs a dict of strengths with one axis per penalty"
+        )
+    clashes = sorted(set(penalty) & set(optimizer.hyperparams))
+    if clashes or not penalty:
+        raise ValueError(
+            f"sweep: penalty names must be non-empty and differ from the optimizer's "
+            f"hyperparameters, got {sorted(penalty)}"
+        )
+    for name, function in penalty.items():
+        if not callable(function):
+            raise TypeError(f"sweep: penalty[{name!r}] is not callable")
+    return dict(penalty)
+
+
+def _grid(
+    strengths: Strengths,
+    optimizer: Optimizer,
+    penalties: Mapping[str, Callable[[Params], Tensor]],
+    hyperparameter: str | None,
+) -> dict[str, Tensor]:
+    """Each axis's value per member (the product of the axes, first axis slowest)."""
+    if not isinstance(strengths, Mapping):
+        _check_strength_target(optimizer, penalties.get("penalty"), hyperparameter)
+        axis = "penalty" if hyperparameter is None else hyperparameter
+        return {axis: _as_strengths(strengths)}
+    if hyperparameter is not None:
+        raise ValueError(
+            "sweep: with a dict of strengths, its keys name the hyperparameters; "
+            "drop hyperparameter="
+        )
+    if not strengths:
+        raise ValueError("sweep: strengths is an empty dict; give at least one axis")
+    scalars = sorted(set(optimizer.hyperparams) - {"betas"})
+    named = sorted(penalties) if penalties else ["penalty"]
+    for axis in strengths:
+        if axis not in named and axis not in scalars:
+            raise ValueError(
+                f"sweep: grid axis {axis!r} names no scalar hyperparameter of the optimizer "
+                f"and no penalty; choose from {named + scalars}"
+            )
+    missing = sorted(set(penalties) - set(strengths))
+    if missing or ("penalty" in strengths and not penalties):
+        raise ValueError(
+            "sweep: a penalty axis and penalty= go together: give both or neither "
+            f"(penalties without an axis: {missing})"
+        )
+    axes = {axis: _as_strengths(values) for axis, values in strengths.items()}
+    mesh = torch.meshgrid(*axes.values(), indexing="ij")
+    return {axis: values.reshape(-1) for axis, values in zip(axes, mesh, strict=True)}
+
+
+def _check_hyperparameters(
+    optimizer: Optimizer, member: Params, grid: dict[str, Tensor], penalties: Mapping[str, Any]
+) -> None:
+    """Let the optimizer validate every swept value (inside vmap it cannot read them)."""
+    state = optimizer.init(member)
+    zeros = optree.tree_map(torch.zeros_like, member)
+    for axis, values in grid.items():
+        if axis not in penalties:
+            for value in values.unique():
+                optimizer.step(member, zeros, state, **{axis: value})
+
+
+def _check_batch_size(batch_size: Any, data: sweep_data.Data) -> None:
+    if batch_size is None:
+        return
+    if data.tensors is None:
+        raise ValueError(
+            "sweep: batch_size applies to tensor data; a DataLoader or list of batches "
+            "is batched already (pass batch_size=None)"
+        )
+    size = len(data.tensors[0])
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or not 0 < batch_size <= size
+    ):
+        raise ValueError(f"sweep: batch_size must be an int in [1, {size}], got {batch_size!r}")
+
+
+def _probe(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    member: Params,
+    data: sweep_data.Data,
+    device: torch.device,
+) -> tuple[bool, Callable[[Tensor, Tensor], Tensor]]:
+    """Run two samples through the model and loss: whether it is classification, and
+    the per-sample loss that fold weights need."""
+    x, y = next(data.epoch(device))
+    with torch.no_grad():
+        outputs = functional_call(model, member, (x[:2],))
+        loss = loss_fn(outputs, y[:2])
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        raise ValueError(f"sweep: loss_fn must return a 0-d tensor (a mean), got {loss!r}")
+    classification = not y.is_floating_point() and outputs.ndim == 2 and y.ndim == 1
+    return classification, sweep_data.per_sample(loss_fn, outputs, y[:2])
+
+
+def _positions(grid_positions: Tensor | Sequence[int] | None, count: int) -> Tensor:
+    if grid_positions is None:
+        return torch.arange(count)
+    positions = torch.as_tensor(grid_positions).cpu()
+    if positions.is_floating_point() or positions.shape != (count,) or (positions < 0).any():
+        raise ValueError(
+            f"sweep: grid_positions must be {count} non-negative ints, one per member, "
+            f"got {positions.tolist()}"
+        )
+    return positions.long()
+
+
+def _repeat_members(members: Params, times: int) -> Params:
+    return optree.tree_map(lambda t: t.repeat_interleave(times, dim=0), members)
+
+
+def _layer_labels(model: nn.Module) -> dict[str, str]:
+    """Parameter names in words: ``"0.weight"`` -> ``"Linear 64->32 weight"``."""
+    labels = {}
+    for name, _ in model.named_parameters():
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        kind = type(module).__name__
+        if isinstance(module, nn.Linear):
+            kind += f" {module.in_features}->{module.out_features}"
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            kernel = "x".join(map(str, module.kernel_size))
+            kind += f" {module.in_channels}->{module.out_channels} {kernel}"
+        labels[name] = f"{kind} {leaf}" if module_name else name
+    return labels
 
 
 def _check_strength_target(
@@ -302,13 +829,28 @@ class LinearPath:
 
     Attributes:
         strengths: shape ``(K,)``.
-        coef: shape ``(K, n_features)``.
+        coef: shape ``(K, n_features)``, fitted on all the data.
         intercept: shape ``(K,)``.
+        mse_path: with ``folds``, the held-out mean squared error per strength and fold,
+            shape ``(K, folds)`` (scikit-learn's ``LassoCV.mse_path_``), else ``None``.
     """
 
     strengths: Tensor
     coef: Tensor
     intercept: Tensor
+    mse_path: Tensor | None = None
+
+    @property
+    def best_index(self) -> int:
+        """The strength with the lowest mean held-out error (needs ``folds``)."""
+        if self.mse_path is None:
+            raise ValueError("best_index needs cross-validation: linear_path(..., folds=k)")
+        return int(self.mse_path.mean(1).argmin())
+
+    @property
+    def best_strength(self) -> float:
+        """``strengths[best_index]``: scikit-learn's ``LassoCV.alpha_``."""
+        return self.strengths[self.best_index].item()
 
     def plot(self, path: str | None = None) -> Figure:
         """Each coefficient against the strength (log axis); saves to ``path`` when given."""
@@ -316,6 +858,9 @@ class LinearPath:
         figure, axis = plt.subplots(figsize=(6, 4))
         axis.plot(self.strengths, self.coef)
         axis.set(title="Regularization path", xlabel="lambda", ylabel="coefficient")
+        if self.mse_path is not None:
+            axis.axvline(self.best_strength, color="black", linestyle=":", label="best (CV)")
+            axis.legend(fontsize="small")
         _log_strength_axis(axis, self.strengths)
         return _finish(figure, path)
 
@@ -328,6 +873,7 @@ def linear_path(
     l1_ratio: float = 1.0,
     steps: int = 10_000,
     fit_intercept: bool = True,
+    folds: int | None = None,
     compile: bool = True,
     progress: bool = False,
 ) -> LinearPath:
@@ -340,44 +886,91 @@ def linear_path(
     with ``fr.sgd(lr=1/L, prox=fr.prox.elastic_net)`` (ISTA; ``L`` the largest
     eigenvalue of :math:`X^T X / n`), all strengths in one vmapped step. Plain ISTA,
     not momentum: with momentum :math:`\mu` the fixed point solves the problem for
-    :math:`(1 - \mu)\alpha` instead.
+    :math:`(1 - \mu)\alpha` instead. With ``folds=k`` the path of each of ``k``
+    contiguous folds' training part (``KFold(k)``, intercept fitted per fold) runs in
+    the same vmapped step as the full path, giving ``LassoCV``'s ``mse_path_``.
 
     Args:
         X: features, shape ``(n, d)``.
         y: targets, shape ``(n,)``.
-        strengths: defaults to :func:`lambda_grid`.
+        strengths: defaults to :func:`lambda_grid` (on all of ``X``, as ``LassoCV``).
         l1_ratio: ``r``, 1 for the lasso.
         steps: proximal gradient steps (the error falls linearly, at a rate set by the
             conditioning of ``X``).
         fit_intercept: fit ``b`` by centering ``X`` and ``y``, as scikit-learn does.
+        folds: cross-validate over ``folds`` contiguous folds.
         compile: compile the vmapped step.
         progress: show a progress bar.
+
+    Example:
+        >>> X, y = torch.randn(30, 3, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
+        >>> path = linear_path(X, y, torch.tensor([1.0, 0.1]), folds=3, steps=50, compile=False)
+        >>> path.mse_path.shape
+        torch.Size([2, 3])
     """
+    if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
+        raise ValueError(
+            f"linear_path: X must be (n, d) and y (n,), got {tuple(X.shape)} and {tuple(y.shape)}"
+        )
     if strengths is None:
         strengths = lambda_grid(X, y, l1_ratio=l1_ratio, fit_intercept=fit_intercept)
     strengths = _as_strengths(strengths).to(X.dtype)
-    X_fit, y_fit = _centered(X, y) if fit_intercept else (X, y)
-    # The gradient X^T (X w - y) / n through the Gram matrix: d x d work per step, not n x d.
-    gram, correlation = X_fit.T @ X_fit / len(y), X_fit.T @ y_fit / len(y)
-    optimizer = sgd(
-        lr=1 / torch.linalg.eigvalsh(gram).max().item(),
-        prox=functools.partial(prox_ops.elastic_net, l1_ratio=l1_ratio),
-    )
-    coef = torch.zeros(len(strengths), X.shape[1], dtype=X.dtype, device=X.device)
+    count = len(strengths)
+    # System 0 is all the data; system 1 + f is fold f's training part.
+    fits = [torch.ones(len(y), dtype=torch.bool, device=X.device)]
+    held_out = None
+    if folds is not None:
+        held_out = sweep_data.kfold_masks(len(y), folds).to(X.device)
+        fits += list(~held_out)
+    grams, correlations, rates, means = [], [], [], []
+    for fit in fits:
+        X_fit, y_fit = X[fit], y[fit]
+        x_mean, y_mean = X_fit.mean(0), y_fit.mean()
+        if fit_intercept:
+            X_fit, y_fit = X_fit - x_mean, y_fit - y_mean
+        # The gradient X^T (X w - y) / n through the Gram matrix: d x d work per step.
+        gram = X_fit.T @ X_fit / len(y_fit)
+        grams.append(gram)
+        correlations.append(X_fit.T @ y_fit / len(y_fit))
+        rates.append(1 / torch.linalg.eigvalsh(gram).max())
+        means.append((x_mean, y_mean))
+    systems = len(fits)
+    optimizer = sgd(lr=1.0, prox=functools.partial(prox_ops.elastic_net, l1_ratio=l1_ratio))
+    coef = torch.zeros(systems * count, X.shape[1], dtype=X.dtype, device=X.device)
     states = stack([optimizer.init({"coef": row}) for row in coef])
+    member_grams = torch.stack(grams).repeat_interleave(count, 0)
+    member_correlations = torch.stack(correlations).repeat_interleave(count, 0)
+    member_rates = torch.stack(rates).repeat_interleave(count)
+    member_strengths = strengths.repeat(systems)
 
-    def member_step(coef: Tensor, state: Any, strength: Tensor):
+    def member_step(
+        coef: Tensor, state: Any, strength: Tensor, gram: Tensor, correlation: Tensor, lr: Tensor
+    ):
         grads = {"coef": gram @ coef - correlation}
-        params, state = optimizer.step({"coef": coef}, grads, state, prox_strength=strength)
+        params, state = optimizer.step({"coef": coef}, grads, state, lr=lr, prox_strength=strength)
         return params["coef"], state
 
     step = vmap(member_step)
     if compile:
         step = torch.compile(step, fullgraph=True)
     for _ in tqdm(range(steps), desc="linear path", disable=not progress):
-        coef, states = step(coef, states, strengths)
-    intercept = (y.mean() - coef @ X.mean(0)) if fit_intercept else torch.zeros_like(strengths)
-    return LinearPath(strengths=strengths, coef=coef, intercept=intercept)
+        coef, states = step(
+            coef, states, member_strengths, member_grams, member_correlations, member_rates
+        )
+    coef = coef.view(systems, count, -1)
+    intercepts = []
+    for (x_mean, y_mean), system_coef in zip(means, coef, strict=True):
+        intercepts.append(
+            y_mean - system_coef @ x_mean if fit_intercept else torch.zeros_like(strengths)
+        )
+    mse_path = None
+    if held_out is not None:
+        errors = []
+        for fold, test in enumerate(held_out):
+            predictions = X[test] @ coef[1 + fold].T + intercepts[1 + fold]
+            errors.append(((predictions - y[test, None]) ** 2).mean(0))
+        mse_path = torch.stack(errors, dim=1)
+    return LinearPath(strengths=strengths, coef=coef[0], intercept=intercepts[0], mse_path=mse_path)
 
 
 def _as_strengths(strengths: Tensor | Sequence[float]) -> Tensor:
@@ -394,39 +987,44 @@ def _as_strengths(strengths: Tensor | Sequence[float]) -> Tensor:
 
 
 def _initial_members(
-    model: nn.Module, init: Literal["shared", "independent"] | Params, count: int, seed: int
+    model: nn.Module,
+    init: Literal["shared", "independent"] | Params,
+    count: int,
+    seed: int,
+    positions: Tensor,
 ) -> Params:
+    own = {name: p.detach() for name, p in model.named_parameters()}
     if isinstance(init, str):
         if init == "shared":
-            return stack([{name: p.detach() for name, p in model.named_parameters()}] * count)
+            return stack([own] * count)
         if init == "independent":
-            return init_ensemble(model, count, seed)
+            return init_ensemble(model, count, seed, positions=positions)
         raise ValueError(
             f"sweep: init must be 'shared', 'independent' or stacked params, got {init!r}"
         )
-    sizes = {leaf.shape[0] for leaf in flatten(init)[0] if isinstance(leaf, Tensor)}
+    if not isinstance(init, Mapping):
+        raise TypeError(f"sweep: stacked init must be a dict of tensors, got {type(init).__name__}")
+    missing, extra = sorted(set(own) - set(init)), sorted(set(init) - set(own))
+    if missing or extra:
+        raise ValueError(
+            f"sweep: stacked init must hold exactly the model's parameters; missing {missing}, "
+            f"unknown {extra}"
+        )
+    sizes = {leaf.shape[0] for leaf in init.values() if isinstance(leaf, Tensor) and leaf.ndim}
     if sizes != {count}:
         raise ValueError(
             f"sweep: init holds {sorted(sizes)} members but there are {count} strengths; "
             "the leading dim of every stacked parameter must equal len(strengths)"
         )
-    return init
-
-
-def _batches(
-    size: int, batch_size: int | None, steps: int, seed: int, device: torch.device
-) -> list[Tensor]:
-    if batch_size is None:
-        return [torch.arange(size, device=device)] * steps
-    if not 0 < batch_size <= size:
-        raise ValueError(f"sweep: batch_size must be in [1, {size}], got {batch_size}")
-    generator = torch.Generator().manual_seed(seed)
-    per_epoch = size // batch_size
-    batches = []
-    while len(batches) < steps:
-        order = torch.randperm(size, generator=generator)
-        batches += list(order[: per_epoch * batch_size].view(per_epoch, batch_size))
-    return [batch.to(device) for batch in batches[:steps]]
+    for name, param in own.items():
+        leaf = init[name]
+        if not isinstance(leaf, Tensor) or leaf.shape[1:] != param.shape:
+            shape = tuple(leaf.shape) if isinstance(leaf, Tensor) else type(leaf).__name__
+            raise ValueError(
+                f"sweep: init[{name!r}] has shape {shape}, expected ({count}, "
+                f"{', '.join(map(str, param.shape))})"
+            )
+    return {name: init[name].to(param.device, param.dtype) for name, param in own.items()}
 
 
 def _centered(X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

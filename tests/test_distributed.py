@@ -404,6 +404,31 @@ def test_sweep_split_across_ranks_matches_single_process(ranks):
 # --- shard_grid and gather_grid in one process ---------------------------------------
 
 
+def test_independent_init_split_across_ranks_reproduces_the_full_grid():
+    """Member k's initialization depends on its position k in the whole grid."""
+    x, y = make_data()
+    run = functools.partial(
+        fr.sweep,
+        make_model(),
+        nn.functional.mse_loss,
+        fr.sgd(lr=0.1),
+        train=(x[:12], y[:12]),
+        val=(x[12:], y[12:]),
+        penalty=fr.penalties.l2,
+        steps=2,
+        init="independent",
+        seed=5,
+        compile=False,
+        progress=False,
+    )
+    whole = run(GRID).params
+    for rank in range(2):
+        strengths, indices = shard_grid(GRID, rank, 2)
+        local = run(strengths, grid_positions=indices).params
+        torch.testing.assert_close(local, {k: v[indices] for k, v in whole.items()}, rtol=0, atol=0)
+    assert not torch.equal(run(GRID[3:]).params["0.weight"], whole["0.weight"][3:])
+
+
 @pytest.mark.parametrize(("count", "world_size"), [(5, 2), (8, 4), (3, 3), (7, 1)])
 def test_shard_grid_gives_consecutive_near_equal_blocks(count, world_size):
     grid = torch.linspace(0, 1, count, dtype=torch.float64)

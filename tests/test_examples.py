@@ -70,6 +70,33 @@ def test_lambda_sweep_example_runs(tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+def test_cross_validate_example_runs(tmp_path):
+    plot = tmp_path / "cv.png"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "cross_validate.py"),
+            "--folds",
+            "3",
+            "--members",
+            "4",
+            "--steps",
+            "5",
+            "--batch-size",
+            "64",
+            "--no-compile",
+            "--output",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "4 strengths x 3 folds = 12 members in one vmapped run" in out
+    assert "<- best" in out and "test accuracy" in out
+    assert plot.stat().st_size > 10_000
+
+
 def test_distributed_sweep_example_runs_on_two_ranks():
     out = subprocess.run(
         [
@@ -93,6 +120,25 @@ def test_distributed_sweep_example_runs_on_two_ranks():
     assert "val acc" in out
 
 
-@pytest.mark.parametrize("name", ["seed_regularization", "lambda_sweep"])
+@pytest.mark.parametrize("name", ["seed_regularization", "lambda_sweep", "cross_validate"])
 def test_examples_have_a_docstring_with_the_command(name):
     assert f"python examples/{name}.py" in load(name).__doc__
+
+
+def test_learn_lambda_example_runs():
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "learn_lambda.py"),
+            "--rounds",
+            "2",
+            "--steps-per-round",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    assert "grid, best shared strength" in out and "hypergradient, per layer" in out
+    assert "python examples/learn_lambda.py" in load("learn_lambda").__doc__

@@ -1,0 +1,284 @@
+"""Data for sweeps: tensors or batch iterables, epochs of batches, and cross-validation folds.
+
+:func:`as_data` checks what a user passes as ``train=`` / ``val=`` once, before any
+training; :func:`training_batches` yields the batches of a run (re-iterating a loader per
+epoch); :func:`fold_masks` turns K-fold splits into per-fold sample masks, so every
+(strength, fold) member of a cross-validated sweep trains on the same shared batch with
+its own weights, in one vmapped step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Data", "as_data", "fold_masks", "kfold_masks", "training_batches"]
+
+Batch = tuple[Tensor, Tensor]
+
+ACCEPTED = (
+    "a pair of tensors (x, y) with the same leading length, a torch.utils.data.DataLoader, "
+    "or any re-iterable (a list, a DataLoader) of (x, y) batches"
+)
+
+
+@dataclass(frozen=True)
+class Data:
+    """Checked sweep data: in-memory ``tensors`` or a re-iterable of ``batches``.
+
+    Attributes:
+        tensors: ``(x, y)`` when given as tensors, else ``None``.
+        batches: the re-iterable of ``(x, y)`` batches, else ``None``.
+        name: the argument's name, for messages.
+    """
+
+    tensors: Batch | None
+    batches: Iterable[Any] | None
+    name: str
+
+    def epoch(self, device: torch.device) -> Iterator[Batch]:
+        """One pass over the data as checked ``(x, y)`` batches on ``device``."""
+        if self.tensors is not None:
+            yield tuple(t.to(device) for t in self.tensors)  # type: ignore[misc]
+            return
+        assert self.batches is not None
+        for index, batch in enumerate(self.batches):
+            yield tuple(t.to(device) for t in check_batch(batch, f"{self.name} batch {index}"))  # type: ignore[misc]
+
+
+def check_batch(batch: Any, where: str) -> Batch:
+    """``batch`` as an ``(x, y)`` pair of tensors of equal leading length, or a clear error."""
+    if isinstance(batch, dict) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            f"{where} must be an (x, y) pair of tensors, got {_describe(batch)}; "
+            f"sweep accepts {ACCEPTED}"
+        )
+    x, y = batch
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+        raise TypeError(
+            f"{where} must be an (x, y) pair of tensors, got ({_describe(x)}, {_describe(y)})"
+        )
+    if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+        raise ValueError(
+            f"{where}: x and y must have the same leading (sample) length, got shapes "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if len(x) == 0:
+        raise ValueError(f"{where} is empty: it holds no samples")
+    return x, y
+
+
+def as_data(data: Any, name: str, *, check_all: bool = False) -> Data:
+    """Check ``train=`` / ``val=`` data before training: tensors, a loader or batches.
+
+    A loader or iterable is iterated here to check its first batch (every batch with
+    ``check_all``, for validation data, so that a bad batch fails before training), and
+    must give a fresh iterator each time (``iter(data) is not data``) since it is
+    re-iterated per epoch.
+
+    Example:
+        >>> data = as_data((torch.zeros(4, 2), torch.zeros(4)), "train")
+        >>> data.tensors[0].shape
+        torch.Size([4, 2])
+    """
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+    ):
+        return Data(tensors=check_batch(data, name), batches=None, name=name)
+    if isinstance(data, (Tensor, str, bytes, dict)) or not isinstance(data, Iterable):
+        raise TypeError(f"{name} must be {ACCEPTED}; got {_describe(data)}")
+    if iter(data) is data:
+        raise TypeError(
+            f"{name} is a one-shot iterator ({type(data).__name__}), which cannot be "
+            "re-iterated each epoch; pass a list of batches or a DataLoader"
+        )
+    count = 0
+    for count, batch in enumerate(data, start=1):
+        check_batch(batch, f"{name} batch {count - 1}")
+        if not check_all:
+            break
+    if count == 0:
+        raise ValueError(f"{name} is empty: it yields no batches")
+    return Data(tensors=None, batches=data, name=name)
+
+
+def training_batches(
+    data: Data, batch_size: int | None, steps: int, seed: int, device: torch.device
+) -> Iterator[tuple[Batch, Tensor | None]]:
+    """``steps`` training batches as ``((x, y), indices)``.
+
+    Tensors: full batches, or random minibatches of ``batch_size`` drawn per epoch from
+    ``seed`` (the last partial batch dropped, so shapes stay static); ``indices`` are the
+    samples' positions, which fold masks need. Batches: the iterable re-iterated per
+    epoch until ``steps`` batches have been yielded; ``indices`` is ``None``.
+    """
+    if data.tensors is not None:
+        x, y = (t.to(device) for t in data.tensors)
+        for index in sample_batches(len(x), batch_size, steps, seed, device):
+            yield (x[index], y[index]), index
+        return
+    produced = 0
+    while produced < steps:
+        epoch_size = 0
+        for batch in data.epoch(device):
+            epoch_size += 1
+            yield batch, None
+            produced += 1
+            if produced == steps:
+                return
+        if epoch_size == 0:
+            raise ValueError(f"{data.name} yielded no batches in an epoch")
+
+
+def sample_batches(
+    size: int, batch_size: int | None, steps: int, seed: int, device: torch.device
+) -> list[Tensor]:
+    """Sample indices of each step: all samples, or shuffled minibatches per epoch."""
+    if batch_size is None:
+        return [torch.arange(size, device=device)] * steps
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = size // batch_size
+    batches: list[Tensor] = []
+    while len(batches) < steps:
+        order = torch.randperm(size, generator=generator)
+        batches += list(order[: per_epoch * batch_size].view(per_epoch, batch_size))
+    return [batch.to(device) for batch in batches[:steps]]
+
+
+def kfold_masks(size: int, folds: int) -> Tensor:
+    """Held-out masks of contiguous folds, as ``sklearn.model_selection.KFold(folds)``.
+
+    The first ``size % folds`` folds hold ``size // folds + 1`` samples, the others
+    ``size // folds``. Returns a bool tensor of shape ``(folds, size)``, row ``f`` true
+    on fold ``f``'s held-out samples.
+
+    Example:
+        >>> kfold_masks(5, 2).int()
+        tensor([[1, 1, 1, 0, 0],
+                [0, 0, 0, 1, 1]], dtype=torch.int32)
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+    if folds > size:
+        raise ValueError(f"folds={folds} is more than the {size} training samples")
+    base, extra = divmod(size, folds)
+    sizes = [base + (f < extra) for f in range(folds)]
+    held_out = torch.zeros(folds, size, dtype=torch.bool)
+    start = 0
+    for fold, fold_size in enumerate(sizes):
+        held_out[fold, start : start + fold_size] = True
+        start += fold_size
+    return held_out
+
+
+def fold_masks(size: int, folds: int | None, cv: Any) -> tuple[Tensor, Tensor]:
+    """``(train_mask, held_out_mask)``, each bool ``(n_folds, size)``, from ``folds`` or ``cv``.
+
+    ``cv`` is a scikit-learn splitter (anything with ``split(X)``) or an iterable of
+    ``(train_indices, test_indices)`` pairs; without it, contiguous K folds.
+    """
+    if cv is None:
+        assert folds is not None
+        held_out = kfold_masks(size, folds)
+        return ~held_out, held_out
+    splits = cv.split(torch.zeros(size, 1).numpy()) if hasattr(cv, "split") else cv
+    trains, tests = [], []
+    for fold, (train_index, test_index) in enumerate(splits):
+        masks = []
+        for role, index in (("train", train_index), ("test", test_index)):
+            index = torch.as_tensor(index, dtype=torch.int64)
+            if index.ndim != 1 or len(index) == 0 or index.min() < 0 or index.max() >= size:
+                raise ValueError(
+                    f"cv fold {fold}: {role} indices must be a non-empty 1-d list of "
+                    f"positions in [0, {size})"
+                )
+            mask = torch.zeros(size, dtype=torch.bool)
+            mask[index] = True
+            masks.append(mask)
+        trains.append(masks[0])
+        tests.append(masks[1])
+    if len(trains) < 2:
+        raise ValueError(f"cv must give at least 2 (train, test) splits, got {len(trains)}")
+    return torch.stack(trains), torch.stack(tests)
+
+
+def concatenated(first: Data, second: Data, batch_size: int | None) -> Data:
+    """``first`` then ``second`` as one data set (tensors stay tensors when both are)."""
+    if first.tensors is not None and second.tensors is not None:
+        pairs = zip(first.tensors, second.tensors, strict=True)
+        x, y = (torch.cat([a, b.to(a.device)]) for a, b in pairs)
+        return Data(tensors=(x, y), batches=None, name=f"{first.name} + {second.name}")
+    return Data(
+        tensors=None,
+        batches=_Chained(_as_batches(first, batch_size), _as_batches(second, batch_size)),
+        name=f"{first.name} + {second.name}",
+    )
+
+
+class _Chained:
+    """A re-iterable of the batches of two re-iterables, in order."""
+
+    def __init__(self, *parts: Iterable[Any]) -> None:
+        self.parts = parts
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.chain.from_iterable(self.parts)
+
+
+def _as_batches(data: Data, batch_size: int | None) -> Iterable[Any]:
+    if data.tensors is None:
+        assert data.batches is not None
+        return data.batches
+    x, y = data.tensors
+    size = len(x) if batch_size is None else batch_size
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def per_sample(
+    loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """Per-sample losses from a mean-reduced ``loss_fn``, checked on example outputs.
+
+    ``loss_fn(outputs, targets, reduction="none")`` (the torch losses), averaged over
+    each sample's other dims, when it exists and its mean is ``loss_fn``'s value on the
+    example; otherwise each sample as a batch of one (a vmap, about 1.6x slower in a
+    compiled CPU step).
+
+    Example:
+        >>> outputs, targets = torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
+        >>> losses = per_sample(torch.nn.functional.cross_entropy, outputs, targets)
+        >>> bool(torch.isclose(losses(outputs, targets).mean(),
+        ...                    torch.nn.functional.cross_entropy(outputs, targets)))
+        True
+    """
+
+    def unreduced(output: Tensor, target: Tensor) -> Tensor:
+        losses = loss_fn(output, target, reduction="none")  # type: ignore[call-arg]
+        return losses.reshape(len(target), -1).mean(1)
+
+    try:
+        with torch.no_grad():
+            example = unreduced(outputs, targets)
+            works = example.shape == (len(targets),) and bool(
+                torch.isclose(example.mean(), loss_fn(outputs, targets), rtol=1e-4, atol=1e-6)
+            )
+    except (TypeError, RuntimeError, ValueError):
+        works = False
+    if works:
+        return unreduced
+    return torch.func.vmap(lambda output, target: loss_fn(output[None], target[None]))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return f"a {type(value).__name__}"

@@ -208,7 +208,10 @@ def train_step(
     arguments change (pass lr and lambda as 0-d float tensors on the params' device; a
     Python float that changes recompiles). A new batch shape recompiles once, after
     which Dynamo marks the changed dims dynamic. Each ``train_step`` compiles its own
-    code, so many of them in one process do not share Dynamo's recompile limit.
+    code, so many of them in one process do not share Dynamo's recompile limit. The
+    compile adds one Inductor graph pass, which keeps an element-wise penalty's gradient
+    (l1, l2, elastic net, l2_sp) out of matmul biases on CPU and in the flat layout, so
+    that it is added inside the update's loop rather than written out and read back.
 
     ``mode="reduce-overhead"`` captures CUDA graphs: the params and state tensors are
     marked as static inputs (``torch._dynamo.mark_static_address``), so the graph

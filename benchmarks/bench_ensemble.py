@@ -4,6 +4,7 @@ Each member is a 64-128-10 MLP trained with Adam on ``cross_entropy + lam * l1(w
 over a shared batch; K members, one per lambda. One training step of all K members:
 
 * ``vmap+compile``: ``torch.compile(fr.ensemble_step(...))`` (what ``fr.sweep`` runs)
+* ``vmap+compile flat``: the same over stacked flat buffers (``fr.sweep(flat=True)``)
 * ``loop functional``: eager ``grad`` + ``opt.step`` per member
 * ``loop functional compiled``: one compiled single-member step, called K times
 * ``loop torch.optim``: an ``nn.Module`` and a ``torch.optim.Adam`` per member, ``backward()``
@@ -85,6 +86,22 @@ def bench(members: int, device: str) -> dict[str, float]:
         box["members"], box["states"], _ = step(box["members"], box["states"], lams, x, y)
 
     times["vmap+compile"] = median_ms(vmapped, device)
+
+    # the same on stacked flat buffers: one buffer per member row, one kernel per update
+    layout = fr.flat.pack(params)
+    flat_step = torch.compile(
+        fr.ensemble_step(model, loss_fn, optimizer, penalty=penalty, flat=layout), fullgraph=True
+    )
+    buffers = fr.stack([layout.pack_like(params)] * members)
+    flat_box = {"members": buffers, "states": fr.stack([optimizer.init(layout.buffers)] * members)}
+
+    def vmapped_flat() -> None:
+        flat_box["members"], flat_box["states"], _ = flat_step(
+            flat_box["members"], flat_box["states"], lams, x, y
+        )
+
+    vmapped_flat()
+    times["vmap+compile flat"] = median_ms(vmapped_flat, device)
 
     # a Python loop of functional single-member steps, eager and compiled
     def objective(p: dict[str, torch.Tensor], lam: torch.Tensor) -> torch.Tensor:
@@ -187,7 +204,13 @@ def main() -> None:
         f"{datetime.date.today()}, {torch.get_num_threads()} threads"
     )
     print(f"# MLP {FEATURES}-{HIDDEN}-{CLASSES}, batch {BATCH}, Adam, loss + lam * l1(weights)")
-    columns = ["vmap+compile", "loop functional", "loop functional compiled", "loop torch.optim"]
+    columns = [
+        "vmap+compile",
+        "vmap+compile flat",
+        "loop functional",
+        "loop functional compiled",
+        "loop torch.optim",
+    ]
     print(
         f"{'K':>5} {'compile s':>10} "
         + " ".join(f"{c + ' ms':>26}" for c in columns)
@@ -195,7 +218,7 @@ def main() -> None:
     )
     for members in args.members:
         times = bench(members, args.device)
-        best_loop = min(times[c] for c in columns[1:])
+        best_loop = min(times[c] for c in columns[2:])
         cells = " ".join(f"{times[c]:>26.2f}" for c in columns)
         print(
             f"{members:>5} {times['compile s']:>10.1f} {cells} "

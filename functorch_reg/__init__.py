@@ -13,7 +13,7 @@ hyperparameters and match ``torch.optim`` step for step::
     params, state = opt.step(params, grads, state)
 """
 
-from . import distributed, flat, function_space, penalties, prox, select, sweep_data
+from . import distributed, flat, function_space, hypergrad, penalties, prox, select, sweep_data
 from .adapter import TorchOptimizer
 from .ensemble import (
     LinearPath,
@@ -70,6 +70,7 @@ __all__ = [
     "flat",
     "function_space",
     "global_norm",
+    "hypergrad",
     "init_ensemble",
     "lambda_grid",
     "leaf_names",

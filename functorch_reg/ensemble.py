@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import optree
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from . import prox as prox_ops
 from . import sweep_data
+from .flat import FlatParams, pack
 from .optim import Optimizer, sgd
+from .select import Where
+from .train import TrainStep
 from .tree import Params, flatten, is_float, spec_names, stack, unstack
 
 if TYPE_CHECKING:
@@ -265,6 +268,7 @@ def sweep(
     init: Literal["shared", "independent"] | Params = "shared",
     seed: int = 0,
     grid_positions: Tensor | Sequence[int] | None = None,
+    flat: bool | Mapping[str, Where] = False,
     compile: bool = True,
     progress: bool = True,
 ) -> SweepResult:
@@ -312,6 +316,11 @@ def sweep(
             (:func:`~functorch_reg.distributed.shard_grid`'s indices), so that
             ``init="independent"`` gives each member the initialization it has in the
             whole grid.
+        flat: train stacked flat buffers (see :mod:`functorch_reg.flat`): ``True`` packs
+            one group per dtype, a dict ``group -> where=`` names the groups, and the
+            optimizer's ``mask`` then names groups (``mask="decay"``). Each member's
+            update is then one kernel per group rather than one per leaf; results equal
+            the per-leaf sweep, and :attr:`SweepResult.params` is per-leaf either way.
         compile: compile the vmapped step with ``fullgraph=True``.
         progress: show a progress bar (it says "compiling" during the first step).
 
@@ -354,7 +363,12 @@ def sweep(
             "sweep: select='val_accuracy' needs a classification problem (integer targets "
             "and outputs of shape (batch, classes)); use 'val_loss' or a callable"
         )
-    _check_hyperparameters(optimizer, first_member, grid, penalties)
+    layout = None
+    if flat is not False:
+        layout = pack(first_member, None if flat is True else flat)
+    _check_hyperparameters(
+        optimizer, first_member if layout is None else layout.buffers, grid, penalties
+    )
     grid = {axis: values.to(device) for axis, values in grid.items()}
 
     n_folds, train_weights, held_out = 1, None, None
@@ -367,16 +381,17 @@ def sweep(
         held_out = held_mask.to(device, dtype).repeat(count, 1)
         members = _repeat_members(members, n_folds)
     member_grid = {axis: values.repeat_interleave(n_folds) for axis, values in grid.items()}
-    states = stack([optimizer.init(member) for member in unstack(members)])
+    trained = members if layout is None else stack([layout.pack_like(m) for m in unstack(members)])
+    states = stack([optimizer.init(member) for member in unstack(trained)])
     step = _vmapped_step(
-        model, loss_fn, optimizer, penalties, sample_losses if cross_validate else None
+        model, loss_fn, optimizer, penalties, sample_losses if cross_validate else None, layout
     )
     if compile:
         step = torch.compile(step, fullgraph=True)
     initial = members
-    members, losses = _train(
+    trained, losses = _train(
         step,
-        members,
+        trained,
         states,
         member_grid,
         train_data,
@@ -391,6 +406,7 @@ def sweep(
         if cross_validate
         else f"sweep over {count} members",
     )
+    members = trained if layout is None else layout.unpack(trained)
     with torch.no_grad():
         if cross_validate:
             assert train_data.tensors is not None and held_out is not None
@@ -463,19 +479,23 @@ def ensemble_step(
     *,
     penalty: Callable[[Params], Tensor] | None = None,
     hyperparameter: str | None = None,
+    flat: FlatParams | None = None,
 ) -> Callable[..., tuple[Params, Any, Tensor]]:
     """The vmapped training step that :func:`sweep` compiles, for loops of your own.
 
     ``step(members, states, strengths, x, y) -> (members, states, losses)`` takes stacked
     parameters and optimizer states (leading dim ``K``), one strength per member and a
     batch shared by all members; ``losses`` are the members' unregularized losses.
-    Compile the returned function (``torch.compile(step, fullgraph=True)``), not the
-    other way round.
+    With ``flat=fr.flat.pack(params, ...)``, ``members`` are stacked buffers
+    (``[K, n]`` per group, e.g. ``fr.stack([flat.pack_like(m) for m in trees])``), the
+    model and ``penalty`` see their leaf views, and one kernel per group updates every
+    member. Compile the returned function (``torch.compile(step, fullgraph=True)``), not
+    the other way round.
     """
     _check_strength_target(optimizer, penalty, hyperparameter)
     axis = "penalty" if hyperparameter is None else hyperparameter
     vmapped = _vmapped_step(
-        model, loss_fn, optimizer, {} if penalty is None else {"penalty": penalty}, None
+        model, loss_fn, optimizer, {} if penalty is None else {"penalty": penalty}, None, flat
     )
 
     def step(
@@ -492,10 +512,13 @@ def _vmapped_step(
     optimizer: Optimizer,
     penalties: Mapping[str, Callable[[Params], Tensor]],
     sample_losses: Callable[[Tensor, Tensor], Tensor] | None,
+    flat: FlatParams | None = None,
 ) -> Callable[..., tuple[Params, Any, Tensor]]:
     """``step(members, states, grid, x, y[, weights])``: ``grid`` maps each axis to one
     value per member; with ``sample_losses`` (:func:`~functorch_reg.sweep_data.per_sample`),
-    ``weights`` (members x batch) weight each member's samples."""
+    ``weights`` (members x batch) weight each member's samples. Each member's step is
+    :meth:`~functorch_reg.train.TrainStep.pure` of the penalized loss (over ``flat``'s
+    buffers when given)."""
 
     def objective(
         params: Params, grid: dict[str, Tensor], x: Tensor, y: Tensor, weights: Tensor | None
@@ -511,6 +534,8 @@ def _vmapped_step(
             objective = objective + grid[name] * penalty(params)
         return objective, loss
 
+    train = TrainStep(objective, optimizer, flat=flat, has_aux=True, compile=False, mode=None)
+
     def member_step(
         params: Params,
         state: Any,
@@ -519,9 +544,8 @@ def _vmapped_step(
         y: Tensor,
         weights: Tensor | None = None,
     ) -> tuple[Params, Any, Tensor]:
-        grads, loss = grad(objective, has_aux=True)(params, grid, x, y, weights)
         overrides = {axis: value for axis, value in grid.items() if axis not in penalties}
-        params, state = optimizer.step(params, grads, state, **overrides)
+        params, state, (_, loss) = train.pure(params, state, grid, x, y, weights, **overrides)
         return params, state, loss
 
     in_dims = (0, 0, 0, None, None) if sample_losses is None else (0, 0, 0, None, None, 0)

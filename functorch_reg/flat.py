@@ -196,8 +196,10 @@ def pack(params: Params, groups: Mapping[str, Where] | None = None) -> FlatParam
         >>> params = {"0.weight": torch.ones(2, 3), "0.bias": torch.zeros(2)}
         >>> flat = fr.flat.pack(params, {"decay": fr.select.weights(),
         ...                              "no_decay": fr.select.biases()})
-        >>> {group: buffer.shape for group, buffer in flat.buffers.items()}
-        {'decay': torch.Size([6]), 'no_decay': torch.Size([2])}
+        >>> flat.buffers["decay"].shape  # 6 weights, padded to 64 bytes
+        torch.Size([16])
+        >>> flat.params["0.weight"].shape
+        torch.Size([2, 3])
         >>> flat.params["0.weight"].data_ptr() == flat.buffers["decay"].data_ptr()
         True
     """

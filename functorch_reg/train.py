@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import types
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -207,7 +208,10 @@ def train_step(
     arguments change (pass lr and lambda as 0-d float tensors on the params' device; a
     Python float that changes recompiles). A new batch shape recompiles once, after
     which Dynamo marks the changed dims dynamic. Each ``train_step`` compiles its own
-    code, so many of them in one process do not share Dynamo's recompile limit.
+    code, so many of them in one process do not share Dynamo's recompile limit. The
+    compile adds one Inductor graph pass, which keeps an element-wise penalty's gradient
+    (l1, l2, elastic net, l2_sp) out of matmul biases on CPU and in the flat layout, so
+    that it is added inside the update's loop rather than written out and read back.
 
     ``mode="reduce-overhead"`` captures CUDA graphs: the params and state tensors are
     marked as static inputs (``torch._dynamo.mark_static_address``), so the graph
@@ -268,15 +272,16 @@ def _inductor_options(mode: str | None) -> dict[str, Any]:
 
 class _UnfuseGradientAddmm(CustomGraphPass):
     """Turn ``addmm(inp, a, b)`` back into ``mm(a, b) + inp`` where ``inp`` has the full
-    output shape and every use of the result is element-wise.
+    output shape, is an element-wise function of the graph's inputs, and every use of
+    the result is element-wise (or the ``cat`` that forms a flat gradient).
 
     A penalty's gradient reaches a weight as ``mm(...) + penalty_grad``. On CPU, Inductor
     folds that into ``addmm``, which writes the penalty's gradient to memory and reads it
     twice (copied into the output, then read by the GEMM). Left as an addition, it fuses
     into the optimizer's element-wise update, which reads the weight anyway, and the
     penalty costs little more than its forward reduction. Inductor already makes this
-    choice on GPUs (``should_prefer_unfused_addmm``); a 1-d bias (the forward of a
-    ``Linear``) stays fused.
+    choice on GPUs for element-wise uses (``should_prefer_unfused_addmm``), not for the
+    flat layout's ``cat``; a 1-d bias (the forward of a ``Linear``) stays fused.
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -292,7 +297,7 @@ class _UnfuseGradientAddmm(CustomGraphPass):
                 continue
             if (
                 bias.shape != out.shape
-                or not all(is_pointwise_use(user) for user in node.users)
+                or not all(is_pointwise_use(user, _is_cat) for user in node.users)
                 or not _elementwise_of_inputs(inp, {})
             ):
                 continue
@@ -308,6 +313,12 @@ class _UnfuseGradientAddmm(CustomGraphPass):
         return get_hash_for_files((__file__,))
 
 
+def _is_cat(op: torch._ops.OpOverload) -> bool:
+    # With the flat layout, each weight's gradient is copied into its group's flat
+    # gradient by a cat, whose copy loop the addition joins.
+    return op is torch.ops.aten.cat.default
+
+
 def _elementwise_of_inputs(node: Any, known: dict[torch.fx.Node, bool]) -> bool:
     """Whether ``node`` is computed from the graph's inputs by element-wise ops and views.
 
@@ -319,10 +330,14 @@ def _elementwise_of_inputs(node: Any, known: dict[torch.fx.Node, bool]) -> bool:
         return True
     if node not in known:
         target = node.target
+        # getitem picks one output of a multi-output view op: the flat layout's split.
+        elementwise = target is operator.getitem or (
+            isinstance(target, torch._ops.OpOverload)
+            and (torch.Tag.pointwise in target.tags or is_view(target))
+        )
         known[node] = (
             node.op == "call_function"
-            and isinstance(target, torch._ops.OpOverload)
-            and (torch.Tag.pointwise in target.tags or is_view(target))
+            and elementwise
             and all(_elementwise_of_inputs(arg, known) for arg in node.all_input_nodes)
         )
     return known[node]

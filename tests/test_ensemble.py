@@ -699,3 +699,64 @@ def test_per_layer_strengths_are_grid_axes_of_named_penalties():
             [0.1],
             **sweep_kwargs(penalty=penalties),
         )
+
+
+@pytest.mark.parametrize("folds", [None, 3])
+def test_flat_sweep_equals_the_per_leaf_sweep(folds):
+    train, val = classification_data()
+    strengths = torch.tensor([0.0, 0.01, 0.1])
+    common = dict(
+        train=train,
+        val=None if folds else val,
+        folds=folds,
+        penalty=fr.penalties.group_lasso,
+        steps=15,
+        batch_size=16,
+        compile=False,
+        progress=False,
+    )
+    per_leaf = fr.sweep(
+        small_model(),
+        torch.nn.functional.cross_entropy,
+        fr.adamw(lr=0.05, mask=fr.select.weights(), prox=fr.prox.l1, prox_strength=0.01),
+        strengths,
+        **common,
+    )
+    flat = fr.sweep(
+        small_model(),
+        torch.nn.functional.cross_entropy,
+        fr.adamw(lr=0.05, mask="decay", prox=fr.prox.l1, prox_strength=0.01),
+        strengths,
+        flat={"decay": fr.select.weights(), "no_decay": fr.select.biases()},
+        **common,
+    )
+    for name, leaf in per_leaf.params.items():
+        assert flat.params[name].shape == leaf.shape
+        torch.testing.assert_close(flat.params[name], leaf, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flat.val_loss, per_leaf.val_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_flat_ensemble_step_updates_stacked_buffers_like_per_leaf_members():
+    train, _ = classification_data()
+    model = small_model()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    members = fr.init_ensemble(model, 3, seed=1)
+    layout = fr.flat.pack(params)
+    buffers = fr.stack([layout.pack_like(m) for m in fr.unstack(members)])
+    assert buffers["float32"].shape == (3, layout.buffers["float32"].shape[0])
+    opt = fr.sgd(lr=0.1, momentum=0.9)
+    strengths = torch.tensor([0.0, 0.1, 1.0])
+    kwargs = dict(penalty=fr.penalties.l2)
+    step = fr.ensemble_step(model, torch.nn.functional.cross_entropy, opt, **kwargs)
+    flat_step = fr.ensemble_step(
+        model, torch.nn.functional.cross_entropy, opt, flat=layout, **kwargs
+    )
+    states = fr.stack([opt.init(m) for m in fr.unstack(members)])
+    flat_states = fr.stack([opt.init(b) for b in fr.unstack(buffers)])
+    for _ in range(5):
+        members, states, losses = step(members, states, strengths, *train)
+        buffers, flat_states, flat_losses = flat_step(buffers, flat_states, strengths, *train)
+        torch.testing.assert_close(flat_losses, losses)
+    views = layout.unpack(buffers)
+    for name, leaf in members.items():
+        torch.testing.assert_close(views[name], leaf, rtol=1e-6, atol=1e-7)

@@ -123,3 +123,22 @@ def test_distributed_sweep_example_runs_on_two_ranks():
 @pytest.mark.parametrize("name", ["seed_regularization", "lambda_sweep", "cross_validate"])
 def test_examples_have_a_docstring_with_the_command(name):
     assert f"python examples/{name}.py" in load(name).__doc__
+
+
+def test_learn_lambda_example_runs():
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "learn_lambda.py"),
+            "--rounds",
+            "2",
+            "--steps-per-round",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    assert "grid, best shared strength" in out and "hypergradient, per layer" in out
+    assert "python examples/learn_lambda.py" in load("learn_lambda").__doc__

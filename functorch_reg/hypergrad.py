@@ -1,0 +1,817 @@
+r"""Hypergradients: derivatives of a validation loss with respect to regularization strengths.
+
+A grid sweep spends one training per strength and cannot search a strength per layer.
+A hypergradient :math:`\frac{d}{d\lambda} L_{val}(w^*(\lambda))` tunes many strengths at
+the cost of a few trainings. Two forms:
+
+- :func:`implicit` differentiates the optimality condition at trained parameters
+  (implicit function theorem; Pedregosa 2016, Lorraine et al. 2020). Without a prox,
+  :math:`\nabla_w L(w^*, \lambda) = 0` gives
+
+  .. math:: \frac{d L_{val}}{d\lambda} = -\left(\partial_\lambda \nabla_w L\right)^\top
+            H^{-1} \nabla_w L_{val}, \qquad H = \nabla^2_w L,
+
+  solved by conjugate gradients on Hessian-vector products (``H`` is never formed).
+  With a prox, :math:`w^*` is a fixed point of the proximal-gradient map
+  :math:`T(w) = \operatorname{prox}(w - \eta \nabla_w L(w, \lambda), \eta\lambda)`, and
+  :math:`dw^*/d\lambda = (I - \partial_w T)^{-1} \partial_\lambda T`.
+- :func:`unrolled` differentiates through ``steps`` optimizer steps (Franceschi et al.
+  2017), optionally recomputing each step in the backward pass so that activations
+  are not stored for every step.
+
+:func:`tune` alternates training steps with steps on :math:`\log\lambda`, tuning
+per-layer strengths within one training run.
+
+``train_loss(params, strengths)`` is the training objective, penalties included, and
+``val_loss(params)`` the validation loss; both return a 0-d tensor. ``strengths`` is a
+floating 0-d tensor or a vector (e.g. one strength per layer), and the hypergradient
+has its shape. Only floating-point leaves of ``params`` are differentiated.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp
+from tqdm.auto import tqdm
+
+from .optim import Optimizer, adam
+from .tree import Params, flatten, is_float
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["TuneHistory", "TuneResult", "implicit", "tune", "unrolled"]
+
+Leaves = tuple[Tensor, ...]
+TrainLoss = Callable[[Params, Tensor], Tensor]
+ValLoss = Callable[[Params], Tensor]
+Solver = Literal["cg", "normal_cg"]
+
+
+def implicit(
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    params: Params,
+    strengths: Tensor,
+    *,
+    prox: Callable[[Params, Tensor], Params] | None = None,
+    step_size: float | Tensor | None = None,
+    solver: Solver = "cg",
+    maxiter: int = 100,
+    tol: float = 1e-10,
+    damping: float = 0.0,
+    stationary_tol: float = 1e-4,
+) -> Tensor:
+    r"""Hypergradient :math:`d L_{val}(w^*(\lambda)) / d\lambda` by implicit differentiation.
+
+    ``params`` must be (near) a minimizer of ``train_loss(., strengths)``, or with
+    ``prox`` a fixed point of
+    :math:`T(w) = \operatorname{prox}(w - \eta \nabla_w L(w, \lambda), \eta\lambda)`,
+    :math:`\eta` = ``step_size``, the map that ``fr.sgd(lr=step_size, prox=prox)`` iterates;
+    ``train_loss`` is then the smooth part only. ``prox(params, threshold)`` gets
+    ``threshold = step_size * strengths``; for a vector of strengths, write a prox that
+    applies ``threshold[i]`` to its own leaves (``fr.prox.l1(p, threshold[i], where=...)``).
+
+    Solvers, all on matrix-free products with a fixed number of iterations (``maxiter``),
+    frozen once converged, keeping the best iterate (an indefinite Hessian makes the
+    residual non-monotone):
+
+    - ``"cg"``: conjugate gradients on :math:`(H + \text{damping}\, I) u = \nabla L_{val}`.
+      With a prox whose Jacobian is 0 or 1 per entry (``fr.prox.l1``, and any prox on
+      the leaves its ``where=`` leaves out), the system is restricted to the support (the
+      entries the prox leaves nonzero), where :math:`I - \partial_w T = \eta H` is
+      symmetric; the zeros stay zero, their derivative is 0. A prox with another Jacobian
+      (``group_lasso``, ``l2``) makes :math:`I - \partial_w T` non-symmetric, for which
+      plain CG is wrong: that is an error, use ``"normal_cg"``.
+    - ``"normal_cg"``: CG on the normal equations :math:`M M^\top u = M v`, with
+      :math:`M^\top = I - \partial_w T^\top`; correct for any prox, at two products
+      (a JVP and a VJP) per iteration and a squared condition number.
+
+    Convergence means a relative residual :math:`\|A u - b\| / \|b\|` at most
+    ``max(tol, 64 * eps)`` of the dtype; otherwise a ``RuntimeWarning`` reports the
+    residual. A ``RuntimeWarning`` also reports a stationarity residual
+    (:math:`\|\nabla_w L\|`, or :math:`\|T(w) - w\| / \eta` with a prox) above
+    ``stationary_tol``. Under ``torch.compile`` the loop runs all ``maxiter`` iterations
+    and nothing is read back: no warnings, and no check of the prox's Jacobian for
+    ``"cg"`` (run it once eagerly first).
+
+    Args:
+        train_loss: ``train_loss(params, strengths) -> 0-d tensor``.
+        val_loss: ``val_loss(params) -> 0-d tensor``.
+        params: the trained parameters (a pytree).
+        strengths: floating 0-d tensor or vector.
+        prox: a proximal operator ``prox(params, threshold) -> params``.
+        step_size: :math:`\eta` of the proximal-gradient map; required with ``prox``.
+        solver: ``"cg"`` or ``"normal_cg"``.
+        maxiter: iterations of the solver (matrix-vector products).
+        tol: relative residual at which the solver stops.
+        damping: added to the Hessian (``H + damping * I``), for non-convex losses;
+            with a prox, to :math:`I - \partial_w T` (which is :math:`\eta H` on the
+            support).
+        stationary_tol: warn when the stationarity residual is above this.
+
+    Returns:
+        The hypergradient, shaped like ``strengths``.
+
+    Example:
+        Ridge regression, ``L = |Xw - y|^2 / n + lam |w|^2``:
+
+        >>> X, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+        >>> lam = torch.tensor(0.1, dtype=torch.float64)
+        >>> train = lambda w, lam: (X @ w - y).square().mean() + lam * w.square().sum()
+        >>> val = lambda w: (X @ w - 1).square().mean()
+        >>> H = 2 * X.T @ X / 20 + 2 * lam * torch.eye(3, dtype=torch.float64)
+        >>> w = torch.linalg.solve(H, 2 * X.T @ y / 20)
+        >>> dw = -torch.linalg.solve(H, 2 * w)
+        >>> exact = torch.func.grad(val)(w) @ dw
+        >>> torch.allclose(implicit(train, val, w, lam), exact)
+        True
+    """
+    hypergradient, _ = _implicit(
+        train_loss,
+        val_loss,
+        params,
+        strengths,
+        prox=prox,
+        step_size=step_size,
+        solver=solver,
+        maxiter=maxiter,
+        tol=tol,
+        damping=damping,
+        stationary_tol=stationary_tol,
+        warn=True,
+    )
+    return hypergradient
+
+
+def unrolled(
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    params: Params,
+    strengths: Tensor,
+    optimizer: Optimizer,
+    steps: int,
+    *,
+    checkpoint: bool = False,
+) -> tuple[Tensor, Params]:
+    r"""Hypergradient through ``steps`` optimizer steps, and the trained parameters.
+
+    Runs, from ``optimizer.init(params)``, exactly
+    ``params, state = optimizer.step(params, torch.func.grad(train_loss)(params, strengths),
+    state)`` ``steps`` times and differentiates ``val_loss`` of the result with respect
+    to ``strengths``. The pure ``step`` keeps every step differentiable (``step_``
+    would not).
+
+    Memory: without ``checkpoint`` the autograd graph of every step is kept, so memory
+    grows with ``steps`` times the activations. With ``checkpoint=True`` the forward
+    pass keeps only each step's input parameters and optimizer state, and the backward
+    pass recomputes one step at a time (a VJP per step), so activations are held for one
+    step only; the stored trajectory (parameters and state per step) still grows with
+    ``steps``. Both give the same hypergradient.
+
+    Adam: :math:`\sqrt{v}` has an infinite derivative at :math:`v = 0`, which Adam's
+    state reaches wherever a gradient entry is exactly zero (a dead unit, an
+    always-zero input) and the second derivative is then NaN. A non-finite
+    hypergradient warns with this explanation; use SGD, or a loss whose gradient has no
+    exact zeros (an L2 penalty on the affected weights), for such models.
+
+    Args:
+        train_loss: ``train_loss(params, strengths) -> 0-d tensor``.
+        val_loss: ``val_loss(params) -> 0-d tensor``.
+        params: initial parameters.
+        strengths: floating 0-d tensor or vector.
+        optimizer: a functional optimizer, e.g. ``fr.sgd(lr=0.1, momentum=0.9)``.
+        steps: number of optimizer steps (a positive int).
+        checkpoint: recompute each step in the backward pass instead of storing it.
+
+    Returns:
+        ``(hypergradient, trained_params)``; the hypergradient is shaped like
+        ``strengths``, and ``trained_params`` are detached.
+
+    Example:
+        >>> from functorch_reg import sgd
+        >>> w0 = torch.zeros(2, dtype=torch.float64)
+        >>> lam = torch.tensor(0.5, dtype=torch.float64)
+        >>> train = lambda w, lam: (w - 1).square().sum() + lam * w.square().sum()
+        >>> val = lambda w: (w - 2).square().sum()
+        >>> hyper, w = unrolled(train, val, w0, lam, sgd(lr=0.1), steps=3)
+        >>> hyper_ckpt, _ = unrolled(train, val, w0, lam, sgd(lr=0.1), 3, checkpoint=True)
+        >>> torch.allclose(hyper, hyper_ckpt)
+        True
+    """
+    _check_strengths("unrolled", strengths)
+    _check_positive_int("unrolled", "steps", steps)
+    split = _Split(params)
+    hypergradient, trained, _ = _unroll(
+        train_loss, val_loss, split, strengths, optimizer, None, steps, checkpoint
+    )
+    _warn_if_nonfinite(hypergradient)
+    return hypergradient, trained
+
+
+@dataclass(frozen=True)
+class TuneHistory:
+    """What :func:`tune` recorded before its first round and after each round.
+
+    Attributes:
+        train_steps: training steps done so far, shape ``(rounds + 1,)``.
+        strengths: the strengths, shape ``(rounds + 1, *strengths.shape)``.
+        val_loss: the validation loss, shape ``(rounds + 1,)``.
+        hypergradient: the hypergradient of each round, shape
+            ``(rounds, *strengths.shape)``.
+    """
+
+    train_steps: Tensor
+    strengths: Tensor
+    val_loss: Tensor
+    hypergradient: Tensor
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """The outcome of :func:`tune`.
+
+    Attributes:
+        params: the trained parameters (detached).
+        strengths: the final strengths.
+        train_steps: training steps run in all (optimizer steps on the parameters).
+        history: per-round record, see :class:`TuneHistory`.
+    """
+
+    params: Params
+    strengths: Tensor
+    train_steps: int
+    history: TuneHistory
+
+    def plot(self, path: str | None = None) -> Figure:
+        """Strengths (log scale) and validation loss against training steps. Needs
+        matplotlib; saves to ``path`` when given."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, (strength_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4))
+        steps = self.history.train_steps
+        strengths = self.history.strengths.reshape(len(steps), -1)
+        for index in range(strengths.shape[1]):
+            strength_axis.plot(steps, strengths[:, index], marker=".", label=f"strength {index}")
+        strength_axis.set(title="Strengths", xlabel="training steps", yscale="log")
+        strength_axis.legend(fontsize="small")
+        val_axis.plot(steps, self.history.val_loss, marker=".")
+        val_axis.set(title="Validation loss", xlabel="training steps")
+        figure.tight_layout()
+        if path is not None:
+            figure.savefig(path, dpi=120)
+        return figure
+
+
+def tune(
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    params: Params,
+    strengths: Tensor,
+    optimizer: Optimizer,
+    *,
+    rounds: int,
+    steps_per_round: int,
+    hyper_lr: float = 0.1,
+    method: Literal["implicit", "unrolled"] = "implicit",
+    maxiter: int = 20,
+    damping: float = 0.0,
+    progress: bool = True,
+) -> TuneResult:
+    r"""Tune strengths during one training run, by hypergradient steps on :math:`\log\lambda`.
+
+    Each round runs ``steps_per_round`` optimizer steps on the parameters (the optimizer
+    state carries over), then one Adam step (learning rate ``hyper_lr``) on
+    :math:`\log\lambda` along :math:`\lambda \odot dL_{val}/d\lambda`, which keeps every
+    strength positive and moves strengths of different scales alike. The hypergradient
+    is
+
+    - ``"implicit"``: :func:`implicit` at the current parameters, as if they were
+      trained (Lorraine et al. 2020), with ``maxiter`` CG iterations and ``damping``; the
+      optimizer's prox is not modelled, so use penalties in ``train_loss``.
+    - ``"unrolled"``: through this round's steps (:func:`unrolled` from the round's
+      starting point and optimizer state): exact for the round, but greedy, which
+      favours small strengths (short-horizon bias).
+
+    Args:
+        train_loss: ``train_loss(params, strengths) -> 0-d tensor``.
+        val_loss: ``val_loss(params) -> 0-d tensor``.
+        params: initial parameters.
+        strengths: initial strengths, positive (0-d or a vector).
+        optimizer: the functional optimizer that trains ``params``.
+        rounds: number of hypergradient steps.
+        steps_per_round: optimizer steps between hypergradient steps.
+        hyper_lr: Adam learning rate on :math:`\log\lambda`.
+        method: ``"implicit"`` or ``"unrolled"``.
+        maxiter: CG iterations per implicit hypergradient.
+        damping: Hessian damping of the implicit hypergradient.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`TuneResult` with the trained parameters, the final strengths and the
+        history to plot.
+
+    Example:
+        Noise-free targets: less regularization is better, and the strength falls.
+
+        >>> from functorch_reg import sgd
+        >>> X = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+        >>> y = X @ torch.tensor([1.0, -1.0, 0.5])
+        >>> def train(w, lam):
+        ...     return (X[:20] @ w - y[:20]).square().mean() + lam * w.square().sum()
+        >>> def val(w):
+        ...     return (X[20:] @ w - y[20:]).square().mean()
+        >>> result = tune(train, val, torch.zeros(3), torch.tensor(1.0), sgd(lr=0.1),
+        ...               rounds=10, steps_per_round=5, progress=False)
+        >>> result.train_steps, bool(result.strengths < 0.5)
+        (50, True)
+    """
+    _check_strengths("tune", strengths)
+    _check_positive_int("tune", "rounds", rounds)
+    _check_positive_int("tune", "steps_per_round", steps_per_round)
+    if method not in ("implicit", "unrolled"):
+        raise ValueError(f"tune: method must be 'implicit' or 'unrolled', got {method!r}")
+    if not bool((strengths > 0).all()):
+        raise ValueError(f"tune: strengths must be positive (tuned in log space), got {strengths}")
+    split = _Split(params)
+    hyper_optimizer = adam(lr=hyper_lr)
+    log_strengths = strengths.detach().log()
+    hyper_state = hyper_optimizer.init(log_strengths)
+    state = optimizer.init(params)
+    done = 0
+    record_steps, record_strengths, record_val, record_hyper = [0], [strengths.detach()], [], []
+    record_val.append(_value(val_loss, split.tree(split.floats)).detach())
+    bar = tqdm(range(rounds), desc="tune strengths", disable=not progress)
+    for _ in bar:
+        current = log_strengths.exp()
+        if method == "unrolled":
+            hyper, trained, state = _unroll(
+                train_loss, val_loss, split, current, optimizer, state, steps_per_round, False
+            )
+            split = _Split(trained)
+        else:
+            floats = split.floats
+            for _ in range(steps_per_round):
+                gradient = _train_grad(train_loss, split, floats, current)
+                new_params, state = optimizer.step(
+                    split.tree(floats), split.grads_tree(gradient), state
+                )
+                floats = split.float_leaves(new_params)
+            split = _Split(split.tree(floats))
+            hyper, _ = _implicit(
+                train_loss,
+                val_loss,
+                split.tree(split.floats),
+                current,
+                prox=None,
+                step_size=None,
+                solver="cg",
+                maxiter=maxiter,
+                tol=1e-10,
+                damping=damping,
+                stationary_tol=math.inf,
+                warn=False,
+            )
+        done += steps_per_round
+        hyper = torch.nan_to_num(hyper.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        log_strengths, hyper_state = hyper_optimizer.step(
+            log_strengths, hyper * current, hyper_state
+        )
+        val = _value(val_loss, split.tree(split.floats)).detach()
+        record_steps.append(done)
+        record_strengths.append(log_strengths.exp())
+        record_val.append(val)
+        record_hyper.append(hyper)
+        bar.set_postfix(val_loss=f"{val.item():.4g}")
+    history = TuneHistory(
+        train_steps=torch.tensor(record_steps),
+        strengths=torch.stack(record_strengths),
+        val_loss=torch.stack(record_val),
+        hypergradient=torch.stack(record_hyper),
+    )
+    return TuneResult(
+        params=split.tree(split.floats),
+        strengths=log_strengths.exp(),
+        train_steps=done,
+        history=history,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Implementation
+
+
+class _Split:
+    """A pytree's floating leaves (the differentiated ones) and how to rebuild it."""
+
+    def __init__(self, params: Params) -> None:
+        leaves, self.spec = flatten(params)
+        self.leaves = leaves
+        self.positions = [i for i, leaf in enumerate(leaves) if is_float(leaf)]
+        if not self.positions:
+            raise ValueError("hypergrad: params hold no floating-point tensor")
+        self.floats: Leaves = tuple(leaves[i].detach() for i in self.positions)
+
+    def tree(self, floats: Sequence[Tensor]) -> Params:
+        leaves = list(self.leaves)
+        for position, leaf in zip(self.positions, floats, strict=True):
+            leaves[position] = leaf
+        return self.spec.unflatten(leaves)
+
+    def grads_tree(self, floats: Sequence[Tensor]) -> Params:
+        """Gradients shaped like the params; ``None`` (frozen) for non-floating leaves."""
+        leaves: list[Any] = [None] * len(self.leaves)
+        for position, leaf in zip(self.positions, floats, strict=True):
+            leaves[position] = leaf
+        return self.spec.unflatten(leaves)
+
+    def float_leaves(self, tree: Params) -> Leaves:
+        leaves, spec = flatten(tree)
+        if spec != self.spec:
+            raise ValueError("hypergrad: prox returned a pytree with another structure than params")
+        return tuple(leaves[i] for i in self.positions)
+
+
+def _scalar(owner: str, value: Any) -> Tensor:
+    if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"hypergrad: {owner} must return a floating 0-d tensor, got {shape}")
+    return value
+
+
+def _value(val_loss: ValLoss, params: Params) -> Tensor:
+    with torch.no_grad():
+        return _scalar("val_loss", val_loss(params))
+
+
+def _train_grad(train_loss: TrainLoss, split: _Split, floats: Leaves, strengths: Tensor) -> Leaves:
+    def objective(floats: Leaves, strengths: Tensor) -> Tensor:
+        return _scalar("train_loss", train_loss(split.tree(floats), strengths))
+
+    return grad(objective)(floats, strengths)
+
+
+def _check_strengths(owner: str, strengths: Any) -> None:
+    if not isinstance(strengths, Tensor) or not strengths.is_floating_point():
+        kind = strengths.dtype if isinstance(strengths, Tensor) else type(strengths).__name__
+        raise TypeError(
+            f"hypergrad.{owner}: strengths must be a floating-point tensor (0-d or a "
+            f"vector), got {kind}"
+        )
+
+
+def _check_positive_int(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"hypergrad.{owner}: {name} must be a positive int, got {value!r}")
+
+
+def _dot(a: Leaves, b: Leaves) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
+
+
+def _norm(a: Leaves) -> Tensor:
+    return _dot(a, a).sqrt()
+
+
+def _combine(a: Leaves, scale: Tensor, b: Leaves) -> Leaves:
+    """``a + scale * b``."""
+    return tuple(x + scale * y for x, y in zip(a, b, strict=True))
+
+
+def _select(keep: Tensor, old: Leaves, new: Leaves) -> Leaves:
+    return tuple(torch.where(keep, x, y) for x, y in zip(old, new, strict=True))
+
+
+def _conjugate_gradients(
+    matvec: Callable[[Leaves], Leaves], rhs: Leaves, maxiter: int, tolerance: float
+) -> Leaves:
+    """CG for a symmetric positive (semi-)definite ``matvec``, at most ``maxiter`` products.
+
+    It stops when the residual reaches ``tolerance`` relative to ``rhs``, or at
+    non-positive curvature ``p.Ap`` (an indefinite matrix), and returns the iterate with
+    the smallest recursive residual (not the last: that residual is not monotone). Under
+    ``torch.compile`` the loop runs all ``maxiter`` iterations and stopping freezes the
+    state with ``torch.where`` (no data-dependent exit); eager mode leaves the loop
+    instead, with the same iterates.
+    """
+    if not torch.compiler.is_compiling():
+        return _conjugate_gradients_eager(matvec, rhs, maxiter, tolerance)
+    x = tuple(torch.zeros_like(b) for b in rhs)
+    residual = rhs
+    direction = rhs
+    squared = _dot(rhs, rhs)
+    threshold = tolerance**2 * squared
+    done = squared <= threshold
+    best, best_squared = x, squared
+    for _ in range(maxiter):
+        product = matvec(direction)
+        curvature = _dot(direction, product)
+        breakdown = ~(curvature > 0)
+        done = done | breakdown
+        alpha = torch.where(breakdown, torch.zeros_like(curvature), squared / curvature)
+        x = _select(done, x, _combine(x, alpha, direction))
+        new_residual = _combine(residual, -alpha, product)
+        new_squared = _dot(new_residual, new_residual)
+        beta = new_squared / torch.where(done, torch.ones_like(squared), squared)
+        residual = _select(done, residual, new_residual)
+        direction = _select(done, direction, _combine(new_residual, beta, direction))
+        squared = torch.where(done, squared, new_squared)
+        improved = squared < best_squared
+        best = _select(improved, x, best)
+        best_squared = torch.where(improved, squared, best_squared)
+        done = done | (squared <= threshold)
+    return best
+
+
+def _conjugate_gradients_eager(
+    matvec: Callable[[Leaves], Leaves], rhs: Leaves, maxiter: int, tolerance: float
+) -> Leaves:
+    """:func:`_conjugate_gradients` with early exits and foreach updates, no masking."""
+    x = tuple(torch.zeros_like(b) for b in rhs)
+    squared = float(_dot(rhs, rhs))
+    threshold = tolerance**2 * squared
+    best, best_squared = x, squared
+    if squared <= threshold:
+        return x
+    residual, direction = rhs, rhs
+    for _ in range(maxiter):
+        product = matvec(direction)
+        curvature = float(_dot(direction, product))
+        if not curvature > 0:
+            break
+        alpha = squared / curvature
+        x = tuple(torch._foreach_add(list(x), list(direction), alpha=alpha))
+        residual = tuple(torch._foreach_add(list(residual), list(product), alpha=-alpha))
+        new_squared = float(_dot(residual, residual))
+        if new_squared < best_squared:
+            best, best_squared = x, new_squared
+        if new_squared <= threshold:
+            break
+        beta = new_squared / squared
+        direction = tuple(torch._foreach_add(list(residual), list(direction), alpha=beta))
+        squared = new_squared
+    return best
+
+
+def _implicit(
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    params: Params,
+    strengths: Tensor,
+    *,
+    prox: Callable[[Params, Tensor], Params] | None,
+    step_size: float | Tensor | None,
+    solver: Solver,
+    maxiter: int,
+    tol: float,
+    damping: float,
+    stationary_tol: float,
+    warn: bool,
+) -> tuple[Tensor, Tensor]:
+    """The hypergradient and the relative residual of the linear solve."""
+    _check_strengths("implicit", strengths)
+    if solver not in ("cg", "normal_cg"):
+        raise ValueError(f"hypergrad.implicit: solver must be 'cg' or 'normal_cg', got {solver!r}")
+    _check_positive_int("implicit", "maxiter", maxiter)
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"hypergrad.implicit: tol must be finite and >= 0, got {tol!r}")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"hypergrad.implicit: damping must be finite and >= 0, got {damping!r}")
+    if prox is not None and step_size is None:
+        raise ValueError(
+            "hypergrad.implicit: prox needs step_size, the step of the proximal-gradient "
+            "map w -> prox(w - step_size * grad, step_size * strengths)"
+        )
+    if step_size is not None and not (
+        isinstance(step_size, Tensor) or (math.isfinite(step_size) and step_size > 0)
+    ):
+        raise ValueError(f"hypergrad.implicit: step_size must be positive, got {step_size!r}")
+    split = _Split(params)
+    w = split.floats
+    strengths = strengths.detach()
+
+    def val_objective(floats: Leaves) -> Tensor:
+        return _scalar("val_loss", val_loss(split.tree(floats)))
+
+    val_grad: Leaves = grad(val_objective)(w)
+
+    if prox is None:
+        gradient, gradient_vjp = vjp(  # type: ignore[misc]  # typed as if has_aux
+            lambda floats, lam: _train_grad(train_loss, split, floats, lam), w, strengths
+        )
+        stationarity = _norm(gradient)
+
+        def transpose_matvec(x: Leaves) -> Leaves:  # H^T x = H x
+            product = gradient_vjp(x)[0]
+            return tuple(p + damping * a for p, a in zip(product, x, strict=True))
+
+        matvec = transpose_matvec
+
+        def strength_vjp(u: Leaves) -> Tensor:
+            return -gradient_vjp(u)[1]
+
+        support: Leaves | None = None
+    else:
+        assert step_size is not None
+        eta = step_size
+
+        def fixed_point_map(floats: Leaves, lam: Tensor) -> Leaves:
+            gradient = _train_grad(train_loss, split, floats, lam)
+            moved = tuple(x - eta * g for x, g in zip(floats, gradient, strict=True))
+            return split.float_leaves(prox(split.tree(moved), eta * lam))
+
+        image, map_vjp = vjp(fixed_point_map, w, strengths)  # type: ignore[misc]
+        stationarity = _norm(tuple(t - x for t, x in zip(image, w, strict=True))) / eta
+
+        def transpose_matvec(x: Leaves) -> Leaves:  # (I - dT)^T x
+            product = map_vjp(x)[0]
+            return tuple((1 + damping) * a - b for a, b in zip(x, product, strict=True))
+
+        def matvec(x: Leaves) -> Leaves:  # (I - dT) x
+            product = jvp(lambda floats: fixed_point_map(floats, strengths), (w,), (x,))[1]
+            return tuple((1 + damping) * a - b for a, b in zip(x, product, strict=True))
+
+        def strength_vjp(u: Leaves) -> Tensor:
+            return map_vjp(u)[1]
+
+        support = None
+        if solver == "cg":
+            support = _identity_support(split, prox, w, eta, strengths, train_loss)
+
+    eps = torch.finfo(w[0].dtype).eps
+    tolerance = max(tol, 64 * eps)
+    system, rhs = transpose_matvec, val_grad  # the system M^T u = v that u solves
+    if support is not None:
+        mask = support
+
+        def restricted(x: Leaves) -> Leaves:
+            masked = tuple(m * a for m, a in zip(mask, x, strict=True))
+            return tuple(m * a for m, a in zip(mask, transpose_matvec(masked), strict=True))
+
+        system, rhs = restricted, tuple(m * v for m, v in zip(mask, val_grad, strict=True))
+    if solver == "normal_cg":
+        u = _conjugate_gradients(
+            lambda x: matvec(transpose_matvec(x)), matvec(val_grad), maxiter, tolerance
+        )
+    else:
+        u = _conjugate_gradients(system, rhs, maxiter, tolerance)
+    hypergradient = strength_vjp(u)
+    mismatch = tuple(a - b for a, b in zip(system(u), rhs, strict=True))
+    residual = _norm(mismatch) / _norm(rhs).clamp_min(torch.finfo(w[0].dtype).tiny)
+    if warn and not torch.compiler.is_compiling():
+        if float(stationarity) > stationary_tol:
+            what = "the gradient norm" if prox is None else "|T(w) - w| / step_size"
+            warnings.warn(
+                f"hypergrad.implicit: params are not a stationary point of train_loss: "
+                f"{what} is {float(stationarity):.3g} > stationary_tol={stationary_tol:.3g}; "
+                "the implicit hypergradient assumes trained parameters",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if float(residual) > tolerance:
+            warnings.warn(
+                f"hypergrad.implicit: {solver} did not converge in maxiter={maxiter} "
+                f"iterations: relative residual {float(residual):.3g} > {tolerance:.3g}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return hypergradient.detach(), residual.detach()
+
+
+def _identity_support(
+    split: _Split,
+    prox: Callable[[Params, Tensor], Params],
+    w: Leaves,
+    eta: float | Tensor,
+    strengths: Tensor,
+    train_loss: TrainLoss,
+) -> Leaves:
+    """The prox's support at the fixed point, as 0/1 masks, after checking that the
+    prox's Jacobian there is the 0/1 diagonal (as soft-thresholding's is)."""
+    gradient = _train_grad(train_loss, split, w, strengths)
+    moved = tuple(x - eta * g for x, g in zip(w, gradient, strict=True))
+    threshold = eta * strengths
+
+    def prox_floats(floats: Leaves) -> Leaves:
+        return split.float_leaves(prox(split.tree(floats), threshold))
+
+    ones = tuple(torch.ones_like(x) for x in moved)
+    diagonal = jvp(prox_floats, (moved,), (ones,))[1]
+    mask = tuple((d != 0).to(d.dtype) for d in diagonal)
+    generator = torch.Generator().manual_seed(0)
+    probe = tuple(
+        torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) for x in moved
+    )
+    image = jvp(prox_floats, (moved,), (probe,))[1]
+    expected = tuple(m * p for m, p in zip(mask, probe, strict=True))
+    gap = _norm(tuple(a - b for a, b in zip(image, expected, strict=True)))
+    if not torch.compiler.is_compiling() and float(gap) > 1e-6 * float(_norm(probe)):
+        raise ValueError(
+            "hypergrad.implicit: this prox's Jacobian is not 0/1 on its support (as "
+            "group_lasso's or l2's is not), so I - dT is not symmetric and solver='cg' "
+            "would be wrong; use solver='normal_cg'"
+        )
+    return mask
+
+
+def _unroll(
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    split: _Split,
+    strengths: Tensor,
+    optimizer: Optimizer,
+    state: Any,
+    steps: int,
+    checkpoint: bool,
+) -> tuple[Tensor, Params, Any]:
+    """Hypergradient through ``steps`` steps from ``state`` (fresh when ``None``); the
+    trained params and the final state come back detached."""
+    strengths = strengths.detach()
+    start_state = optimizer.init(split.tree(split.floats)) if state is None else state
+    state_leaves, state_spec = flatten(start_state)
+    state_positions = [i for i, leaf in enumerate(state_leaves) if is_float(leaf)]
+
+    def state_tree(floats: Sequence[Tensor], constants: list[Any]) -> Any:
+        leaves = list(constants)
+        for position, leaf in zip(state_positions, floats, strict=True):
+            leaves[position] = leaf
+        return state_spec.unflatten(leaves)
+
+    def one_step(
+        floats: Leaves, state_floats: Leaves, lam: Tensor, constants: list[Any]
+    ) -> tuple[tuple[Leaves, Leaves], Any]:
+        gradient = _train_grad(train_loss, split, floats, lam)
+        new_params, new_state = optimizer.step(
+            split.tree(floats), split.grads_tree(gradient), state_tree(state_floats, constants)
+        )
+        new_leaves, _ = flatten(new_state)
+        new_floats = tuple(new_leaves[i] for i in state_positions)
+        return (split.float_leaves(new_params), new_floats), new_leaves
+
+    def val_objective(floats: Leaves) -> Tensor:
+        return _scalar("val_loss", val_loss(split.tree(floats)))
+
+    start_floats = tuple(state_leaves[i] for i in state_positions)
+    if not checkpoint:
+
+        def run(lam: Tensor) -> tuple[Tensor, tuple[Leaves, list[Any]]]:
+            floats, state_floats, constants = split.floats, start_floats, state_leaves
+            for _ in range(steps):
+                (floats, state_floats), constants = one_step(floats, state_floats, lam, constants)
+            return val_objective(floats), (floats, constants)
+
+        hypergradient, (floats, final_leaves) = grad(run, has_aux=True)(strengths)
+    else:
+        trajectory = []
+        floats, state_floats, constants = split.floats, start_floats, state_leaves
+        with torch.no_grad():
+            for _ in range(steps):
+                trajectory.append((floats, state_floats, constants))
+                (floats, state_floats), constants = one_step(
+                    floats, state_floats, strengths, constants
+                )
+        final_leaves = constants
+        params_bar = grad(val_objective)(floats)
+        state_bar = tuple(torch.zeros_like(x) for x in state_floats)
+        hypergradient = torch.zeros_like(strengths)
+        for start, start_state_floats, start_constants in reversed(trajectory):
+            _, step_vjp = vjp(  # type: ignore[misc]
+                lambda p, s, lam, c=start_constants: one_step(p, s, lam, c)[0],
+                start,
+                start_state_floats,
+                strengths,
+            )
+            params_bar, state_bar, strengths_bar = step_vjp((params_bar, state_bar))
+            hypergradient = hypergradient + strengths_bar
+    return (
+        hypergradient.detach(),
+        split.tree(_detached(floats)),
+        state_spec.unflatten([_detached(leaf) for leaf in final_leaves]),
+    )
+
+
+def _detached(tree: Any) -> Any:
+    leaves, spec = flatten(tree)
+    return spec.unflatten([leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in leaves])
+
+
+def _warn_if_nonfinite(hypergradient: Tensor) -> None:
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(hypergradient).all()):
+        warnings.warn(
+            f"hypergrad.unrolled: the hypergradient is not finite ({hypergradient}); with "
+            "Adam this is sqrt(v) at v = 0 (a gradient entry exactly zero), whose "
+            "derivative is infinite: use SGD, or keep every gradient entry nonzero",
+            RuntimeWarning,
+            stacklevel=3,
+        )

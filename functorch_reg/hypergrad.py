@@ -459,7 +459,8 @@ def _train_grad(train_loss: TrainLoss, split: _Split, floats: Leaves, strengths:
     def objective(floats: Leaves, strengths: Tensor) -> Tensor:
         return _scalar("train_loss", train_loss(split.tree(floats), strengths))
 
-    return grad(objective)(floats, strengths)
+    gradient: Leaves = grad(objective)(floats, strengths)
+    return gradient
 
 
 def _check_strengths(owner: str, strengths: Any) -> None:
@@ -619,7 +620,8 @@ def _implicit(
         matvec = transpose_matvec
 
         def strength_vjp(u: Leaves) -> Tensor:
-            return -gradient_vjp(u)[1]
+            cotangent: Tensor = gradient_vjp(u)[1]
+            return -cotangent
 
         support: Leaves | None = None
     else:
@@ -643,7 +645,8 @@ def _implicit(
             return tuple((1 + damping) * a - b for a, b in zip(x, product, strict=True))
 
         def strength_vjp(u: Leaves) -> Tensor:
-            return map_vjp(u)[1]
+            cotangent: Tensor = map_vjp(u)[1]
+            return cotangent
 
         support = None
         if solver == "cg":

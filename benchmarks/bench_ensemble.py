@@ -62,6 +62,9 @@ def median_ms(fn: Callable[[], object], device: str) -> float:
 
 
 def bench(members: int, device: str) -> dict[str, float]:
+    # Each size compiles afresh: Timer's thread setting is global state that Dynamo
+    # guards on, and the sizes' graphs would add up to its recompile limit.
+    torch._dynamo.reset()
     model = make_model(device)
     x = torch.randn(BATCH, FEATURES, device=device)
     y = torch.randint(CLASSES, (BATCH,), device=device)
@@ -169,7 +172,7 @@ def bench_folds(folds: int, strengths: int, device: str) -> dict[str, float]:
         # The step fr.sweep compiles (the same private builder), timed without the loop.
         step = torch.compile(
             fr.ensemble._vmapped_step(
-                model, loss_fn, optimizer, penalty, sample_losses if weighted else None
+                model, loss_fn, optimizer, {"penalty": penalty}, sample_losses if weighted else None
             ),
             fullgraph=True,
         )

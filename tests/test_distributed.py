@@ -72,6 +72,7 @@ def _worker(rank: int, scenario: Callable[[int], Any], directory: str) -> None:
 def all_scenarios(rank: int) -> dict[str, Any]:
     return {
         "ddp": ddp_scenario(rank),
+        "ddp_flat": ddp_flat_scenario(rank),
         "fsdp": fsdp_scenario(rank),
         "dtensor": dtensor_scenario(rank),
         "sweep": sweep_scenario(rank),
@@ -176,6 +177,47 @@ def test_ddp_matches_single_process_full_batch(ranks):
     assert (expected["params"]["0.weight"] == 0).any(), "the prox should give exact zeros"
     for result in ranks:
         torch.testing.assert_close(result["ddp"], expected, rtol=1e-10, atol=1e-12)
+
+
+def ddp_flat_optimizer(model: nn.Module, flat: bool) -> fr.TorchOptimizer:
+    return fr.TorchOptimizer(model.parameters(), fr.adamw(lr=2e-2, weight_decay=0.1), flat=flat)
+
+
+def ddp_flat_scenario(rank: int) -> dict[str, Any]:
+    """TorchOptimizer(flat=True) behind DDP (gradient_as_bucket_view=False, the default)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    optimizer = ddp_flat_optimizer(model, flat=True)
+    x, y = rank_batch(rank)
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        optimizer.step()
+    grads = optimizer._flat_groups[0].grads
+    return {
+        "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+        # DDP copied its reduced buckets into the views instead of replacing them.
+        "grads_are_views": all(
+            p.grad.untyped_storage().data_ptr() == grads.untyped_storage().data_ptr()
+            for p in model.parameters()
+        ),
+    }
+
+
+def test_flat_torch_optimizer_under_ddp_matches_single_process_full_batch(ranks):
+    model = make_model()
+    optimizer = ddp_flat_optimizer(model, flat=False)
+    x, y = make_data()
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    for result in ranks:
+        assert result["ddp_flat"]["grads_are_views"]
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(result["ddp_flat"]["params"][name], p.detach())
 
 
 def fsdp_penalty(params: dict[str, Tensor]) -> Tensor:

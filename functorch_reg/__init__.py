@@ -15,15 +15,7 @@ hyperparameters and match ``torch.optim`` step for step::
 
 from . import distributed, flat, function_space, hypergrad, penalties, prox, select, sweep_data
 from .adapter import TorchOptimizer
-from .ensemble import (
-    LinearPath,
-    SweepResult,
-    ensemble_step,
-    init_ensemble,
-    lambda_grid,
-    linear_path,
-    sweep,
-)
+from .ensemble import SweepResult, ensemble_step, init_ensemble, sweep
 from .optim import (
     AdamState,
     Optimizer,
@@ -35,6 +27,7 @@ from .optim import (
     sgd,
     state_dict,
 )
+from .paths import LinearPath, lambda_grid, linear_path
 from .train import TrainStep, train_step
 from .transforms import (
     EMA,

@@ -1,14 +1,13 @@
 """Ensembles over regularization strength: one vmapped, compiled step trains a whole grid.
 
-:func:`sweep` trains one member per strength of a model, all at once, and reports
-per-member validation metrics; :func:`lambda_grid` and :func:`linear_path` give the
-regularization path of a linear model (lasso / elastic net) as scikit-learn defines it.
+:func:`sweep` trains one member per strength (or grid point, or fold) of a model, all at
+once, and reports per-member validation metrics; :func:`ensemble_step` is its step, for
+loops of one's own. The linear path is in :mod:`functorch_reg.paths`.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,26 +19,19 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from . import prox as prox_ops
 from . import sweep_data
+from ._plot import finish, log_strength_axis, pyplot
 from .flat import FlatParams, pack
-from .optim import Optimizer, sgd
+from .optim import Optimizer
 from .select import Where
+from .sweep_data import as_strengths
 from .train import TrainStep
 from .tree import Params, flatten, is_float, spec_names, stack, unstack
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = [
-    "LinearPath",
-    "SweepResult",
-    "ensemble_step",
-    "init_ensemble",
-    "lambda_grid",
-    "linear_path",
-    "sweep",
-]
+__all__ = ["SweepResult", "ensemble_step", "init_ensemble", "sweep"]
 
 
 def init_ensemble(
@@ -201,7 +193,7 @@ class SweepResult:
         """Regularization path (norm of each parameter tensor along the first axis) and
         validation curve (one line per value of the other axes), on a log axis, the
         chosen member marked. Needs matplotlib; saves to ``path`` when given."""
-        plt = _pyplot()
+        plt = pyplot()
         figure, (path_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4))
         axes = dict(self.grid) or {"lambda": self.strengths}
         first, *others = axes
@@ -241,13 +233,13 @@ class SweepResult:
         val_axis.set(title="Validation", xlabel=first, ylabel=label)
         chosen = x[best].item()
         for axis in (path_axis, val_axis):
-            _log_strength_axis(axis, x)
+            log_strength_axis(axis, x)
             axis.axvline(chosen, color="black", linestyle=":", label=f"chosen {first}={chosen:.3g}")
         path_axis.legend(fontsize="small")
         lines, names = val_axis.get_legend_handles_labels()
         zero_lines, zero_names = zeros_axis.get_legend_handles_labels()
         val_axis.legend(lines + zero_lines, names + zero_names, fontsize="small")
-        return _finish(figure, path)
+        return finish(figure, path)
 
 
 def sweep(
@@ -682,7 +674,7 @@ def _grid(
     if not isinstance(strengths, Mapping):
         _check_strength_target(optimizer, penalties.get("penalty"), hyperparameter)
         axis = "penalty" if hyperparameter is None else hyperparameter
-        return {axis: _as_strengths(strengths)}
+        return {axis: as_strengths(strengths)}
     if hyperparameter is not None:
         raise ValueError(
             "sweep: with a dict of strengths, its keys name the hyperparameters; "
@@ -704,7 +696,7 @@ def _grid(
             "sweep: a penalty axis and penalty= go together: give both or neither "
             f"(penalties without an axis: {missing})"
         )
-    axes = {axis: _as_strengths(values) for axis, values in strengths.items()}
+    axes = {axis: as_strengths(values) for axis, values in strengths.items()}
     mesh = torch.meshgrid(*axes.values(), indexing="ij")
     return {axis: values.reshape(-1) for axis, values in zip(axes, mesh, strict=True)}
 
@@ -802,193 +794,6 @@ def _check_strength_target(
         )
 
 
-def lambda_grid(
-    X: Tensor,
-    y: Tensor,
-    n: int = 100,
-    eps: float = 1e-3,
-    l1_ratio: float = 1.0,
-    fit_intercept: bool = True,
-) -> Tensor:
-    """scikit-learn's grid of elastic-net strengths for ``X``, ``y``, largest first.
-
-    ``alpha_max = max_j |x_j^T y| / (n_samples * l1_ratio)`` (on centered data when
-    ``fit_intercept``) is the smallest strength at which every coefficient is zero;
-    the grid is ``n`` log-spaced values from ``alpha_max`` down to ``eps * alpha_max``.
-    """
-    if not 0 < l1_ratio <= 1:
-        raise ValueError(f"lambda_grid: l1_ratio must be in (0, 1], got {l1_ratio}")
-    X, y = _centered(X, y) if fit_intercept else (X, y)
-    correlation = X.T @ y.reshape(len(y), -1)
-    alpha_max = correlation.norm(dim=1).max() / (len(y) * l1_ratio)
-    return torch.logspace(
-        math.log10(alpha_max.item()), math.log10(eps * alpha_max.item()), n, dtype=X.dtype
-    )
-
-
-@dataclass(frozen=True)
-class LinearPath:
-    """Coefficients of a linear model along a grid of strengths.
-
-    Attributes:
-        strengths: shape ``(K,)``.
-        coef: shape ``(K, n_features)``, fitted on all the data.
-        intercept: shape ``(K,)``.
-        mse_path: with ``folds``, the held-out mean squared error per strength and fold,
-            shape ``(K, folds)`` (scikit-learn's ``LassoCV.mse_path_``), else ``None``.
-    """
-
-    strengths: Tensor
-    coef: Tensor
-    intercept: Tensor
-    mse_path: Tensor | None = None
-
-    @property
-    def best_index(self) -> int:
-        """The strength with the lowest mean held-out error (needs ``folds``)."""
-        if self.mse_path is None:
-            raise ValueError("best_index needs cross-validation: linear_path(..., folds=k)")
-        return int(self.mse_path.mean(1).argmin())
-
-    @property
-    def best_strength(self) -> float:
-        """``strengths[best_index]``: scikit-learn's ``LassoCV.alpha_``."""
-        return self.strengths[self.best_index].item()
-
-    def plot(self, path: str | None = None) -> Figure:
-        """Each coefficient against the strength (log axis); saves to ``path`` when given."""
-        plt = _pyplot()
-        figure, axis = plt.subplots(figsize=(6, 4))
-        axis.plot(self.strengths, self.coef)
-        axis.set(title="Regularization path", xlabel="lambda", ylabel="coefficient")
-        if self.mse_path is not None:
-            axis.axvline(self.best_strength, color="black", linestyle=":", label="best (CV)")
-            axis.legend(fontsize="small")
-        _log_strength_axis(axis, self.strengths)
-        return _finish(figure, path)
-
-
-def linear_path(
-    X: Tensor,
-    y: Tensor,
-    strengths: Tensor | None = None,
-    *,
-    l1_ratio: float = 1.0,
-    steps: int = 10_000,
-    fit_intercept: bool = True,
-    folds: int | None = None,
-    compile: bool = True,
-    progress: bool = False,
-) -> LinearPath:
-    r"""Lasso / elastic-net coefficients for every strength, by proximal gradient descent.
-
-    Minimizes scikit-learn's objective for each strength :math:`\alpha`,
-
-    .. math:: \frac{1}{2n}\|y - Xw - b\|_2^2 + \alpha\left(r\|w\|_1 + \frac{1-r}{2}\|w\|_2^2\right),
-
-    with ``fr.sgd(lr=1/L, prox=fr.prox.elastic_net)`` (ISTA; ``L`` the largest
-    eigenvalue of :math:`X^T X / n`), all strengths in one vmapped step. Plain ISTA,
-    not momentum: with momentum :math:`\mu` the fixed point solves the problem for
-    :math:`(1 - \mu)\alpha` instead. With ``folds=k`` the path of each of ``k``
-    contiguous folds' training part (``KFold(k)``, intercept fitted per fold) runs in
-    the same vmapped step as the full path, giving ``LassoCV``'s ``mse_path_``.
-
-    Args:
-        X: features, shape ``(n, d)``.
-        y: targets, shape ``(n,)``.
-        strengths: defaults to :func:`lambda_grid` (on all of ``X``, as ``LassoCV``).
-        l1_ratio: ``r``, 1 for the lasso.
-        steps: proximal gradient steps (the error falls linearly, at a rate set by the
-            conditioning of ``X``).
-        fit_intercept: fit ``b`` by centering ``X`` and ``y``, as scikit-learn does.
-        folds: cross-validate over ``folds`` contiguous folds.
-        compile: compile the vmapped step.
-        progress: show a progress bar.
-
-    Example:
-        >>> X, y = torch.randn(30, 3, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
-        >>> path = linear_path(X, y, torch.tensor([1.0, 0.1]), folds=3, steps=50, compile=False)
-        >>> path.mse_path.shape
-        torch.Size([2, 3])
-    """
-    if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
-        raise ValueError(
-            f"linear_path: X must be (n, d) and y (n,), got {tuple(X.shape)} and {tuple(y.shape)}"
-        )
-    if strengths is None:
-        strengths = lambda_grid(X, y, l1_ratio=l1_ratio, fit_intercept=fit_intercept)
-    strengths = _as_strengths(strengths).to(X.dtype)
-    count = len(strengths)
-    # System 0 is all the data; system 1 + f is fold f's training part.
-    fits = [torch.ones(len(y), dtype=torch.bool, device=X.device)]
-    held_out = None
-    if folds is not None:
-        held_out = sweep_data.kfold_masks(len(y), folds).to(X.device)
-        fits += list(~held_out)
-    grams, correlations, rates, means = [], [], [], []
-    for fit in fits:
-        X_fit, y_fit = X[fit], y[fit]
-        x_mean, y_mean = X_fit.mean(0), y_fit.mean()
-        if fit_intercept:
-            X_fit, y_fit = X_fit - x_mean, y_fit - y_mean
-        # The gradient X^T (X w - y) / n through the Gram matrix: d x d work per step.
-        gram = X_fit.T @ X_fit / len(y_fit)
-        grams.append(gram)
-        correlations.append(X_fit.T @ y_fit / len(y_fit))
-        rates.append(1 / torch.linalg.eigvalsh(gram).max())
-        means.append((x_mean, y_mean))
-    systems = len(fits)
-    optimizer = sgd(lr=1.0, prox=functools.partial(prox_ops.elastic_net, l1_ratio=l1_ratio))
-    coef = torch.zeros(systems * count, X.shape[1], dtype=X.dtype, device=X.device)
-    states = stack([optimizer.init({"coef": row}) for row in coef])
-    member_grams = torch.stack(grams).repeat_interleave(count, 0)
-    member_correlations = torch.stack(correlations).repeat_interleave(count, 0)
-    member_rates = torch.stack(rates).repeat_interleave(count)
-    member_strengths = strengths.repeat(systems)
-
-    def member_step(
-        coef: Tensor, state: Any, strength: Tensor, gram: Tensor, correlation: Tensor, lr: Tensor
-    ) -> tuple[Tensor, Any]:
-        grads = {"coef": gram @ coef - correlation}
-        params, state = optimizer.step({"coef": coef}, grads, state, lr=lr, prox_strength=strength)
-        return params["coef"], state
-
-    step = vmap(member_step)
-    if compile:
-        step = torch.compile(step, fullgraph=True)
-    for _ in tqdm(range(steps), desc="linear path", disable=not progress):
-        coef, states = step(
-            coef, states, member_strengths, member_grams, member_correlations, member_rates
-        )
-    coef = coef.view(systems, count, -1)
-    intercepts = []
-    for (x_mean, y_mean), system_coef in zip(means, coef, strict=True):
-        intercepts.append(
-            y_mean - system_coef @ x_mean if fit_intercept else torch.zeros_like(strengths)
-        )
-    mse_path = None
-    if held_out is not None:
-        errors = []
-        for fold, test in enumerate(held_out):
-            predictions = X[test] @ coef[1 + fold].T + intercepts[1 + fold]
-            errors.append(((predictions - y[test, None]) ** 2).mean(0))
-        mse_path = torch.stack(errors, dim=1)
-    return LinearPath(strengths=strengths, coef=coef[0], intercept=intercepts[0], mse_path=mse_path)
-
-
-def _as_strengths(strengths: Tensor | Sequence[float]) -> Tensor:
-    strengths = torch.as_tensor(strengths)
-    if not strengths.is_floating_point():
-        strengths = strengths.to(torch.get_default_dtype())
-    if strengths.ndim != 1 or len(strengths) == 0:
-        raise ValueError(
-            f"strengths must be a non-empty 1-d tensor, got shape {tuple(strengths.shape)}"
-        )
-    if not (torch.isfinite(strengths).all() and (strengths >= 0).all()):
-        raise ValueError(f"strengths must be finite and non-negative, got {strengths.tolist()}")
-    return strengths
-
-
 def _initial_members(
     model: nn.Module,
     init: Literal["shared", "independent"] | Params,
@@ -1028,32 +833,3 @@ def _initial_members(
                 f"{', '.join(map(str, param.shape))})"
             )
     return {name: init[name].to(param.device, param.dtype) for name, param in own.items()}
-
-
-def _centered(X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    return X - X.mean(0), y - y.mean(0)
-
-
-def _log_strength_axis(axis: Any, strengths: Tensor) -> None:
-    positive = strengths[strengths > 0]
-    if len(positive) == len(strengths):
-        axis.set_xscale("log")
-    elif len(positive):
-        axis.set_xscale("symlog", linthresh=positive.min().item())
-
-
-def _finish(figure: Figure, path: str | None) -> Figure:
-    figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=120)
-    return figure
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # matplotlib is an optional extra
-        raise ImportError(
-            'plot() needs matplotlib: pip install "functorch_reg[examples]"'
-        ) from error
-    return plt

@@ -10,14 +10,14 @@ its own weights, in one vmapped step.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Data", "as_data", "fold_masks", "kfold_masks", "training_batches"]
+__all__ = ["Data", "as_data", "as_strengths", "fold_masks", "kfold_masks", "training_batches"]
 
 Batch = tuple[Tensor, Tensor]
 
@@ -282,3 +282,17 @@ def _describe(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of {len(value)} items"
     return f"a {type(value).__name__}"
+
+
+def as_strengths(strengths: Tensor | Sequence[float]) -> Tensor:
+    """``strengths`` as a non-empty 1-d floating tensor of finite, non-negative values."""
+    strengths = torch.as_tensor(strengths)
+    if not strengths.is_floating_point():
+        strengths = strengths.to(torch.get_default_dtype())
+    if strengths.ndim != 1 or len(strengths) == 0:
+        raise ValueError(
+            f"strengths must be a non-empty 1-d tensor, got shape {tuple(strengths.shape)}"
+        )
+    if not (torch.isfinite(strengths).all() and (strengths >= 0).all()):
+        raise ValueError(f"strengths must be finite and non-negative, got {strengths.tolist()}")
+    return strengths

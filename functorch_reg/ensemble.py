@@ -358,6 +358,16 @@ def sweep(
     layout = None
     if flat is not False:
         layout = pack(first_member, None if flat is True else flat)
+
+    def packed(members: Params) -> Params:
+        """Stacked members as the trees the step trains: stacked buffers when flat."""
+        if layout is None:
+            return members
+        return stack([layout.pack_like(member) for member in unstack(members)])
+
+    def unpacked(trained: Params) -> Params:
+        return trained if layout is None else layout.unpack(trained)
+
     _check_hyperparameters(
         optimizer, first_member if layout is None else layout.buffers, grid, penalties
     )
@@ -373,7 +383,7 @@ def sweep(
         held_out = held_mask.to(device, dtype).repeat(count, 1)
         members = _repeat_members(members, n_folds)
     member_grid = {axis: values.repeat_interleave(n_folds) for axis, values in grid.items()}
-    trained = members if layout is None else stack([layout.pack_like(m) for m in unstack(members)])
+    trained = packed(members)
     states = stack([optimizer.init(member) for member in unstack(trained)])
     step = _vmapped_step(
         model, loss_fn, optimizer, penalties, sample_losses if cross_validate else None, layout
@@ -398,7 +408,7 @@ def sweep(
         if cross_validate
         else f"sweep over {count} members",
     )
-    members = trained if layout is None else layout.unpack(trained)
+    members = unpacked(trained)
     with torch.no_grad():
         if cross_validate:
             assert train_data.tensors is not None and held_out is not None
@@ -423,13 +433,13 @@ def sweep(
             if val_data is None
             else sweep_data.concatenated(train_data, val_data, batch_size)
         )
-        start = unstack(initial)[index * n_folds]
+        start = packed(stack([unstack(initial)[index * n_folds]]))
         one = {axis: values[index : index + 1] for axis, values in grid.items()}
-        refit_step = _vmapped_step(model, loss_fn, optimizer, penalties, None)
+        refit_step = _vmapped_step(model, loss_fn, optimizer, penalties, None, layout)
         trained, _ = _train(
             torch.compile(refit_step, fullgraph=True) if compile else refit_step,
-            stack([start]),
-            stack([optimizer.init(start)]),
+            start,
+            stack([optimizer.init(unstack(start)[0])]),
             one,
             data,
             batch_size,
@@ -441,7 +451,7 @@ def sweep(
             compiling=compile,
             desc="refit",
         )
-        return unstack(trained)[0]
+        return unstack(unpacked(trained))[0]
 
     sweep_steps, compile_sweep = steps, compile
     train_loss = torch.stack(losses).cpu()

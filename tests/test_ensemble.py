@@ -674,6 +674,10 @@ def test_flat_sweep_equals_the_per_leaf_sweep(folds):
         assert flat.params[name].shape == leaf.shape
         torch.testing.assert_close(flat.params[name], leaf, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(flat.val_loss, per_leaf.val_loss, rtol=1e-5, atol=1e-6)
+    # refit trains the flat buffers too, and hands back leaves by name
+    refit, flat_refit = per_leaf.refit(steps=5), flat.refit(steps=5)
+    for name, leaf in refit.items():
+        torch.testing.assert_close(flat_refit[name], leaf, rtol=1e-5, atol=1e-6)
 
 
 def test_flat_ensemble_step_updates_stacked_buffers_like_per_leaf_members():

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .select import Where, selected
-from .tree import Params, flatten, is_dtensor, is_float, spec_names
+from .tree import Params, address_span, flatten, is_dtensor, is_float, spec_names
 
 __all__ = ["ALIGNMENT", "FlatParams", "LeafSlot", "leafwise", "pack"]
 
@@ -346,13 +346,8 @@ def _check_no_aliasing(leaves: Mapping[str, Tensor]) -> None:
     for name, leaf in leaves.items():
         if leaf.numel() == 0:
             continue
-        extent = 1 + sum(
-            (size - 1) * abs(stride) for size, stride in zip(leaf.shape, leaf.stride(), strict=True)
-        )
-        start = leaf.data_ptr()
-        spans.append(
-            (leaf.untyped_storage().data_ptr(), start, start + extent * leaf.element_size(), name)
-        )
+        start, end = address_span(leaf)
+        spans.append((leaf.untyped_storage().data_ptr(), start, end, name))
     spans.sort()
     for (storage, _, end, name), (next_storage, next_start, _, next_name) in itertools.pairwise(
         spans

@@ -33,6 +33,7 @@ Params: TypeAlias = Any
 __all__ = [
     "Params",
     "PyTree",
+    "address_span",
     "check_structure",
     "flatten",
     "full_tensor",
@@ -238,3 +239,16 @@ def replicate_like(value: Tensor, reference: Tensor) -> Tensor:
         return value
     mesh = reference.device_mesh
     return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def address_span(tensor: Tensor) -> tuple[int, int]:
+    """The bytes from ``tensor``'s first element to just past its last (strides included):
+    two tensors can share memory only where their spans meet."""
+    start = tensor.data_ptr()
+    if tensor.is_contiguous():
+        return start, start + tensor.numel() * tensor.element_size()
+    extent = sum(
+        int(size - 1) * int(stride)
+        for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    return start, start + (extent + 1) * tensor.element_size()

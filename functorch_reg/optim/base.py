@@ -13,6 +13,7 @@ from .._checks import Interval, Scalar, as_scalar, check_scalars
 from ..select import Where, selected
 from ..tree import (
     Params,
+    address_span,
     flatten,
     full_tensor,
     is_dtensor,
@@ -462,7 +463,7 @@ def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped
                 "(.contiguous()), or use step()"
             )
         if tensor.numel() and tensor.device.type != "meta":
-            start, end = _address_span(tensor)
+            start, end = address_span(tensor)
             device = (tensor.device.type, tensor.device.index or 0)
             spans.append((device, start, end, column_index, i, tensor))
     # Memory that two tensors share lies in both of their address spans: sorted by
@@ -483,18 +484,6 @@ def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped
         active.append(span)
 
 
-def _address_span(tensor: Tensor) -> tuple[int, int]:
-    """The bytes from ``tensor``'s first element to just past its last."""
-    start = tensor.data_ptr()
-    if tensor.is_contiguous():
-        return start, start + tensor.numel() * tensor.element_size()
-    extent = sum(
-        int(size - 1) * int(stride)
-        for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
-    )
-    return start, start + (extent + 1) * tensor.element_size()
-
-
 def _share_elements(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors whose address spans meet share an element."""
     size = a.element_size()
@@ -503,7 +492,7 @@ def _share_elements(a: Tensor, b: Tensor) -> bool:
     if b.element_size() != size or any(offset % size for offset in offsets):
         return True
     # Interleaved spans (the columns of a matrix): mark one tensor's elements.
-    end = max(_address_span(a)[1], _address_span(b)[1])
+    end = max(address_span(a)[1], address_span(b)[1])
     marks = torch.zeros((end - base) // size, dtype=torch.bool, device=a.device)
     marks.as_strided(a.shape, a.stride(), offsets[0] // size).fill_(True)
     return bool(marks.as_strided(b.shape, b.stride(), offsets[1] // size).any())

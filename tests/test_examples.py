@@ -19,6 +19,12 @@ def load(name: str):
     return module
 
 
+def run_example(name: str, *args: str, launcher: tuple[str, ...] = ()) -> str:
+    """What ``python [launcher] examples/NAME.py ARGS`` prints; it must exit with 0."""
+    command = [sys.executable, *launcher, str(EXAMPLES / f"{name}.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=300).stdout
+
+
 def max_gap(run_a, run_b) -> float:
     return max(
         (a[name] - b[name]).abs().max().item()
@@ -39,84 +45,37 @@ def test_sgd_weight_decay_2lam_is_l2_penalty_lam_for_50_steps():
 
 
 def test_seed_example_prints_the_curves():
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "seed_regularization.py"), "--steps", "20"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = run_example("seed_regularization", "--steps", "20")
     assert "l1_in_loss" in out and "max |w_l2_in_loss - w_weight_decay|" in out
 
 
 def test_lambda_sweep_example_runs(tmp_path):
     plot = tmp_path / "sweep.png"
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(EXAMPLES / "lambda_sweep.py"),
-            "--members",
-            "4",
-            "--steps",
-            "5",
-            "--no-compile",
-            "--output",
-            str(plot),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = run_example(
+        "lambda_sweep", "--members", "4", "--steps", "5", "--no-compile", "--output", str(plot)
+    )
     assert "val acc" in out and "pixels kept" in out
     assert plot.stat().st_size > 10_000
 
 
 def test_cross_validate_example_runs(tmp_path):
     plot = tmp_path / "cv.png"
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(EXAMPLES / "cross_validate.py"),
-            "--folds",
-            "3",
-            "--members",
-            "4",
-            "--steps",
-            "5",
-            "--batch-size",
-            "64",
-            "--no-compile",
-            "--output",
-            str(plot),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = run_example(
+        "cross_validate",
+        *("--folds", "3", "--members", "4", "--steps", "5", "--batch-size", "64"),
+        *("--no-compile", "--output", str(plot)),
+    )
     assert "4 strengths x 3 folds = 12 members in one vmapped run" in out
     assert "<- best" in out and "test accuracy" in out
     assert plot.stat().st_size > 10_000
 
 
 def test_distributed_sweep_example_runs_on_two_ranks():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            str(EXAMPLES / "distributed_sweep.py"),
-            "--members",
-            "4",
-            "--steps",
-            "5",
-            "--no-compile",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    ).stdout
+    out = run_example(
+        "distributed_sweep",
+        *("--members", "4", "--steps", "5", "--no-compile"),
+        launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2"),
+    )
     assert "val acc" in out
 
 
@@ -126,19 +85,6 @@ def test_examples_have_a_docstring_with_the_command(name):
 
 
 def test_learn_lambda_example_runs():
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(EXAMPLES / "learn_lambda.py"),
-            "--rounds",
-            "2",
-            "--steps-per-round",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    ).stdout
+    out = run_example("learn_lambda", "--rounds", "2", "--steps-per-round", "3")
     assert "grid, best shared strength" in out and "hypergradient, per layer" in out
     assert "python examples/learn_lambda.py" in load("learn_lambda").__doc__

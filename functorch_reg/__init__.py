@@ -16,6 +16,7 @@ hyperparameters and match ``torch.optim`` step for step::
 from . import distributed, flat, function_space, hypergrad, penalties, prox, select, sweep_data
 from .adapter import TorchOptimizer
 from .ensemble import SweepResult, ensemble_step, init_ensemble, sweep
+from .modules import split_module
 from .optim import (
     AdamState,
     Optimizer,
@@ -74,6 +75,7 @@ __all__ = [
     "schedules",
     "select",
     "sgd",
+    "split_module",
     "stack",
     "state_dict",
     "sweep",

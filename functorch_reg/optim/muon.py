@@ -42,9 +42,11 @@ class MuonState(NamedTuple):
         momentum_buffer: per-leaf first moment: Muon's momentum buffer on the matrix
             leaves (``torch.optim.Muon``'s ``momentum_buffer``), the AdamW part's
             ``exp_avg`` on the others.
-        exp_avg_sq: the AdamW part's second moment; ``None`` on Muon's leaves (this is
-            how a step tells the two parts apart), ``()`` without an AdamW part.
-        max_exp_avg_sq: the AdamW part's ``amsgrad`` maximum, else ``()``.
+        exp_avg_sq: the AdamW part's second moment; on Muon's leaves an empty tensor
+            of shape ``(0,)`` (how a step tells the parts apart, decided at ``init``);
+            ``()`` without an AdamW part.
+        max_exp_avg_sq: the AdamW part's ``amsgrad`` maximum (markers likewise), else
+            ``()``.
         beta_powers: the AdamW part's ``[n_leaves, 2]`` table (see
             :class:`~functorch_reg.AdamState`), else ``()``.
         skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
@@ -147,6 +149,7 @@ def muon(
     where: Where = None,
     decay_lr: Literal["unadjusted", "adjusted"] = "unadjusted",
     orthogonalize: Callable[[Tensor], Tensor] | None = None,
+    ns_dtype: torch.dtype = torch.bfloat16,
     mask: Where = None,
     prox: Prox | None = None,
     prox_strength: Scalar = 0.0,
@@ -204,6 +207,10 @@ def muon(
             at ``init``); the rest go to ``adam``.
         decay_lr: ``"unadjusted"`` (torch) or ``"adjusted"``, the lr in :math:`c`.
         orthogonalize: replaces Newton-Schulz: ``[A, B] -> [A, B]`` (e.g. :func:`polar`).
+        ns_dtype: the dtype Newton-Schulz runs in (torch's bfloat16). Batched
+            (``vmap``) and single bfloat16 matmuls round differently on some backends,
+            so a sweep equals separate runs to bfloat16 accuracy; pass
+            ``torch.float32`` for agreement to float32 accuracy.
         mask: which Muon leaves get decay and prox (default all).
         prox: an elementwise proximal operator (e.g. ``fr.prox.l1``), applied to the
             Muon leaves as ``prox(W, lr * prox_strength)``; a prox that couples
@@ -259,7 +266,7 @@ def muon(
     def orthogonalized(matrix: Tensor) -> Tensor:
         if orthogonalize is not None:
             return orthogonalize(matrix)
-        return newton_schulz(matrix, ns_coefficients, ns_steps, eps)
+        return newton_schulz(matrix, ns_coefficients, ns_steps, eps, ns_dtype)
 
     def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
         return (torch.zeros_like(p),)
@@ -353,6 +360,27 @@ def _check_elementwise(prox: Prox) -> None:
         )
 
 
+def _with_markers(leaves: Sequence[Any], to_adam: Sequence[bool], adam_field: Params) -> Params:
+    """An AdamW-part field for all leaves: the AdamW part's tensors on its leaves, and
+    an empty tensor (shape ``(0,)``, the leaf's dtype and device) on Muon's float
+    leaves, which marks them as Muon's. A marker rather than ``None``, so that ``vmap``
+    takes the state."""
+    values, spec = flatten(adam_field)
+    return spec.unflatten(
+        [
+            v if a else (leaf.new_empty(0) if is_float(leaf) else None)
+            for a, v, leaf in zip(to_adam, values, leaves, strict=True)
+        ]
+    )
+
+
+def _merged(spec: Any, to_adam: Sequence[bool], new: Params, old: Params) -> Params:
+    """``new``'s tensors on the AdamW part's leaves, ``old``'s markers elsewhere."""
+    return spec.unflatten(
+        [n if a else o for a, n, o in zip(to_adam, flatten(new)[0], flatten(old)[0], strict=True)]
+    )
+
+
 class _Hybrid:
     """Muon's matrix leaves and the AdamW part, stepped as one optimizer over one state."""
 
@@ -406,14 +434,19 @@ class _Hybrid:
             return MuonState(
                 matrix_state.momentum_buffer, DISABLED, DISABLED, DISABLED, matrix_state.skipped
             )
+        part = spec.unflatten([x if a else None for a, x in zip(to_adam, leaves, strict=True)])
         if any(to_adam):
-            part = spec.unflatten([x if a else None for a, x in zip(to_adam, leaves, strict=True)])
             adam_state = self.adam.init(part)
-            exp_avg_sq, max_exp_avg_sq = adam_state.exp_avg_sq, adam_state.max_exp_avg_sq
             beta_powers = adam_state.beta_powers
-        else:  # only matrices: the AdamW part's fields hold no tensor but its table
-            nothing = spec.unflatten([None] * len(leaves))
-            exp_avg_sq, max_exp_avg_sq = nothing, nothing if self.amsgrad else DISABLED
+            exp_avg_sq = _with_markers(leaves, to_adam, adam_state.exp_avg_sq)
+            max_exp_avg_sq = (
+                _with_markers(leaves, to_adam, adam_state.max_exp_avg_sq)
+                if self.amsgrad
+                else DISABLED
+            )
+        else:  # only matrices: the AdamW part's fields hold markers and its table
+            exp_avg_sq = _with_markers(leaves, to_adam, part)
+            max_exp_avg_sq = exp_avg_sq if self.amsgrad else DISABLED
             row = self.adam.init([matrix_state.skipped.new_zeros((), dtype=torch.float32)])
             beta_powers = row.beta_powers.expand(len(leaves), -1).clone()
         return MuonState(
@@ -439,7 +472,10 @@ class _Hybrid:
             seconds = matching_leaves(
                 leaves, spec, state.exp_avg_sq, other_name="state.exp_avg_sq", check_shapes=False
             )
-            to_adam = [s is not None for s in seconds]
+            to_adam = [
+                is_float(p) and isinstance(s, Tensor) and s.shape == p.shape
+                for p, s in zip(leaves, seconds, strict=True)
+            ]
         else:
             to_adam = [False] * len(leaves)
         self._check_matrices(spec, leaves, grad_leaves, to_adam)
@@ -460,8 +496,8 @@ class _Hybrid:
         if self.adam is not None and enabled(state.exp_avg_sq):
             adam_state = AdamState(
                 part(firsts, True),
-                state.exp_avg_sq,
-                state.max_exp_avg_sq if self.amsgrad else DISABLED,
+                part(seconds, True),
+                part(flatten(state.max_exp_avg_sq)[0], True) if self.amsgrad else DISABLED,
                 cast(Tensor, state.beta_powers),
                 state.skipped,
             )
@@ -474,8 +510,12 @@ class _Hybrid:
                 if a:
                     new_leaves[i], new_firsts[i] = p, m
             new_state = state._replace(
-                exp_avg_sq=adam_state.exp_avg_sq,
-                max_exp_avg_sq=adam_state.max_exp_avg_sq if self.amsgrad else DISABLED,
+                exp_avg_sq=_merged(spec, to_adam, adam_state.exp_avg_sq, state.exp_avg_sq),
+                max_exp_avg_sq=_merged(
+                    spec, to_adam, adam_state.max_exp_avg_sq, state.max_exp_avg_sq
+                )
+                if self.amsgrad
+                else DISABLED,
                 beta_powers=adam_state.beta_powers,
             )
         new_state = new_state._replace(momentum_buffer=spec.unflatten(new_firsts))

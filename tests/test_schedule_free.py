@@ -1,0 +1,106 @@
+"""fr.schedule_free_adamw beyond parity: the y/x switch and its guard, warmup, decay at z."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import functorch_reg as fr
+
+
+def assert_identical(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def params_and_grads(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    params = {"w": torch.randn(4, 3, generator=generator, dtype=torch.float64)}
+    grads = [{"w": torch.randn(4, 3, generator=generator, dtype=torch.float64)} for _ in range(4)]
+    return params, grads
+
+
+def test_a_step_at_the_evaluation_point_is_refused_before_anything_changes():
+    opt = fr.schedule_free_adamw(lr=0.1)
+    params, grads = params_and_grads()
+    state = opt.init(params)
+    opt.step_(params, grads[0], state)
+    x, x_state = fr.schedule_free_eval(opt, params, state)
+    before = fr.state_dict(x_state), {k: v.clone() for k, v in x.items()}
+    with pytest.raises(ValueError, match="hold the evaluation point x.*schedule_free_train"):
+        opt.step_(x, grads[1], x_state)
+    assert_identical((fr.state_dict(x_state), x), before)
+    with pytest.raises(ValueError, match="evaluation point"):
+        opt.step(x, grads[1], x_state)
+
+
+def test_eval_then_train_returns_to_y_and_each_is_idempotent():
+    opt = fr.schedule_free_adamw(lr=0.1, betas=(0.8, 0.99))
+    params, grads = params_and_grads()
+    state = opt.init(params)
+    for g in grads:
+        params, state = opt.step(params, g, state)
+    assert fr.schedule_free_point(state) == "y"
+    x, x_state = fr.schedule_free_eval(opt, params, state)
+    # x = y + (1 - 1/beta1)(z - y)
+    torch.testing.assert_close(x["w"], params["w"] + (1 - 1 / 0.8) * (state.z["w"] - params["w"]))
+    again, again_state = fr.schedule_free_eval(opt, x, x_state)
+    assert again is x and again_state is x_state
+    y, y_state = fr.schedule_free_train(opt, x, x_state)
+    torch.testing.assert_close(y, params, rtol=1e-14, atol=1e-14)
+    assert fr.schedule_free_point(y_state) == "y"
+    opt.step(y, grads[0], y_state)  # stepping is allowed again
+
+
+def test_warmup_ramps_the_lr_linearly():
+    """With beta1 = 0, y = z, so each step moves by the scheduled lr times the direction."""
+    opt = fr.schedule_free_adamw(lr=0.1, betas=(0.0, 0.999), warmup_steps=4)
+    params = {"w": torch.zeros(1, dtype=torch.float64)}
+    state = opt.init(params)
+    moves = []
+    for _ in range(6):
+        new, state = opt.step(params, {"w": torch.ones(1, dtype=torch.float64)}, state)
+        moves.append((params["w"] - new["w"]).item())
+        params = new
+    # The normalized direction is 1 / (1 + eps) on a constant gradient.
+    expected = [0.025, 0.05, 0.075, 0.1, 0.1, 0.1]
+    assert moves == pytest.approx(expected, rel=1e-6)
+
+
+def test_decay_at_z_evaluates_the_decay_at_z():
+    """Written out: d = g / denom + wd * z; y and z move as at y."""
+    lr, wd, beta1, beta2, eps = 0.1, 0.3, 0.9, 0.999, 1e-8
+    params, grads = params_and_grads()
+    opt = fr.schedule_free_adamw(
+        lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd, decay_at="z"
+    )
+    state = opt.init(params)
+    y, z, v = params["w"], params["w"].clone(), torch.zeros_like(params["w"])
+    weight_sum = 0.0
+    for t, g in enumerate(grads, start=1):
+        params, state = opt.step(params, g, state)
+        v = beta2 * v + (1 - beta2) * g["w"] ** 2
+        d = g["w"] / ((v / (1 - beta2**t)).sqrt() + eps) + wd * z
+        weight = lr**2
+        weight_sum += weight
+        c = weight / weight_sum
+        y = (1 - c) * y + c * z + lr * (beta1 * (1 - c) - 1) * d
+        z = z - lr * d
+    torch.testing.assert_close(params["w"], y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state.z["w"], z, rtol=1e-12, atol=1e-12)
+    at_y = fr.schedule_free_adamw(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
+    p, s = params_and_grads()[0], None
+    s = at_y.init(p)
+    for g in grads:
+        p, s = at_y.step(p, g, s)
+    assert not torch.allclose(p["w"], params["w"])
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="decay_at"):
+        fr.schedule_free_adamw(decay_at="x")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        fr.schedule_free_adamw(warmup_steps=-1)
+    with pytest.raises(TypeError, match="ScheduleFreeState"):
+        fr.schedule_free_eval(
+            fr.schedule_free_adamw(), {"w": torch.ones(1)}, fr.adam().init({"w": torch.ones(1)})
+        )

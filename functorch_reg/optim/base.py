@@ -46,7 +46,15 @@ def leaf_table_field(state: Any) -> str | None:
 
 
 class Prox(Protocol):
-    """A proximal operator, e.g. :func:`functorch_reg.prox.l1`."""
+    """A proximal operator, e.g. :func:`functorch_reg.prox.l1`.
+
+    An optimizer calls it once per step as ``prox({leaf_name: leaf}, threshold)``: a
+    dict of the leaves that its ``mask`` selects and that this step updates, keyed by
+    their dotted names (``"0.weight"``; a flat buffer's group name), and the result
+    must hold the same keys. So a ``where=`` inside the prox sees leaf names, as it
+    does on a params tree (``functools.partial(fr.prox.l1, where="0.*")``), and
+    :func:`functorch_reg.hypergrad.implicit` calls the same prox the same way.
+    """
 
     def __call__(self, params: Params, threshold: Scalar) -> Params: ...
 
@@ -253,14 +261,21 @@ def build(
 
         new_leaves = list(leaves)
         new_columns = [list(column) for column in columns]
+        stepped: dict[int, tuple[Tensor, tuple[Tensor | None, ...]]] = {}
         for i, (p, g, decay) in enumerate(zip(leaves, grad_leaves, decays, strict=True)):
-            if not updated[i]:
-                continue
+            if updated[i]:
+                row = None if derived is None else derived[i]
+                slots = tuple(column[i] for column in columns)
+                stepped[i] = rule(p, g, slots, row, h, decay, refs[i])
+        if prox is not None and prox_threshold is not None:
+            proxed = [i for i in stepped if decays[i]]
+            if proxed:
+                new_ps = _apply_prox(name, prox, spec_names(spec), proxed, stepped, prox_threshold)
+                for i in proxed:
+                    stepped[i] = (new_ps[i], stepped[i][1])
+        for i, (new_p, new_slots) in stepped.items():
+            p = leaves[i]
             slots = tuple(column[i] for column in columns)
-            row = None if derived is None else derived[i]
-            new_p, new_slots = rule(p, g, slots, row, h, decay, refs[i])
-            if decay and prox is not None and prox_threshold is not None:
-                new_p = prox(new_p, prox_threshold)
             # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
             # 0-d leaf, and a step never changes a param's (or its state's) dtype.
             new_p = _as_dtype(new_p, p.dtype)
@@ -340,6 +355,33 @@ def resolve(
         merged["beta1"], merged["beta2"] = betas
     check_scalars(name, merged, intervals)
     return {key: as_scalar(value) for key, value in merged.items()}
+
+
+def _apply_prox(
+    name: str,
+    prox: Prox,
+    names: Sequence[str],
+    proxed: Sequence[int],
+    stepped: Mapping[int, tuple[Tensor, Any]],
+    threshold: Scalar,
+) -> dict[int, Tensor]:
+    """The prox of the selected leaves' new values, called once on ``{leaf name: leaf}``."""
+    tree = {names[i]: stepped[i][0] for i in proxed}
+    hint = (
+        f"{name}: prox must map a dict {{leaf name: tensor}} to a dict with the same keys "
+        "(as fr.prox.l1 does); lift a prox written for one tensor with "
+        "lambda tree, t: {k: my_prox(v, t) for k, v in tree.items()}"
+    )
+    try:
+        out = prox(tree, threshold)
+    except (AttributeError, TypeError) as error:
+        if "dict" not in str(error):
+            raise
+        raise TypeError(f"{hint} ({error})") from error
+    if not isinstance(out, Mapping) or set(out) != set(tree):
+        got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
+        raise TypeError(f"{hint}; given {sorted(tree)[:4]} it returned {got}")
+    return {i: out[names[i]] for i in proxed}
 
 
 def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:

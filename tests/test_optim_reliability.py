@@ -80,3 +80,59 @@ def test_prox_returning_a_tensor_is_refused_with_the_convention():
         with pytest.raises(TypeError, match="prox must map a dict"):
             opt.step_(params, random_grads(params, 0), opt.init(params))
         assert_identical(params, before)
+
+
+# --- item 20: validate(params=None, **hyperparameters) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "match"),
+    [
+        (lambda: fr.adamw(lr=1e-3, mask="nope.*"), "where='nope.*' matches no"),
+        (
+            lambda: fr.sgd(
+                lr=0.1, prox=functools.partial(fr.prox.l1, where="x.*"), prox_strength=1
+            ),
+            "where='x.*' matches no",
+        ),
+        (
+            lambda: fr.adamw(lr=0.1, weight_decay=0.1, decay_to={"0.weight": torch.zeros(6, 4)}),
+            "decay_to has no leaf",
+        ),
+        (
+            lambda: fr.sgd(
+                lr=0.1, prox=functools.partial(fr.prox.group_lasso, dim=1), prox_strength=1
+            ),
+            "group dim=1",
+        ),
+        (lambda: fr.adamw(lr=1e-3, mask="nope.*", clip_grad_norm=1.0), "matches no"),
+    ],
+    ids=["mask", "prox_where", "decay_to", "prox_shape", "clipped"],
+)
+def test_validate_with_params_checks_masks_prox_and_references(optimizer, match):
+    """validate(params) raises what the first step would, on meta copies (no writes)."""
+    opt = optimizer()
+    params = mlp_params()
+    before = clone(params)
+    opt.validate(lr=1e-3)  # scalars alone pass, as before
+    with pytest.raises(ValueError, match=match):
+        opt.validate(params)
+    with pytest.raises(ValueError, match=match):
+        opt.step(params, random_grads(params, 0), opt.init(params))
+    assert_identical(params, before)
+
+
+def test_validate_with_params_checks_overrides_and_passes_a_good_configuration():
+    opt = fr.adamw(lr=1e-3, weight_decay=0.1, mask=fr.select.weights(), prox=fr.prox.l1)
+    params = mlp_params()
+    opt.validate(params, lr=torch.tensor(0.1), prox_strength=0.5)
+    with pytest.raises(ValueError, match="lr"):
+        opt.validate(params, lr=-1.0)
+    with pytest.raises(TypeError, match="unknown hyperparameter"):
+        opt.validate(params, momentum=0.9)
+
+
+def test_torch_optimizer_refuses_a_mask_that_matches_nothing_at_construction():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="where='nope.*' matches no"):
+        fr.TorchOptimizer(model.named_parameters(), fr.adamw(lr=1e-3, mask="nope.*"))

@@ -77,9 +77,14 @@ class Optimizer(NamedTuple):
             ``nn.Parameter`` leaves that require grad while grad mode is on (detach
             them), and both refuse complex leaves (pass ``torch.view_as_real``).
         hyperparams: the construction-time hyperparameters.
-        validate: ``validate(**hyperparams) -> None`` raises as ``step`` would for these
-            per-call overrides, and touches nothing (e.g. to check several param
-            groups before updating any).
+        validate: ``validate(params=None, **hyperparams) -> None`` raises as ``step``
+            would for these per-call overrides, and touches nothing (e.g. to check
+            several param groups before updating any). Without ``params`` it checks the
+            scalars; with ``params`` (a tree like ``step``'s) it also checks the trees,
+            ``mask``, ``prox`` and ``decay_to`` against them, by stepping copies on the
+            meta device: no memory, no device work. Always set by this library's
+            factories; :func:`check_optimizer` also serves an ``Optimizer`` built by hand
+            without one.
     """
 
     init: Callable[[Params], State]
@@ -324,11 +329,51 @@ def build(
                 new.table.copy_(new.new_table)
             state.skipped.copy_(new.skipped)
 
-    def validate(**overrides: Any) -> None:
+    def validate(params: Params | None = None, **overrides: Any) -> None:
         resolve(name, defaults, overrides, intervals)
+        if params is not None:
+            step_on_meta(init, step, params, overrides)
 
     step.__doc__ = step_.__doc__ = f"One {name} step; see ``functorch_reg.{name}``."
     return Optimizer(init, step, step_, defaults, validate)
+
+
+def check_optimizer(optimizer: Optimizer, params: Params | None = None, **overrides: Any) -> None:
+    """``optimizer.validate(params, **overrides)``, or, for an ``Optimizer`` built without
+    ``validate``, one step on meta copies of ``params``: raises as its step would."""
+    if optimizer.validate is not None:
+        optimizer.validate(params, **overrides)
+    elif params is not None:
+        step_on_meta(optimizer.init, optimizer.step, params, overrides)
+
+
+def step_on_meta(
+    init: Callable[[Params], State],
+    step: Callable[..., Any],
+    params: Params,
+    overrides: Mapping[str, Any],
+) -> None:
+    """Run ``step`` once on meta-device copies of ``params`` (zero gradients for the
+    floating leaves), so that every check of a step runs with no memory and no device
+    work. Tensor hyperparameters are read on the CPU, where they combine with meta
+    tensors."""
+    leaves, spec = flatten(params)
+    meta = [
+        torch.empty_like(leaf, device="meta") if isinstance(leaf, Tensor) else leaf
+        for leaf in leaves
+    ]
+    grads = [torch.zeros_like(leaf) if is_float(leaf) else None for leaf in meta]
+    tree = spec.unflatten(meta)
+    with torch.no_grad():
+        step(tree, spec.unflatten(grads), init(tree), **_on_cpu(overrides))
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _on_cpu(v) for key, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value.detach().cpu() if isinstance(value, Tensor) else value
 
 
 def resolve(

@@ -68,7 +68,14 @@ from torch._dynamo.utils import counters
 import functorch_reg as fr
 
 # name: (d, layers). Few wide layers at 300M keep its compile time near the others'.
-SIZES = {"0.1M": (64, 2), "1M": (128, 5), "8M": (256, 10), "32M": (512, 10), "100M": (1024, 8), "300M": (2048, 6)}
+SIZES = {
+    "0.1M": (64, 2),
+    "1M": (128, 5),
+    "8M": (256, 10),
+    "32M": (512, 10),
+    "100M": (1024, 8),
+    "300M": (2048, 6),
+}
 DEFAULT_SIZES = {"cpu": "1M,8M,32M", "cuda": "1M,8M,32M,100M,300M"}
 BYTES_PER_PARAM = {"adamw": 28, "sgd": 20, "muon": 20, "lion": 20}
 HYPERPARAMS = {

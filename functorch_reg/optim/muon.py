@@ -15,7 +15,18 @@ from .._checks import NON_NEGATIVE, Scalar
 from ..select import Where, selected
 from ..tree import Params, flatten, is_float, matching_leaves, spec_names
 from .adam import AdamState
-from .base import DISABLED, LEAF_TABLES, Optimizer, Prox, State, build, enabled, is_zero
+from .base import (
+    DISABLED,
+    LEAF_TABLES,
+    Optimizer,
+    Prox,
+    State,
+    build,
+    check_optimizer,
+    enabled,
+    is_zero,
+    step_on_meta,
+)
 from .clipping import with_clipping
 from .decay import INTERVALS as DECAY_INTERVALS
 from .decay import DecayScaling, decay_coefficient, decay_options, decayed
@@ -344,11 +355,14 @@ def _check_adam(adam: Optimizer | None) -> bool:
 
 
 def _check_elementwise(prox: Prox) -> None:
-    """Refuse a prox that couples entries: compare it on a matrix and entry by entry."""
+    """Refuse a prox that couples entries: compare it on a matrix and entry by entry
+    (called as the optimizers call it, on a dict of named leaves)."""
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(3, 4, dtype=torch.float64, generator=generator)
-    whole = prox(probe, 0.3)
-    entries = torch.stack([prox(x.reshape(1), 0.3).reshape(()) for x in probe.reshape(-1)])
+    whole = prox({"probe": probe}, 0.3)["probe"]
+    entries = torch.stack(
+        [prox({"probe": x.reshape(1)}, 0.3)["probe"].reshape(()) for x in probe.reshape(-1)]
+    )
     if not isinstance(whole, Tensor) or not torch.allclose(
         whole.reshape(-1), entries, rtol=1e-12, atol=1e-12
     ):
@@ -409,12 +423,13 @@ class _Hybrid:
             )
         return ours, theirs
 
-    def validate(self, **overrides: Any) -> None:
+    def validate(self, params: Params | None = None, **overrides: Any) -> None:
         ours, theirs = self.split(overrides)
-        if self.matrices.validate is not None:
-            self.matrices.validate(**ours)
-        if self.adam is not None and self.adam.validate is not None:
-            self.adam.validate(**theirs)
+        check_optimizer(self.matrices, None, **ours)
+        if self.adam is not None:
+            check_optimizer(self.adam, None, **theirs)
+        if params is not None:
+            step_on_meta(self.init, self.step, params, overrides)
 
     def init(self, params: Params) -> MuonState:
         # Checks the params (names, dtypes) and makes a zero first moment for every leaf.

@@ -479,12 +479,14 @@ class TorchOptimizer(torch.optim.Optimizer):
             scalar = scalars[name]
             return scalar.copy_(value) if isinstance(value, Tensor) else scalar.fill_(value)
 
-        return {
-            name: (as_input("beta1", value[0]), as_input("beta2", value[1]))
-            if name == "betas"
-            else as_input(name, value)
-            for name, value in values.items()
-        }
+        def as_inputs(name: str, value: Any) -> Any:
+            if name == "betas":
+                return as_input("beta1", value[0]), as_input("beta2", value[1])
+            if isinstance(value, (tuple, list)):  # e.g. fr.muon's adam_betas
+                return tuple(as_input(f"{name}.{i}", v) for i, v in enumerate(value))
+            return as_input(name, value)
+
+        return {name: as_inputs(name, value) for name, value in values.items()}
 
     def _saved_slots(self, state_dict: StateDict) -> dict[Tensor, dict[str, Tensor]]:
         """Each param's saved state, checked against this optimizer."""

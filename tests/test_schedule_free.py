@@ -96,6 +96,8 @@ def test_decay_at_z_evaluates_the_decay_at_z():
 
 
 def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="decay_scaling='schedule' does not apply"):
+        fr.schedule_free_adamw(decay_scaling="schedule")
     with pytest.raises(ValueError, match="decay_at"):
         fr.schedule_free_adamw(decay_at="x")
     with pytest.raises(ValueError, match="warmup_steps"):
@@ -104,3 +106,20 @@ def test_bad_arguments_are_refused():
         fr.schedule_free_eval(
             fr.schedule_free_adamw(), {"w": torch.ones(1)}, fr.adam().init({"w": torch.ones(1)})
         )
+
+
+def test_cautious_decay_toward_a_reference():
+    """With beta1 = 0 (y = z), one step from w: d = g / denom + wd * kappa * (w - ref)."""
+    lr, wd, eps = 0.1, 0.5, 1e-8
+    params = {"w": torch.tensor([2.0, -2.0, 0.5], dtype=torch.float64)}
+    grads = {"w": torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)}
+    reference = {"w": torch.ones(3, dtype=torch.float64)}
+    opt = fr.schedule_free_adamw(
+        lr=lr, betas=(0.0, 0.999), eps=eps, weight_decay=wd, decay_to=reference, cautious_decay=True
+    )
+    new, _ = opt.step(params, grads, opt.init(params))
+    normalized = grads["w"] / (grads["w"].abs() + eps)
+    offset = params["w"] - 1.0
+    agree = torch.sign(normalized) * torch.sign(offset) >= 0
+    d = normalized + wd * torch.where(agree, offset, torch.zeros_like(offset))
+    torch.testing.assert_close(new["w"], params["w"] - lr * d, rtol=1e-14, atol=1e-14)

@@ -77,6 +77,7 @@ def schedule_free_adamw(
     skip_nonfinite: bool = False,
     *,
     decay_at: Literal["y", "z"] = "y",
+    decay_scaling: Literal["lr"] = "lr",
     cautious_decay: bool = False,
     decay_to: Params | None = None,
     clip_grad_norm: Scalar | None = None,
@@ -126,12 +127,15 @@ def schedule_free_adamw(
         prox_strength: :math:`\rho`, the strength of the proximal penalty.
         skip_nonfinite: leave params and state untouched on a non-finite gradient.
         decay_at: ``"y"`` (reference) or ``"z"``, the point the decay is evaluated at.
+        decay_scaling: ``"lr"`` only (others are refused, see above); accepted so that
+            code written for the other rules states its choice.
         cautious_decay: decay only where the step and the weight agree in sign.
         decay_to: reference weights the decay pulls toward (by leaf name).
         clip_grad_norm: clip the gradients to this global norm first.
 
     Raises:
-        ValueError: a hyperparameter out of range, an unknown ``decay_at``; at a step,
+        ValueError: a hyperparameter out of range, an unknown ``decay_at``, a
+            ``decay_scaling`` other than ``"lr"``; at a step,
             params that hold the evaluation point.
 
     Example:
@@ -144,6 +148,12 @@ def schedule_free_adamw(
         >>> fr.schedule_free_point(eval_state)
         'x'
     """
+    if decay_scaling != "lr":
+        raise ValueError(
+            f"schedule_free_adamw: decay_scaling={decay_scaling!r} does not apply: the decay "
+            "enters the step direction, which both sequences follow with the scheduled lr "
+            "(so it scales with the lr already); only 'lr' is accepted"
+        )
     if decay_at not in ("y", "z"):
         raise ValueError(f"schedule_free_adamw: decay_at must be 'y' or 'z', got {decay_at!r}")
     _, references = decay_options(

@@ -39,3 +39,26 @@ def test_one_compile_for_a_changing_lr_and_decay_equals_eager(name):
         )
     assert counter.frame_count == 1
     torch.testing.assert_close(params, eager_params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torch_optimizer_compiles_muon_with_its_adamw_part_and_equals_eager():
+    """adam_betas, a pair, reaches the compiled graph as two tensors, as betas does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    eager_model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    eager_model.load_state_dict(model.state_dict())
+
+    def make():
+        return fr.muon(lr=2e-2, adam=fr.adamw(lr=1e-2), ns_dtype=torch.float32, ns_steps=1)
+
+    compiled = fr.TorchOptimizer(model.parameters(), make(), compile=True)
+    eager = fr.TorchOptimizer(eager_model.parameters(), make())
+    x = torch.randn(8, 3)
+    for i in range(3):
+        for net, opt in ((model, compiled), (eager_model, eager)):
+            opt.param_groups[0]["adam_betas"] = (0.9, 0.99 + 0.001 * i)
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    torch.testing.assert_close(model.state_dict(), eager_model.state_dict(), rtol=1e-5, atol=1e-6)

@@ -123,3 +123,41 @@ def test_cautious_decay_toward_a_reference():
     agree = torch.sign(normalized) * torch.sign(offset) >= 0
     d = normalized + wd * torch.where(agree, offset, torch.zeros_like(offset))
     torch.testing.assert_close(new["w"], params["w"] - lr * d, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_torch_optimizer_switches_like_the_reference_train_and_eval(flat):
+    schedulefree = pytest.importorskip("schedulefree")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    reference_model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    )
+    reference_model.load_state_dict(model.state_dict())
+    kwargs = {"lr": 1e-2, "weight_decay": 0.01, "warmup_steps": 2}
+    ours = fr.TorchOptimizer(model.parameters(), fr.schedule_free_adamw(**kwargs), flat=flat)
+    reference = schedulefree.AdamWScheduleFree(
+        reference_model.parameters(), foreach=False, **kwargs
+    )
+    reference.train()
+    x = torch.randn(8, 3)
+    for _ in range(5):
+        for net, opt in ((model, ours), (reference_model, reference)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    fr.schedule_free_eval_(ours)
+    fr.schedule_free_eval_(ours)  # idempotent, as the reference's eval()
+    reference.eval()
+    torch.testing.assert_close(model.state_dict(), reference_model.state_dict())
+    model.zero_grad()
+    model(x).square().mean().backward()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="evaluation point x"):
+        ours.step()
+    assert_identical(model.state_dict(), before)
+    fr.schedule_free_train_(ours)
+    reference.train()
+    torch.testing.assert_close(model.state_dict(), reference_model.state_dict())
+    with pytest.raises(TypeError, match="TorchOptimizer over fr.schedule_free_adamw"):
+        fr.schedule_free_eval_(fr.TorchOptimizer(model.parameters(), fr.adamw()))

@@ -9,8 +9,10 @@ from .schedule_free import (
     ScheduleFreeState,
     schedule_free_adamw,
     schedule_free_eval,
+    schedule_free_eval_,
     schedule_free_point,
     schedule_free_train,
+    schedule_free_train_,
 )
 from .sgd import SGDState, sgd
 
@@ -29,8 +31,10 @@ __all__ = [
     "muon",
     "schedule_free_adamw",
     "schedule_free_eval",
+    "schedule_free_eval_",
     "schedule_free_point",
     "schedule_free_train",
+    "schedule_free_train_",
     "schedules",
     "sgd",
     "state_dict",

@@ -20,8 +20,10 @@ __all__ = [
     "ScheduleFreeState",
     "schedule_free_adamw",
     "schedule_free_eval",
+    "schedule_free_eval_",
     "schedule_free_point",
     "schedule_free_train",
+    "schedule_free_train_",
 ]
 
 _INTERVALS = {
@@ -354,3 +356,54 @@ def _switch(
     schedule = state.schedule.clone()
     schedule[:, _TRAIN_MODE] = 0.0 if to_eval else 1.0
     return spec.unflatten(new_leaves), state._replace(schedule=schedule)
+
+
+def schedule_free_eval_(optimizer: torch.optim.Optimizer) -> None:
+    """``schedulefree``'s ``optimizer.eval()`` for a :class:`~functorch_reg.TorchOptimizer`
+    over :func:`schedule_free_adamw`: each param with state moves to :math:`x` in place
+    (with its group's ``betas``), and its state records it. A no-op where already at x.
+
+    Example:
+        >>> import functorch_reg as fr
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = fr.TorchOptimizer(model.parameters(), fr.schedule_free_adamw(lr=0.1))
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> opt.step()
+        >>> fr.schedule_free_eval_(opt)  # evaluate, save
+        >>> fr.schedule_free_train_(opt)  # before the next step
+    """
+    _switch_(optimizer, to_eval=True)
+
+
+def schedule_free_train_(optimizer: torch.optim.Optimizer) -> None:
+    """``schedulefree``'s ``optimizer.train()`` for a :class:`~functorch_reg.TorchOptimizer`:
+    the inverse of :func:`schedule_free_eval_`."""
+    _switch_(optimizer, to_eval=False)
+
+
+def _switch_(optimizer: torch.optim.Optimizer, *, to_eval: bool) -> None:
+    name = "schedule_free_eval_" if to_eval else "schedule_free_train_"
+    functional = getattr(optimizer, "_functional", None)
+    if functional is None or not isinstance(functional.init([torch.zeros(1)]), ScheduleFreeState):
+        raise TypeError(
+            f"{name} takes a fr.TorchOptimizer over fr.schedule_free_adamw(...); for the "
+            "functional API use fr.schedule_free_eval(opt, params, state)"
+        )
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            beta1 = group["betas"][0]
+            beta1 = float(beta1) if isinstance(beta1, Tensor) else beta1
+            if to_eval and beta1 == 0:
+                raise ValueError(f"{name}: beta1 = 0 has no evaluation point")
+            weight = (1 - 1 / beta1) if to_eval else (1 - beta1)
+            entries = [(p, optimizer.state.get(p)) for p in group["params"]]
+            # Decided before any write: with flat=True a group's params share one row.
+            moving = [
+                (p, entry)
+                for p, entry in entries
+                if entry and bool(entry["schedule"][_TRAIN_MODE] == 0) != to_eval
+            ]
+            for p, entry in moving:
+                p.lerp_(entry["z"], weight)
+            for _, entry in moving:
+                entry["schedule"][_TRAIN_MODE] = 0.0 if to_eval else 1.0

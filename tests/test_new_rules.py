@@ -1,4 +1,5 @@
-"""What every update rule owes, checked on fr.muon, fr.lion and fr.schedule_free_adamw:
+"""What every update rule owes, checked on fr.muon, fr.lion, fr.schedule_free_adamw and
+fr.schedule_free_sgd:
 vmap over decay values equals separate runs, TorchOptimizer with param groups equals
 the functional rule, checkpoints round-trip bit-exactly, and the library's options
 (mask, skip_nonfinite, clip_grad_norm, train_step, sweep) apply."""
@@ -24,6 +25,9 @@ RULES = {
     ),
     "lion": lambda **kw: fr.lion(lr=1e-3, weight_decay=0.5, **kw),
     "schedule_free_adamw": lambda **kw: fr.schedule_free_adamw(
+        lr=1e-2, weight_decay=0.05, warmup_steps=3, **kw
+    ),
+    "schedule_free_sgd": lambda **kw: fr.schedule_free_sgd(
         lr=1e-2, weight_decay=0.05, warmup_steps=3, **kw
     ),
 }

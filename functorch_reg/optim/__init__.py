@@ -11,6 +11,7 @@ from .schedule_free import (
     schedule_free_eval,
     schedule_free_eval_,
     schedule_free_point,
+    schedule_free_sgd,
     schedule_free_train,
     schedule_free_train_,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "schedule_free_eval",
     "schedule_free_eval_",
     "schedule_free_point",
+    "schedule_free_sgd",
     "schedule_free_train",
     "schedule_free_train_",
     "schedules",

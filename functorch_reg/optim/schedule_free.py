@@ -22,6 +22,7 @@ __all__ = [
     "schedule_free_eval",
     "schedule_free_eval_",
     "schedule_free_point",
+    "schedule_free_sgd",
     "schedule_free_train",
     "schedule_free_train_",
 ]
@@ -30,6 +31,7 @@ _INTERVALS = {
     "lr": NON_NEGATIVE,
     "beta1": UNIT_OPEN,
     "beta2": UNIT_OPEN,
+    "momentum": UNIT_OPEN,
     "eps": NON_NEGATIVE,
     "weight_decay": NON_NEGATIVE,
     "warmup_steps": NON_NEGATIVE,
@@ -150,17 +152,112 @@ def schedule_free_adamw(
         >>> fr.schedule_free_point(eval_state)
         'x'
     """
+    return _schedule_free(
+        "schedule_free_adamw",
+        {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "warmup_steps": warmup_steps,
+            "r": r,
+            "weight_lr_power": weight_lr_power,
+            "prox_strength": prox_strength,
+        },
+        decay_at=decay_at,
+        decay_scaling=decay_scaling,
+        cautious_decay=cautious_decay,
+        decay_to=decay_to,
+        mask=mask,
+        prox=prox,
+        skip_nonfinite=skip_nonfinite,
+        clip_grad_norm=clip_grad_norm,
+    )
+
+
+def schedule_free_sgd(
+    lr: Scalar = 1.0,
+    momentum: Scalar = 0.9,
+    weight_decay: Scalar = 0.0,
+    warmup_steps: Scalar = 0.0,
+    r: Scalar = 0.0,
+    weight_lr_power: Scalar = 2.0,
+    mask: Where = None,
+    prox: Prox | None = None,
+    prox_strength: Scalar = 0.0,
+    skip_nonfinite: bool = False,
+    *,
+    decay_at: Literal["y", "z"] = "y",
+    decay_scaling: Literal["lr"] = "lr",
+    cautious_decay: bool = False,
+    decay_to: Params | None = None,
+    clip_grad_norm: Scalar | None = None,
+) -> Optimizer:
+    r"""Schedule-Free SGD, matching ``schedulefree.SGDScheduleFree`` step for step.
+
+    :func:`schedule_free_adamw` with the raw gradient as the direction,
+    :math:`d_t = g_t + \lambda (w_d - w_\text{ref})`, and ``momentum`` in the place of
+    :math:`\beta_1` (in the step and in :func:`schedule_free_eval` /
+    :func:`schedule_free_train`). Its state's ``exp_avg_sq`` is ``()``. Arguments are
+    those of :func:`schedule_free_adamw` and of the reference (``lr=1.0`` by default).
+
+    Example:
+        >>> import functorch_reg as fr
+        >>> opt = fr.schedule_free_sgd(lr=0.1, momentum=0.9)
+        >>> params = {"w": torch.ones(2)}
+        >>> params, state = opt.step(params, {"w": torch.ones(2)}, opt.init(params))
+        >>> params["w"]
+        tensor([0.9000, 0.9000])
+    """
+    return _schedule_free(
+        "schedule_free_sgd",
+        {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "warmup_steps": warmup_steps,
+            "r": r,
+            "weight_lr_power": weight_lr_power,
+            "prox_strength": prox_strength,
+        },
+        decay_at=decay_at,
+        decay_scaling=decay_scaling,
+        cautious_decay=cautious_decay,
+        decay_to=decay_to,
+        mask=mask,
+        prox=prox,
+        skip_nonfinite=skip_nonfinite,
+        clip_grad_norm=clip_grad_norm,
+    )
+
+
+def _schedule_free(
+    name: str,
+    hyperparams: dict[str, Any],
+    *,
+    decay_at: str,
+    decay_scaling: str,
+    cautious_decay: bool,
+    decay_to: Params | None,
+    mask: Where,
+    prox: Prox | None,
+    skip_nonfinite: bool,
+    clip_grad_norm: Scalar | None,
+) -> Optimizer:
+    """The Schedule-Free rule: the gradient normalized as Adam's when ``hyperparams``
+    has ``betas``, the raw gradient (SGD) otherwise."""
+    adaptive = "betas" in hyperparams
     if decay_scaling != "lr":
         raise ValueError(
-            f"schedule_free_adamw: decay_scaling={decay_scaling!r} does not apply: the decay "
+            f"{name}: decay_scaling={decay_scaling!r} does not apply: the decay "
             "enters the step direction, which both sequences follow with the scheduled lr "
             "(so it scales with the lr already); only 'lr' is accepted"
         )
     if decay_at not in ("y", "z"):
-        raise ValueError(f"schedule_free_adamw: decay_at must be 'y' or 'z', got {decay_at!r}")
+        raise ValueError(f"{name}: decay_at must be 'y' or 'z', got {decay_at!r}")
     _, references = decay_options(
-        "schedule_free_adamw",
-        lr=lr,
+        name,
+        lr=hyperparams["lr"],
         decoupled=True,
         decay_scaling="lr",
         decay_reference_lr=None,
@@ -169,7 +266,7 @@ def schedule_free_adamw(
     )
 
     def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
-        return p.detach().clone(), torch.zeros_like(p)
+        return p.detach().clone(), torch.zeros_like(p) if adaptive else None
 
     def init_row(device: torch.device) -> Tensor:
         return torch.tensor([0.0, -1.0, 0.0, 1.0], dtype=torch.float64, device=device)
@@ -185,7 +282,7 @@ def schedule_free_adamw(
         weight = t ** h["r"] * lr_max ** h["weight_lr_power"]
         weight_sum = weight_sum + weight
         ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight))
-        bias_correction2 = 1 - h["beta2"] ** t
+        bias_correction2 = 1 - h["beta2"] ** t if adaptive else torch.ones_like(t)
         derived = torch.stack([lr_t, ckp1, bias_correction2], dim=1)
         return torch.stack([t, lr_max, weight_sum, mode], dim=1), derived
 
@@ -199,12 +296,15 @@ def schedule_free_adamw(
         reference: Tensor | None,
     ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
         z, exp_avg_sq = slots
-        assert z is not None and exp_avg_sq is not None and row is not None
+        assert z is not None and row is not None
         lr_t, ckp1, bias_correction2 = row.unbind()
-        beta1, beta2 = h["beta1"], h["beta2"]
-        exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * (g * g)
-        denom = (exp_avg_sq / bias_correction2.to(p.dtype)).sqrt() + h["eps"]
-        direction = g / denom
+        if exp_avg_sq is not None:
+            beta1, beta2 = h["beta1"], h["beta2"]
+            exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * (g * g)
+            denom = (exp_avg_sq / bias_correction2.to(p.dtype)).sqrt() + h["eps"]
+            direction = g / denom
+        else:
+            beta1, direction = h["momentum"], g
         weight_decay = h["weight_decay"] if decay else 0.0
         if not is_zero(weight_decay):
             point = p if decay_at == "y" else z
@@ -219,20 +319,11 @@ def schedule_free_adamw(
         return y, (z, exp_avg_sq)
 
     optimizer = build(
-        "schedule_free_adamw",
+        name,
         state_type=ScheduleFreeState,
         init_slots=init_slots,
         rule=rule,
-        hyperparams={
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "warmup_steps": warmup_steps,
-            "r": r,
-            "weight_lr_power": weight_lr_power,
-            "prox_strength": prox_strength,
-        },
+        hyperparams=hyperparams,
         intervals=_INTERVALS,
         mask=mask,
         prox=prox,
@@ -240,17 +331,17 @@ def schedule_free_adamw(
         table=LeafTable(init_row, advance),
         references=references,
     )
-    guarded = _refusing_eval_point(optimizer)
-    return with_clipping("schedule_free_adamw", guarded, clip_grad_norm)
+    guarded = _refusing_eval_point(name, optimizer)
+    return with_clipping(name, guarded, clip_grad_norm)
 
 
-def _refusing_eval_point(optimizer: Optimizer) -> Optimizer:
+def _refusing_eval_point(name: str, optimizer: Optimizer) -> Optimizer:
     """``optimizer`` whose steps refuse a state recording that the params hold ``x``."""
 
     def check(state: State) -> None:
         if isinstance(state, ScheduleFreeState) and schedule_free_point(state) == "x":
             raise ValueError(
-                "schedule_free_adamw.step: the params hold the evaluation point x (after "
+                f"{name}.step: the params hold the evaluation point x (after "
                 "schedule_free_eval); switch them back with fr.schedule_free_train(opt, "
                 "params, state) before stepping"
             )
@@ -343,7 +434,7 @@ def _switch(
         return params, state
     leaves, spec = flatten(params)
     z_leaves = matching_leaves(leaves, spec, state.z, other_name="state.z")
-    beta1 = h["beta1"]
+    beta1 = h["beta1"] if "beta1" in h else h["momentum"]
     weight = (1 - 1 / beta1) if to_eval else (1 - beta1)
     if to_eval and is_zero(beta1):
         raise ValueError(f"{name}: beta1 = 0 has no evaluation point (x = y - (z - y) / beta1)")
@@ -391,7 +482,7 @@ def _switch_(optimizer: torch.optim.Optimizer, *, to_eval: bool) -> None:
         )
     with torch.no_grad():
         for group in optimizer.param_groups:
-            beta1 = group["betas"][0]
+            beta1 = group["betas"][0] if "betas" in group else group["momentum"]
             beta1 = float(beta1) if isinstance(beta1, Tensor) else beta1
             if to_eval and beta1 == 0:
                 raise ValueError(f"{name}: beta1 = 0 has no evaluation point")

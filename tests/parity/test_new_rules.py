@@ -125,3 +125,15 @@ def test_schedule_free_adamw_equals_the_reference_at_y_and_at_x(r, weight_lr_pow
     y, y_state = fr.schedule_free_train(opt, x, x_state)
     assert fr.schedule_free_point(y_state) == "y"
     assert max_relative_error(y, torch_params) < 1e-6
+
+
+def test_schedule_free_sgd_equals_the_reference_at_y_and_at_x():
+    kwargs = {"lr": 0.05, "momentum": 0.8, "weight_decay": 0.05, "warmup_steps": 20}
+    opt = fr.schedule_free_sgd(**kwargs)
+    params, state, reference, torch_params = run(
+        opt, schedulefree.SGDScheduleFree, MIXED, 200, foreach=False, **kwargs
+    )
+    assert max_relative_error(params, torch_params) < 1e-6
+    reference.eval()
+    x, _ = fr.schedule_free_eval(opt, params, state)
+    assert max_relative_error(x, torch_params) < 1e-6

@@ -215,7 +215,9 @@ def muon(
         adjust_lr_fn: ``None`` / ``"original"`` or ``"match_rms_adamw"``.
         adam: the optimizer of the non-Muon leaves (``fr.adamw(...)``).
         where: which ``ndim >= 2`` leaves Muon steps (a ``where=`` selection, decided
-            at ``init``); the rest go to ``adam``.
+            at ``init``); the rest go to ``adam``. ``fr.TorchOptimizer`` creates each
+            param's state alone, named ``"0"``: there, select by the tensor (e.g.
+            ``lambda name, w: w.shape[0] != vocab_size``), not by name.
         decay_lr: ``"unadjusted"`` (torch) or ``"adjusted"``, the lr in :math:`c`.
         orthogonalize: replaces Newton-Schulz: ``[A, B] -> [A, B]`` (e.g. :func:`polar`).
         ns_dtype: the dtype Newton-Schulz runs in (torch's bfloat16). Batched

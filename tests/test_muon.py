@@ -200,3 +200,15 @@ def test_newton_schulz_approximates_the_polar_factor():
     singular_values = torch.linalg.svdvals(approx)
     assert singular_values.min() > 0.6 and singular_values.max() < 1.25
     assert approx.shape == g.shape
+
+
+def test_step_refuses_tied_weights_in_place_before_anything_changes():
+    weight = torch.randn(3, 3)
+    params = {"a": weight, "b": weight}  # tied: one tensor under two names
+    opt = fr.muon(lr=0.02)
+    state = opt.init({"a": torch.zeros(3, 3), "b": torch.zeros(3, 3)})
+    before = weight.clone()
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step_(params, {"a": torch.ones(3, 3), "b": torch.ones(3, 3)}, state)
+    assert_identical(weight, before)
+    assert_identical(state.momentum_buffer["a"], torch.zeros(3, 3))

@@ -21,6 +21,8 @@ from .base import (
     Optimizer,
     Prox,
     State,
+    _check_writable,
+    _Update,
     build,
     check_optimizer,
     enabled,
@@ -71,6 +73,9 @@ class MuonState(NamedTuple):
 
 
 LEAF_TABLES[MuonState] = "beta_powers"
+
+
+_PER_LEAF = ("momentum_buffer", "exp_avg_sq", "max_exp_avg_sq")
 
 
 class _MatrixState(NamedTuple):
@@ -588,9 +593,24 @@ class _Hybrid:
     def step_(self, params: Params, grads: Params, state: State, **overrides: Any) -> None:
         with torch.no_grad():
             new_params, new_state = self.step(params, grads, state, **overrides)
-            old = flatten(params)[0] + flatten(tuple(state))[0]
-            new = flatten(new_params)[0] + flatten(tuple(new_state))[0]
-            # Every value is computed (and checked) before the first write.
-            for target, value in zip(old, new, strict=True):
-                if isinstance(target, Tensor) and value is not target:
-                    target.copy_(value)
+            leaves, spec = flatten(params)
+            fields = [f for f in _PER_LEAF if enabled(getattr(state, f))]
+            has_table = enabled(state.beta_powers)
+            update = _Update(
+                spec,
+                [leaves] + [flatten(getattr(state, f))[0] for f in fields],
+                [flatten(new_params)[0]] + [flatten(getattr(new_state, f))[0] for f in fields],
+                cast(Tensor, state.beta_powers) if has_table else None,
+                cast(Tensor, new_state.beta_powers) if has_table else None,
+                new_state.skipped,
+            )
+            # As the other rules' step_: inference tensors, overlapping memory and
+            # shared memory (tied weights) are refused before the first write.
+            _check_writable("muon", fields, update, state.skipped)
+            for column, new_column in zip(update.columns, update.new_columns, strict=True):
+                for target, value in zip(column, new_column, strict=True):
+                    if isinstance(target, Tensor) and value is not target:
+                        target.copy_(value)
+            if update.table is not None and update.new_table is not None:
+                update.table.copy_(update.new_table)
+            state.skipped.copy_(new_state.skipped)

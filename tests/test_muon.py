@@ -212,3 +212,26 @@ def test_step_refuses_tied_weights_in_place_before_anything_changes():
         opt.step_(params, {"a": torch.ones(3, 3), "b": torch.ones(3, 3)}, state)
     assert_identical(weight, before)
     assert_identical(state.momentum_buffer["a"], torch.zeros(3, 3))
+
+
+def test_the_adamw_part_in_the_flat_layout_equals_the_per_leaf_layout():
+    """Vectors packed into one buffer (1-D, so the AdamW part's), matrices as leaves."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"0.weight": (5, 4), "0.bias": (5,), "1.weight": (2, 5), "1.bias": (2,)}
+    params = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
+    vectors = {k: v for k, v in params.items() if v.ndim < 2}
+    flat = fr.flat.pack(vectors, {"vectors": fr.select.all()})
+    mixed = {**{k: v for k, v in params.items() if v.ndim >= 2}, **flat.buffers}
+    opt = fr.muon(lr=0.02, adam=fr.adamw(lr=1e-2, weight_decay=0.1))
+    state, mixed_state = opt.init(params), opt.init(mixed)
+    assert mixed_state.exp_avg_sq["vectors"].shape == flat.buffers["vectors"].shape
+    for _ in range(3):
+        grads = {k: torch.randn(v.shape, generator=generator) for k, v in params.items()}
+        mixed_grads = {**{k: grads[k] for k in mixed if k in grads}, **flat.pack_like(grads)}
+        params, state = opt.step(params, grads, state)
+        opt.step_(mixed, {k: mixed_grads[k] for k in mixed}, mixed_state)
+    unpacked = flat.unpack({"vectors": mixed["vectors"]})
+    for name in vectors:
+        assert_identical(unpacked[name], params[name])
+    for name in ("0.weight", "1.weight"):
+        assert_identical(mixed[name], params[name])

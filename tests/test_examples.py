@@ -54,7 +54,7 @@ def test_lambda_sweep_example_runs(tmp_path):
     out = run_example(
         "lambda_sweep", "--members", "4", "--steps", "5", "--no-compile", "--output", str(plot)
     )
-    assert "val acc" in out and "pixels kept" in out
+    assert "val acc" in out and "pixels kept" in out and "chosen prox_strength" in out
     assert plot.stat().st_size > 10_000
 
 
@@ -76,7 +76,7 @@ def test_distributed_sweep_example_runs_on_two_ranks():
         *("--members", "4", "--steps", "5", "--no-compile"),
         launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2"),
     )
-    assert "val acc" in out
+    assert "val acc" in out and "prox_strength" in out.split("val loss")[0]  # table header
 
 
 @pytest.mark.parametrize("name", ["seed_regularization", "lambda_sweep", "cross_validate"])

@@ -54,6 +54,7 @@ def new_figure(ncols: int, width: float, height: float = 4.2) -> tuple[Figure, l
     """A figure of ``ncols`` panels, not registered with pyplot (constrained layout, so
     legends placed outside the axes get room)."""
     try:
+        import matplotlib  # noqa: F401  (the package first: a clear error when it is absent)
         from matplotlib.figure import Figure
     except ImportError as error:  # matplotlib is an optional extra
         raise ImportError(

@@ -202,3 +202,9 @@ def test_linear_path_plot_with_folds_shows_the_error_and_the_choice():
     assert chosen[0].get_xdata()[0] == pytest.approx(result.best_strength)
     assert legend_outside(error_axis)
     assert figure.get_suptitle().endswith("chosen by 2-fold cross-validation")
+
+
+def test_tune_plot_without_matplotlib_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"pip install \"functorch_reg\[examples\]\""):
+        tune_result().plot()

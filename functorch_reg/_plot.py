@@ -153,11 +153,11 @@ def sweep_title(result: SweepResult, axes: Mapping[str, Tensor]) -> str:
     layers = dict.fromkeys(label.rpartition(" ")[0] or label for label in result.labels.values())
     model = f" ({', '.join(layers)})" if layers else ""
     count = len(result.val_loss)
-    grid = " x ".join(axes)
+    point = f"{next(iter(axes))} value" if len(axes) == 1 else f"({', '.join(axes)}) grid point"
     if result.fold_val_loss is None:
-        return f"{count} models{model}, one per {grid} value"
+        return f"{count} models{model}, one per {point}"
     folds = result.fold_val_loss.shape[1]
-    return f"{count} {grid} values x {folds} folds = {count * folds} models{model}"
+    return f"{count} {point}s x {folds} folds = {count * folds} models{model}"
 
 
 def sweep_figure(
@@ -238,7 +238,7 @@ def sweep_validation_panel(
     x = axes[first]
     metric, folds, label = sweep_metric(result)
     keys = sorted({tuple(axes[a][i].item() for a in others) for i in range(len(x))})
-    for key in keys:
+    for index, key in enumerate(keys):
         line = torch.ones(len(x), dtype=torch.bool)
         for other, value in zip(others, key, strict=True):
             line &= axes[other] == value
@@ -251,7 +251,7 @@ def sweep_validation_panel(
                 folds[line].max(1).values,
                 color=drawn[0].get_color(),
                 alpha=0.2,
-                label=f"range over the {folds.shape[1]} folds",
+                label=f"range over the {folds.shape[1]} folds" if index == 0 else "_",
             )
     diverged = ~result.finite
     if diverged.any():

@@ -208,3 +208,33 @@ def test_tune_plot_without_matplotlib_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"pip install \"functorch_reg\[examples\]\""):
         tune_result().plot()
+
+
+def test_a_grid_of_two_axes_draws_one_line_per_value_of_the_second():
+    penalty, lr = (
+        torch.tensor([0.01, 0.1, 1.0]).repeat(2),
+        torch.tensor([1e-3, 1e-2]).repeat_interleave(3),
+    )
+    loss = torch.tensor([0.3, 0.2, 0.4, 0.25, 0.1, 0.5])
+    result = fr.SweepResult(
+        strengths=penalty,
+        params={"w": torch.ones(6, 2, 2)},
+        train_loss=torch.zeros(1, 6, 2),
+        val_loss=loss,
+        val_accuracy=None,
+        sparsity=torch.zeros(6),
+        param_norm=torch.ones(6),
+        fold_val_loss=torch.stack([loss - 0.05, loss + 0.05], dim=1),
+        grid={"penalty": penalty, "lr": lr},
+    )
+    figure = drawn(result.plot())
+    path_axis, val_axis = figure.axes[:2]
+    names = [t.get_text() for t in val_axis.get_legend().get_texts()]
+    assert names[:3] == ["lr = 0.001", "range over the 2 folds", "lr = 0.01"]
+    assert names.count("range over the 2 folds") == 1
+    (star,) = chosen_star(val_axis)
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == pytest.approx((0.1, 0.1))
+    # The path runs along penalty at the chosen lr (0.01): members 3, 4, 5.
+    (norms,) = [line for line in path_axis.get_lines() if line.get_label() == "w"]
+    assert list(norms.get_xdata()) == pytest.approx([0.01, 0.1, 1.0])
+    assert figure.get_suptitle() == "6 (penalty, lr) grid points x 2 folds = 12 models"

@@ -8,7 +8,7 @@ input pixels (proximal Adam). The script prints the cross-validation table, writ
 marked), retrains the chosen strength on all training data (``refit``) and reports its
 accuracy on a test split the sweep never saw.
 
-    python examples/cross_validate.py          # about a minute on a 2-core CPU
+    python examples/cross_validate.py          # 25-40 s on a 2-core CPU (longer if shared)
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the whole grid: the same table a single process sweeping every strength prints. 
 in ``lambda_sweep.py``, proximal Adam zeroes whole columns of the first layer, i.e.
 input pixels the network stops reading.
 
-    torchrun --nproc-per-node 2 examples/distributed_sweep.py --no-compile  # ~30 s, 2-core CPU
+    torchrun --nproc-per-node 2 examples/distributed_sweep.py --no-compile  # 15-30 s, 2-core CPU
     python examples/distributed_sweep.py --no-compile                       # one process
 
 Gloo on CPU; NCCL with one GPU per rank when CUDA is available.

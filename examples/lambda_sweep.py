@@ -7,7 +7,7 @@ table (prox_strength, validation loss and accuracy, sparsity, pixels kept) and w
 ``lambda_sweep.png``: the regularization path and the validation curve (log scale), the
 chosen strength marked.
 
-    python examples/lambda_sweep.py            # about a minute on a 2-core CPU
+    python examples/lambda_sweep.py            # 25-45 s on a 2-core CPU (longer if shared)
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ keeps the best. The script prints the validation loss, test accuracy and total t
 steps of each; ``--output tune.png`` also draws the tuned strengths, one line per layer,
 and the validation loss against training steps.
 
-    python examples/learn_lambda.py            # about 40 s on a 2-core CPU
+    python examples/learn_lambda.py            # 25-40 s on a 2-core CPU (longer if shared)
 """
 
 from __future__ import annotations

@@ -399,12 +399,14 @@ def tune_figure(
         ylabel="strength (log scale)",
         yscale="log",
     )
+    plain_log_labels(strength_axis)
     legend_below(strength_axis, *strength_axis.get_legend_handles_labels())
     val_axis.plot(steps, history.val_loss, marker=".", color="black")
     ylabel = "validation loss"
     if log_if_decades(val_axis, history.val_loss):
         ylabel += " (log scale)"
-    val_axis.set(title="Validation loss", xlabel="training steps", ylabel=ylabel)
+    final = f"final {history.val_loss[-1].item():.4g}"
+    val_axis.set(title=f"Validation loss ({final})", xlabel="training steps", ylabel=ylabel)
     rounds = len(steps) - 1
     figure.suptitle(
         title

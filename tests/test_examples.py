@@ -84,7 +84,11 @@ def test_examples_have_a_docstring_with_the_command(name):
     assert f"python examples/{name}.py" in load(name).__doc__
 
 
-def test_learn_lambda_example_runs():
-    out = run_example("learn_lambda", "--rounds", "2", "--steps-per-round", "3")
+def test_learn_lambda_example_runs(tmp_path):
+    plot = tmp_path / "tune.png"
+    out = run_example(
+        "learn_lambda", "--rounds", "2", "--steps-per-round", "3", "--output", str(plot)
+    )
     assert "grid, best shared strength" in out and "hypergradient, per layer" in out
+    assert plot.stat().st_size > 10_000
     assert "python examples/learn_lambda.py" in load("learn_lambda").__doc__

@@ -427,14 +427,16 @@ def sweep(
     _check_hyperparameters(
         optimizer, first_member if layout is None else layout.buffers, grid, penalties
     )
-    grid = {axis: values.to(device) for axis, values in grid.items()}
+    # In the params' dtype, as torch.optim's Python floats act: a float32 0.05 is not a
+    # float64 model's 0.05.
+    dtype = first_member_dtype(first_member)
+    grid = {axis: values.to(device, dtype) for axis, values in grid.items()}
 
     n_folds, samples, per_member, held_out = 1, "shared", None, None
     if cross_validate:
         assert train_data.tensors is not None
         train_mask, held_mask = sweep_data.fold_masks(len(train_data.tensors[0]), folds, cv)
         n_folds = len(train_mask)
-        dtype = first_member_dtype(first_member)
         held_out = held_mask.to(device, dtype).repeat(count, 1)
         mixing = parts.batch_norms_in_training()
         if mixing or probe.updates_buffers:

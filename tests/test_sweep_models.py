@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F  # noqa: N812
+from torch import nn
 
 import functorch_reg as fr
 

@@ -362,7 +362,7 @@ class DictOutput(nn.Module):
 
     def forward(self, x):
         scores = self.linear(x.flatten(1))
-        return {"scores": scores, "aux": scores.sum()}
+        return {"scores": scores, "norms": scores.norm(dim=1)}
 
 
 def test_dict_and_tuple_outputs_report_accuracy_where_logits_says():
@@ -379,6 +379,21 @@ def test_dict_and_tuple_outputs_report_accuracy_where_logits_says():
         member = {k: v[1] for k, v in named.params.items()}
         scores = torch.func.functional_call(model, member, (val[0],))["scores"]
     torch.testing.assert_close(named.val_accuracy[1], (scores.argmax(-1) == val[1]).float().mean())
+    # a tuple output: logits by index
+    pair = lambda out, t: F.cross_entropy(out[0], t)  # noqa: E731
+    tupled = nn.Sequential(model.linear.__class__(36, 3).double())
+    tupled.forward = lambda x: (tupled[0](x.flatten(1)), x.sum())  # type: ignore[method-assign]
+    by_index = fr.sweep(tupled, pair, fr.adamw(lr=0.1), [0.0, 1.0], logits=0, **common)
+    assert by_index.val_accuracy.shape == (2,)
+    # folds need per-sample losses of the dict: each sample as a batch of one
+    common.update(val=None, train=(x, y), folds=3)
+    folded = fr.sweep(model, loss_fn, fr.adamw(lr=0.1), [0.0, 1.0], logits="scores", **common)
+    assert folded.fold_val_accuracy.shape == (2, 3)
+    member = {k: v[1, 2] for k, v in folded.params.items()}
+    held = fr.sweep_data.kfold_masks(48, 3)[2]
+    with torch.no_grad():
+        scores = torch.func.functional_call(model, member, (x[held],))["scores"]
+    torch.testing.assert_close(folded.fold_val_loss[1, 2], F.cross_entropy(scores, y[held]))
     with pytest.raises(ValueError, match="logits='nothing' finds nothing"):
         fr.sweep(model, loss_fn, fr.adamw(lr=0.1), [0.0], logits="nothing", **common)
 

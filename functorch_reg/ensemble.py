@@ -275,7 +275,7 @@ class SweepResult:
 
 def sweep(
     model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[[Any, Tensor], Tensor],
     optimizer: Optimizer,
     strengths: Strengths,
     *,
@@ -327,7 +327,9 @@ def sweep(
 
     Args:
         model: the architecture; its parameters are the shared initialization.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``, a mean over samples.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, a mean over samples;
+            ``outputs`` is what the model returns (a tensor, dict, tuple or
+            ``ModelOutput``).
         optimizer: a functional optimizer such as ``fr.adam(prox=fr.prox.l1)``.
         strengths: one strength per member, shape ``(K,)``, or a dict of grid axes.
         train: a pair of tensors ``(x, y)``, a ``DataLoader`` or any re-iterable of

@@ -259,6 +259,9 @@ def test_frozen_parameters_stay_bit_identical_in_sweep():
         torch.testing.assert_close(member[1], value, rtol=0, atol=1e-10, msg=name)
     refit = result.refit(steps=2)
     assert torch.equal(refit["0.weight"], frozen)
+    everything_frozen = cnn().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        sweep_cnn(everything_frozen, [0.1], (x, y), (x, y))
     with pytest.raises(ValueError, match="frozen"):
         fr.sweep(model, F.cross_entropy, fr.adamw(lr=0.1), [0.1], train=(x, y), val=(x, y),
                  hyperparameter="weight_decay", init=fr.stack([dict(model.named_parameters())]),

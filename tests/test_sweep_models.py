@@ -233,11 +233,17 @@ def test_folds_of_unequal_size_with_batchnorm_are_refused_before_anything_change
     assert result.fold_val_loss.shape == (2, 3)
 
 
-def test_flat_sweep_with_buffers_equals_the_per_leaf_sweep():
+@pytest.mark.parametrize("folds", [None, 3])
+def test_flat_sweep_with_buffers_equals_the_per_leaf_sweep(folds):
     x, y = images()
     model = cnn()
-    per_leaf = sweep_cnn(model, [0.0, 1.0], (x[:32], y[:32]), (x[32:], y[32:]))
-    flat = sweep_cnn(model, [0.0, 1.0], (x[:32], y[:32]), (x[32:], y[32:]), flat=True)
+    data = (
+        dict(train=(x, y), folds=folds)
+        if folds
+        else dict(train=(x[:32], y[:32]), val=(x[32:], y[32:]))
+    )
+    per_leaf = sweep_cnn(model, [0.0, 1.0], **data)
+    flat = sweep_cnn(model, [0.0, 1.0], flat=True, **data)
     for name, leaf in {**per_leaf.params, **per_leaf.buffers}.items():
         torch.testing.assert_close({**flat.params, **flat.buffers}[name], leaf, rtol=0, atol=1e-10)
 

@@ -336,6 +336,7 @@ def tiny_bert():
     return transformers.BertForSequenceClassification(config).double()
 
 
+@pytest.mark.slow
 def test_bert_sweep_reads_model_output_logits_and_matches_a_torch_loop():
     model = tiny_bert()
     generator = torch.Generator().manual_seed(0)
@@ -407,6 +408,7 @@ def test_dict_and_tuple_outputs_report_accuracy_where_logits_says():
         fr.sweep(model, loss_fn, fr.adamw(lr=0.1), [0.0], logits="nothing", **common)
 
 
+@pytest.mark.slow
 def test_a_compiled_module_is_unwrapped():
     x, y = images()
     model = cnn()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 __all__ = ["Data", "as_data", "as_strengths", "fold_masks", "kfold_masks", "training_batches"]
@@ -242,14 +243,15 @@ def _as_batches(data: Data, batch_size: int | None) -> Iterable[Any]:
 
 
 def per_sample(
-    loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor
-) -> Callable[[Tensor, Tensor], Tensor]:
+    loss_fn: Callable[[Any, Tensor], Tensor], outputs: Any, targets: Tensor
+) -> Callable[[Any, Tensor], Tensor]:
     """Per-sample losses from a mean-reduced ``loss_fn``, checked on example outputs.
 
     ``loss_fn(outputs, targets, reduction="none")`` (the torch losses), averaged over
     each sample's other dims, when it exists and its mean is ``loss_fn``'s value on the
     example; otherwise each sample as a batch of one (a vmap, about 1.6x slower in a
-    compiled CPU step).
+    compiled CPU step). ``outputs`` may be a dict, tuple or ``ModelOutput`` whose
+    tensors all have the samples along their first dim.
 
     Example:
         >>> outputs, targets = torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
@@ -259,7 +261,7 @@ def per_sample(
         True
     """
 
-    def unreduced(output: Tensor, target: Tensor) -> Tensor:
+    def unreduced(output: Any, target: Tensor) -> Tensor:
         losses = loss_fn(output, target, reduction="none")  # type: ignore[call-arg]
         return losses.reshape(len(target), -1).mean(1)
 
@@ -273,7 +275,12 @@ def per_sample(
         works = False
     if works:
         return unreduced
-    return torch.func.vmap(lambda output, target: loss_fn(output[None], target[None]))
+
+    def one_sample(output: Any, target: Tensor) -> Tensor:
+        # A dict, tuple or ModelOutput of per-sample tensors: each leaf as a batch of one.
+        return loss_fn(pytree.tree_map(lambda t: t[None], output), target[None])
+
+    return torch.func.vmap(one_sample)
 
 
 def _describe(value: Any) -> str:

@@ -11,7 +11,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import optree
 import torch
@@ -97,8 +97,14 @@ class SweepResult:
         grid: each axis's value per member, ``{axis: (K,)}``; the axis is ``"penalty"``
             or the optimizer hyperparameter the values set.
         select: ``"val_loss"`` (lowest), ``"val_accuracy"`` (highest) or a callable
-            ``result -> index``; it sets :attr:`best_index`.
+            ``result -> index``; it sets :attr:`best_index`. Ties go to the first
+            member (the lowest index, the first grid point): under ``"val_loss"``
+            among exactly equal losses, under ``"val_accuracy"`` among accuracies within
+            ``ACCURACY_TIE_TOLERANCE`` (1e-6, absolute) of the highest, so that the
+            float rounding of a mean over batches or folds does not settle a tie.
     """
+
+    ACCURACY_TIE_TOLERANCE: ClassVar[float] = 1e-6
 
     strengths: Tensor
     params: Params
@@ -141,7 +147,9 @@ class SweepResult:
             return index
         if self.select == "val_accuracy":
             assert self.val_accuracy is not None
-            return int(torch.where(finite, self.val_accuracy, -math.inf).argmax())
+            accuracy = torch.where(finite, self.val_accuracy.double(), -math.inf)
+            near_best = accuracy >= accuracy.max() - self.ACCURACY_TIE_TOLERANCE
+            return int(near_best.nonzero()[0, 0])  # the first of the (near-)equal best
         return int(torch.where(finite, self.val_loss, math.inf).argmin())
 
     @property
@@ -706,7 +714,9 @@ def _grid(
             "sweep: a penalty axis and penalty= go together: give both or neither "
             f"(penalties without an axis: {missing})"
         )
-    axes = {axis: as_strengths(values) for axis, values in strengths.items()}
+    axes = {
+        axis: as_strengths(values, f"strengths[{axis!r}]") for axis, values in strengths.items()
+    }
     mesh = torch.meshgrid(*axes.values(), indexing="ij")
     return {axis: values.reshape(-1) for axis, values in zip(axes, mesh, strict=True)}
 
@@ -749,7 +759,7 @@ def _probe(
 ) -> tuple[bool, Callable[[Tensor, Tensor], Tensor]]:
     """Run two samples through the model and loss: whether it is classification, and
     the per-sample loss that fold weights need."""
-    x, y = next(data.epoch(device))
+    x, y = data.first_batch(device)
     with torch.no_grad():
         outputs = functional_call(model, member, (x[:2],))
         loss = loss_fn(outputs, y[:2])

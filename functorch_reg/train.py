@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import operator
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -99,6 +100,7 @@ class TrainStep:
         self.compiled = compile
         self.mode = mode
         self._captures_cuda_graphs = mode in _CUDA_GRAPH_MODES
+        self._floats = _FloatWatch()
         self._compiled_step = (
             torch.compile(
                 _own_code(self._step_in_place), fullgraph=True, options=_inductor_options(mode)
@@ -116,11 +118,18 @@ class TrainStep:
         """
         if self._compiled_step is None:
             return self._step_in_place(params, state, args, overrides)
+        changing = self._floats.watch(args, overrides)
         if self._captures_cuda_graphs:
             _mark_static(params, state)
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]  # untyped in torch
         try:
             out = self._compiled_step(params, state, args, overrides)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as limit_error:
+            if changing:
+                raise RuntimeError(
+                    f"train_step: the compiled step hit torch's recompile limit; {changing}"
+                ) from limit_error
+            raise
         except torch._dynamo.exc.TorchDynamoException as compile_error:
             # Raised while tracing, before the graph ran: nothing has been written. The
             # same step in eager mode, pure, names the problem as eager code would.
@@ -150,6 +159,7 @@ class TrainStep:
         self, params: Params, state: State, args: tuple[Any, ...], overrides: dict[str, Any]
     ) -> Any:
         grads, value = self._grad_and_value(params, args)
+        value = _as_before_update(value, params)
         self.optimizer.step_(params, grads, state, **overrides)
         return value
 
@@ -264,6 +274,63 @@ def train_step(
     return TrainStep(loss, optimizer, flat=flat, has_aux=has_aux, compile=compile, mode=mode)
 
 
+class _FloatWatch:
+    """Python floats among a compiled step's arguments whose value changes between calls.
+
+    Dynamo specializes the graph on each float's value, so every new value recompiles
+    (seconds each) and, past ``torch._dynamo.config.recompile_limit``, a
+    ``fullgraph=True`` step fails. The second recompile caused by one argument warns,
+    naming it; ``watch`` returns the advice for the recompile-limit error.
+    """
+
+    KEPT = 3  # distinct values remembered per argument: the third is the 2nd recompile
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[float]] = {}
+        self.warned: set[str] = set()
+
+    def watch(self, args: tuple[Any, ...], overrides: dict[str, Any]) -> str:
+        """Record this call's floats; the advice for those that changed, or ``""``."""
+        for label, value in _float_arguments(args, overrides):
+            values = self.seen.setdefault(label, [])
+            if value not in values and len(values) < self.KEPT:
+                values.append(value)
+            if len(values) == self.KEPT and label not in self.warned:
+                self.warned.add(label)
+                warnings.warn(
+                    f"train_step: {self._advice(label)}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        changed = [label for label, values in self.seen.items() if len(values) > 1]
+        return "; ".join(self._advice(label) for label in changed)
+
+    def _advice(self, label: str) -> str:
+        values = ", ".join(repr(v) for v in self.seen[label])
+        return (
+            f"{label} of step(params, state, *args, **overrides) is a Python float that "
+            f"changes between calls ({values}, ...), and "
+            "every new value compiles the step again, until torch's recompile limit "
+            f"({torch._dynamo.config.recompile_limit}) stops it; pass it as a 0-d tensor "
+            f"on the params' device, e.g. torch.tensor({self.seen[label][-1]!r}, "
+            "device=device), whose value changes without recompiling"
+        )
+
+
+def _float_arguments(args: tuple[Any, ...], overrides: dict[str, Any]) -> list[tuple[str, float]]:
+    """``(label, value)`` of each Python float in ``args`` (at any depth) and ``overrides``."""
+    found = []
+    trees: tuple[tuple[str, Any], ...] = (("args", args), ("", overrides))
+    for root, tree in trees:
+        paths, leaves, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True)
+        for path, leaf in zip(paths, leaves, strict=True):
+            if isinstance(leaf, float):
+                label = f"args[{path[0]}]" if root else f"override {path[0]}="
+                label += "".join(f"[{key!r}]" for key in path[1:])
+                found.append((label, float(leaf)))
+    return found
+
+
 def _inductor_options(mode: str | None) -> dict[str, Any]:
     options = dict(torch._inductor.list_mode_options(mode or "default"))
     options["post_grad_custom_post_pass"] = _UnfuseGradientAddmm()
@@ -359,6 +426,38 @@ def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
         function.__closure__,
     )
     return types.MethodType(fresh, method.__self__)  # type: ignore[attr-defined]
+
+
+def _as_before_update(value: Any, params: Params) -> Any:
+    """The loss (and aux) as the in-place update will not change them: detached, so
+    that a stored loss does not keep the step's autograd graph alive (``nn.Parameter``
+    params that require grad), and an aux leaf that is a param, or a view of one,
+    copied, so that it reports the value that produced the loss. Under
+    ``torch.compile`` aliasing is not visible, so every aux leaf is copied (in-graph)."""
+    compiling = torch.compiler.is_compiling()
+    storages = (
+        set()
+        if compiling
+        else {_storage(leaf) for leaf in flatten(params)[0] if isinstance(leaf, Tensor)}
+    )
+
+    def keep(leaf: Any) -> Any:
+        if not isinstance(leaf, Tensor):
+            return leaf
+        if compiling or _storage(leaf) in storages:
+            return leaf.detach().clone()
+        return leaf.detach()
+
+    return optree.tree_map(keep, value, none_is_leaf=True)
+
+
+def _storage(leaf: Tensor) -> int | None:
+    """The address of ``leaf``'s storage (shared by its views); ``None`` for tensors
+    without one (DTensor and other wrapper subclasses)."""
+    try:
+        return int(leaf.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
 
 
 def _mark_static(params: Params, state: State) -> None:

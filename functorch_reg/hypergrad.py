@@ -568,7 +568,9 @@ def _check_params(owner: str, split: _Split, strengths: Tensor, *, finite: bool)
                 "no values); materialize the model first (model.to_empty(device=...) and "
                 "initialize it)"
             )
-        if leaf.device != strengths.device:
+        if leaf.device != strengths.device and not (
+            strengths.ndim == 0 and strengths.device.type == "cpu"  # torch mixes these
+        ):
             raise ValueError(
                 f"hypergrad.{owner}: params leaf {name!r} is on {leaf.device}, strengths "
                 f"on {strengths.device}; move strengths with strengths.to({str(leaf.device)!r})"

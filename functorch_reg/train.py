@@ -118,13 +118,14 @@ class TrainStep:
         """
         if self._compiled_step is None:
             return self._step_in_place(params, state, args, overrides)
-        changing = self._floats.watch(args, overrides)
+        self._floats.watch(args, overrides)
         if self._captures_cuda_graphs:
             _mark_static(params, state)
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]  # untyped in torch
         try:
             out = self._compiled_step(params, state, args, overrides)
         except torch._dynamo.exc.FailOnRecompileLimitHit as limit_error:
+            changing = self._floats.advice()
             if changing:
                 raise RuntimeError(
                     f"train_step: the compiled step hit torch's recompile limit; {changing}"
@@ -216,12 +217,14 @@ def train_step(
     With ``compile=True`` the whole step is one ``torch.compile(fullgraph=True)`` graph,
     compiled on the first call. It does not recompile when the *values* of tensor
     arguments change (pass lr and lambda as 0-d float tensors on the params' device; a
-    Python float that changes recompiles). A new batch shape recompiles once, after
-    which Dynamo marks the changed dims dynamic. Each ``train_step`` compiles its own
-    code, so many of them in one process do not share Dynamo's recompile limit. The
-    compile adds one Inductor graph pass, which keeps an element-wise penalty's gradient
-    (l1, l2, elastic net, l2_sp) out of matmul biases on CPU and in the flat layout, so
-    that it is added inside the update's loop rather than written out and read back.
+    Python float that changes recompiles, and the second recompile it causes warns,
+    naming the argument, as does torch's recompile-limit error). A new batch shape
+    recompiles once, after which Dynamo marks the changed dims dynamic. Each
+    ``train_step`` compiles its own code, so many of them in one process do not share
+    Dynamo's recompile limit. The compile adds one Inductor graph pass, which keeps an
+    element-wise penalty's gradient (l1, l2, elastic net, l2_sp) out of matmul biases on
+    CPU and in the flat layout, so that it is added inside the update's loop rather than
+    written out and read back.
 
     ``mode="reduce-overhead"`` captures CUDA graphs: the params and state tensors are
     marked as static inputs (``torch._dynamo.mark_static_address``), so the graph
@@ -241,7 +244,10 @@ def train_step(
             as ``params`` (and the state of ``optimizer.init(flat.buffers)``), ``loss``
             receives the leaf views ``flat.unpack(buffers)``, and the gradient is taken
             with respect to the buffers.
-        has_aux: ``loss`` returns ``(value, aux)``; the step returns them both.
+        has_aux: ``loss`` returns ``(value, aux)``; the step returns them both, as
+            they were before the update: an aux leaf that is a param (or a view of one)
+            is copied (compiled, every aux leaf is), and both are detached, so that
+            ``nn.Parameter`` params that require grad leave no autograd graph alive.
         compile: compile the step (``fullgraph=True``); ``False`` runs it eagerly.
         mode: the ``torch.compile`` mode, e.g. ``"reduce-overhead"``.
 
@@ -280,7 +286,7 @@ class _FloatWatch:
     Dynamo specializes the graph on each float's value, so every new value recompiles
     (seconds each) and, past ``torch._dynamo.config.recompile_limit``, a
     ``fullgraph=True`` step fails. The second recompile caused by one argument warns,
-    naming it; ``watch`` returns the advice for the recompile-limit error.
+    naming it; :meth:`advice` is what the recompile-limit error adds.
     """
 
     KEPT = 3  # distinct values remembered per argument: the third is the 2nd recompile
@@ -289,8 +295,8 @@ class _FloatWatch:
         self.seen: dict[str, list[float]] = {}
         self.warned: set[str] = set()
 
-    def watch(self, args: tuple[Any, ...], overrides: dict[str, Any]) -> str:
-        """Record this call's floats; the advice for those that changed, or ``""``."""
+    def watch(self, args: tuple[Any, ...], overrides: dict[str, Any]) -> None:
+        """Record this call's floats; warn at an argument's second recompile."""
         for label, value in _float_arguments(args, overrides):
             values = self.seen.setdefault(label, [])
             if value not in values and len(values) < self.KEPT:
@@ -302,6 +308,9 @@ class _FloatWatch:
                     RuntimeWarning,
                     stacklevel=3,
                 )
+
+    def advice(self) -> str:
+        """What to do about each float that has changed, or ``""``."""
         changed = [label for label, values in self.seen.items() if len(values) > 1]
         return "; ".join(self._advice(label) for label in changed)
 

@@ -440,33 +440,30 @@ def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
 def _as_before_update(value: Any, params: Params) -> Any:
     """The loss (and aux) as the in-place update will not change them: detached, so
     that a stored loss does not keep the step's autograd graph alive (``nn.Parameter``
-    params that require grad), and an aux leaf that is a param, or a view of one,
+    params that require grad), and an aux leaf that is a param, or a view (of one),
     copied, so that it reports the value that produced the loss. Under
-    ``torch.compile`` aliasing is not visible, so every aux leaf is copied (in-graph)."""
+    ``torch.compile`` views are not visible, so every aux leaf is copied (in-graph)."""
     compiling = torch.compiler.is_compiling()
-    storages = (
-        set()
-        if compiling
-        else {_storage(leaf) for leaf in flatten(params)[0] if isinstance(leaf, Tensor)}
-    )
+    leaves, spec = optree.tree_flatten(value, none_is_leaf=True)
+    targets = None
+    kept = []
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            if compiling:
+                leaf = leaf.detach().clone()
+            else:
+                if targets is None:
+                    targets = _tensor_ids(params)
+                copy = id(leaf) in targets or leaf._is_view()
+                leaf = leaf.detach().clone() if copy else leaf.detach()
+        kept.append(leaf)
+    return optree.tree_unflatten(spec, kept)
 
-    def keep(leaf: Any) -> Any:
-        if not isinstance(leaf, Tensor):
-            return leaf
-        if compiling or _storage(leaf) in storages:
-            return leaf.detach().clone()
-        return leaf.detach()
 
-    return optree.tree_map(keep, value, none_is_leaf=True)
-
-
-def _storage(leaf: Tensor) -> int | None:
-    """The address of ``leaf``'s storage (shared by its views); ``None`` for tensors
-    without one (DTensor and other wrapper subclasses)."""
-    try:
-        return int(leaf.untyped_storage().data_ptr())
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
+def _tensor_ids(params: Params) -> set[int]:
+    """The ids of the tensors in ``params`` (a flat dict without flattening: cheaper)."""
+    leaves = params.values() if type(params) is dict else flatten(params)[0]
+    return {id(leaf) for leaf in leaves if isinstance(leaf, Tensor)}
 
 
 def _mark_static(params: Params, state: State) -> None:

@@ -297,7 +297,9 @@ def sweep(
             ``(x, y)`` batches (re-iterated per epoch). A batch of a new shape (a
             loader's last partial batch) compiles once more: ``drop_last=True`` avoids it.
         val: the same forms; evaluated batch by batch (the exact mean over samples).
-            Integer targets make it a classification problem and add accuracy.
+            Integer targets make it a classification problem and add accuracy. It is
+            read before training (checked) and after, so a one-shot iterable (an
+            ``IterableDataset`` over a stream) is refused before training.
         penalty: ``penalty(params) -> 0-d tensor``, scaled by the strength; or a dict
             of named penalties (one per group of layers, e.g. ``functools.partial(
             fr.penalties.l1, where="0.*")``), each with its own strength axis of the

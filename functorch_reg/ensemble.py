@@ -11,7 +11,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import optree
 import torch
@@ -96,10 +96,16 @@ class SweepResult:
         grid: each axis's value per member, ``{axis: (K,)}``; the axis is ``"penalty"``
             or the optimizer hyperparameter the values set.
         select: ``"val_loss"`` (lowest), ``"val_accuracy"`` (highest) or a callable
-            ``result -> index``; it sets :attr:`best_index`.
+            ``result -> index``; it sets :attr:`best_index`. Ties go to the first
+            member (the lowest index, the first grid point): under ``"val_loss"``
+            among exactly equal losses, under ``"val_accuracy"`` among accuracies within
+            ``ACCURACY_TIE_TOLERANCE`` (1e-6, absolute) of the highest, so that the
+            float rounding of a mean over batches or folds does not settle a tie.
         buffers: each member's buffers after training (BatchNorm running statistics),
             stacked like :attr:`params`; ``{}`` for a model without buffers.
     """
+
+    ACCURACY_TIE_TOLERANCE: ClassVar[float] = 1e-6
 
     strengths: Tensor
     params: Params
@@ -146,7 +152,9 @@ class SweepResult:
             return index
         if self.select == "val_accuracy":
             assert self.val_accuracy is not None
-            return int(torch.where(finite, self.val_accuracy, -math.inf).argmax())
+            accuracy = torch.where(finite, self.val_accuracy.double(), -math.inf)
+            near_best = accuracy >= accuracy.max() - self.ACCURACY_TIE_TOLERANCE
+            return int(near_best.nonzero()[0, 0])  # the first of the (near-)equal best
         return int(torch.where(finite, self.val_loss, math.inf).argmin())
 
     @property
@@ -297,7 +305,9 @@ def sweep(
             ``(x, y)`` batches (re-iterated per epoch). A batch of a new shape (a
             loader's last partial batch) compiles once more: ``drop_last=True`` avoids it.
         val: the same forms; evaluated batch by batch (the exact mean over samples).
-            Integer targets make it a classification problem and add accuracy.
+            Integer targets make it a classification problem and add accuracy. It is
+            read before training (checked) and after, so a one-shot iterable (an
+            ``IterableDataset`` over a stream) is refused before training.
         penalty: ``penalty(params) -> 0-d tensor``, scaled by the strength; or a dict
             of named penalties (one per group of layers, e.g. ``functools.partial(
             fr.penalties.l1, where="0.*")``), each with its own strength axis of the
@@ -731,7 +741,9 @@ def _grid(
             "sweep: a penalty axis and penalty= go together: give both or neither "
             f"(penalties without an axis: {missing})"
         )
-    axes = {axis: as_strengths(values) for axis, values in strengths.items()}
+    axes = {
+        axis: as_strengths(values, f"strengths[{axis!r}]") for axis, values in strengths.items()
+    }
     mesh = torch.meshgrid(*axes.values(), indexing="ij")
     return {axis: values.reshape(-1) for axis, values in zip(axes, mesh, strict=True)}
 

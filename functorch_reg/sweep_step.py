@@ -353,7 +353,7 @@ def probe(
         ValueError: ``loss_fn`` does not return a 0-d tensor, or ``logits`` names
             nothing in the model's output.
     """
-    x, y = next(data.epoch(device))
+    x, y = data.first_batch(device)  # starts no pass: a stream loses nothing
     with torch.no_grad():
         outputs, after = forward(parts, member, parts.buffers, x[:2])
         loss = loss_fn(outputs, y[:2])

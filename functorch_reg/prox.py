@@ -231,7 +231,7 @@ def _map_selected(
                     f"prox: the per-coordinate threshold has shape {tuple(threshold.shape)}, "
                     f"which does not broadcast to leaf {leaf_name!r} of shape "
                     f"{tuple(leaf.shape)}; pass one threshold per leaf (e.g. prox({{name: "
-                    "leaf}}, threshold)) or a 0-d one"
+                    "leaf}}, threshold)) or a scalar (0-d) one"
                 )
     return spec.unflatten(
         [

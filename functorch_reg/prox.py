@@ -170,7 +170,8 @@ def _group_prox_in_metric(v: Tensor, threshold: Tensor, dim: int | None) -> Tens
         f = group_sum(u2 / shifted.square())
         slope = group_sum(u2 / shifted.pow(3))
         # G(r) = f^(-1/2) - 1, G'(r) = f^(-3/2) * slope: r <- r - G / G'.
-        r = r + (f - f.sqrt()) / slope.clamp_min(tiny)
+        # Clamped: at a group on the threshold, rounding can put the root just below 0.
+        r = (r + (f - f.sqrt()) / slope.clamp_min(tiny)).clamp_min(0)
     x = u * r / (r + c).clamp_min(tiny) * scale
     return torch.where(live, x, torch.zeros_like(x))
 
@@ -242,7 +243,7 @@ def _map_selected(
 
 
 def _broadcasts(shape: torch.Size, target: torch.Size) -> bool:
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
+    """Whether ``shape`` broadcasts to ``target`` (without growing it)."""
+    if len(shape) > len(target):
         return False
+    return all(a in (1, b) for a, b in zip(reversed(shape), reversed(target), strict=False))

@@ -11,7 +11,17 @@ from torch import Tensor
 from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
 from ..select import Where
 from ..tree import Params
-from .base import LEAF_TABLES, LeafTable, Optimizer, Prox, build, is_zero
+from .base import (
+    LEAF_TABLES,
+    LeafTable,
+    Optimizer,
+    Prox,
+    ProxMetric,
+    RuleOutput,
+    build,
+    check_prox_metric,
+    is_zero,
+)
 from .clipping import with_clipping
 from .decay import INTERVALS as DECAY_INTERVALS
 from .decay import DecayScaling, decay_coefficient, decay_options, decayed
@@ -74,6 +84,7 @@ def adam(
     cautious_decay: bool = False,
     decay_to: Params | None = None,
     clip_grad_norm: Scalar | None = None,
+    prox_metric: ProxMetric = "euclidean",
 ) -> Optimizer:
     r"""Adam, matching ``torch.optim.Adam`` (and ``AdamW`` when ``decoupled``) step for step.
 
@@ -89,6 +100,18 @@ def adam(
         w_t &= w_{t-1} - \frac{\eta}{1 - \beta_1^t}\,
             \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon} \\
         w_t &\leftarrow \operatorname{prox}(w_t, \eta \rho) \quad \text{(prox, on mask)}
+
+    The prox step has two metrics (``prox_metric``). ``"euclidean"`` (default) applies
+    ``prox(w, lr * rho)`` after the preconditioned step: a heuristic, whose fixed points
+    solve a reweighted problem, not ``loss + rho * P``. ``"preconditioned"`` takes the
+    prox in the step's own metric :math:`D = \sqrt{\hat v_t} + \epsilon`, i.e.
+    :math:`\arg\min_x \langle \hat m_t, x \rangle + \frac{1}{2\eta}\|x - w\|_D^2 +
+    \rho P(x)`, which for a separable penalty is the per-coordinate threshold
+    :math:`\eta \rho / D_i` (``prox(w, lr * rho / D)``; ``fr.prox.group_lasso`` solves
+    its groups' 1-D problems). Its fixed points (:math:`\hat m = \nabla L`) are
+    exactly the solutions of ``loss + rho * P``: Adam trained this way reaches
+    scikit-learn's ``Lasso`` solution, exact zeros included. The prox must accept a
+    threshold tensor shaped like the leaf, as every ``fr.prox`` operator does.
 
     Coupled decay (the default here, as ``torch.optim.Adam``) is an L2 penalty seen
     through the preconditioner; decoupled decay (``adamw``) shrinks the weights
@@ -144,6 +167,7 @@ def adam(
         clip_grad_norm: clip the gradients to this global norm first, as
             ``torch.nn.utils.clip_grad_norm_`` (see
             :func:`functorch_reg.clip_by_global_norm`); overridable per call.
+        prox_metric: ``"euclidean"`` (default) or ``"preconditioned"``, see above.
 
     Example:
         >>> import functorch_reg as fr
@@ -156,6 +180,7 @@ def adam(
     """
 
     name = "adamw" if decoupled else "adam"
+    in_metric = check_prox_metric(name, prox_metric, prox)
     decay_hyperparams, references = decay_options(
         name,
         lr=lr,
@@ -193,7 +218,7 @@ def adam(
         h: Mapping[str, Scalar],
         decay: bool,
         reference: Tensor | None,
-    ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    ) -> RuleOutput:
         exp_avg, exp_avg_sq, max_exp_avg_sq = slots
         assert exp_avg is not None and exp_avg_sq is not None and row is not None
         beta1, beta2 = h["beta1"], h["beta2"]
@@ -214,6 +239,8 @@ def adam(
             coefficient = decay_coefficient(h, weight_decay, decay_scaling)
             p = decayed(p, coefficient, direction, reference=reference, cautious=cautious_decay)
         new_p = p - step_size * direction
+        if in_metric:
+            return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq), denom
         return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq)
 
     optimizer = build(
@@ -256,6 +283,7 @@ def adamw(
     cautious_decay: bool = False,
     decay_to: Params | None = None,
     clip_grad_norm: Scalar | None = None,
+    prox_metric: ProxMetric = "euclidean",
 ) -> Optimizer:
     r"""AdamW: :func:`adam` with decoupled weight decay, matching ``torch.optim.AdamW``.
 
@@ -285,4 +313,5 @@ def adamw(
         cautious_decay=cautious_decay,
         decay_to=decay_to,
         clip_grad_norm=clip_grad_norm,
+        prox_metric=prox_metric,
     )

@@ -4,7 +4,7 @@ hyperparameter resolution, and the lift of a per-array rule to pytrees."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -51,6 +51,24 @@ class Prox(Protocol):
     def __call__(self, params: Params, threshold: Scalar) -> Params: ...
 
 
+ProxMetric = Literal["euclidean", "preconditioned"]
+"""The metric of an optimizer's prox step (see :func:`functorch_reg.adam`)."""
+
+
+def check_prox_metric(name: str, prox_metric: str, prox: Prox | None) -> bool:
+    """Whether the prox is taken in the rule's metric; raises on a bad ``prox_metric``."""
+    if prox_metric not in ("euclidean", "preconditioned"):
+        raise ValueError(
+            f"{name}: prox_metric must be 'euclidean' or 'preconditioned', got {prox_metric!r}"
+        )
+    if prox_metric == "preconditioned" and prox is None:
+        raise ValueError(
+            f"{name}: prox_metric='preconditioned' sets the metric of the prox step; pass "
+            "prox= (e.g. fr.prox.l1) and prox_strength="
+        )
+    return prox_metric == "preconditioned"
+
+
 class Optimizer(NamedTuple):
     """An update rule as pure functions.
 
@@ -81,6 +99,12 @@ class Optimizer(NamedTuple):
     validate: Callable[..., None] | None = None
 
 
+RuleOutput = (
+    tuple[Tensor, tuple[Tensor | None, ...]] | tuple[Tensor, tuple[Tensor | None, ...], Scalar]
+)
+"""A rule's ``(new_param, new_slots)``, or ``(new_param, new_slots, metric)``."""
+
+
 class LeafRule(Protocol):
     """The per-array math of an update rule.
 
@@ -89,6 +113,10 @@ class LeafRule(Protocol):
     :attr:`LeafTable.advance` derives (``None`` without a table); ``decay`` says whether
     ``mask`` selects the leaf; ``reference`` is the leaf's ``decay_to`` reference
     (``None`` without one).
+
+    A rule may return a third value, its metric :math:`D` (a tensor shaped like the
+    leaf, or a scalar): the prox is then taken in that metric, with the threshold
+    ``lr * prox_strength / D`` (``prox_metric="preconditioned"``).
     """
 
     def __call__(
@@ -100,7 +128,7 @@ class LeafRule(Protocol):
         h: Mapping[str, Scalar],
         decay: bool,
         reference: Tensor | None,
-    ) -> tuple[Tensor, tuple[Tensor | None, ...]]: ...
+    ) -> RuleOutput: ...
 
 
 class LeafTable(NamedTuple):
@@ -258,9 +286,12 @@ def build(
                 continue
             slots = tuple(column[i] for column in columns)
             row = None if derived is None else derived[i]
-            new_p, new_slots = rule(p, g, slots, row, h, decay, refs[i])
+            result = rule(p, g, slots, row, h, decay, refs[i])
+            new_p, new_slots = result[0], result[1]
             if decay and prox is not None and prox_threshold is not None:
-                new_p = prox(new_p, prox_threshold)
+                # In the rule's metric D when it gives one: threshold lr * rho / D.
+                threshold = prox_threshold if len(result) == 2 else prox_threshold / result[2]
+                new_p = prox(new_p, threshold)
             # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
             # 0-d leaf, and a step never changes a param's (or its state's) dtype.
             new_p = _as_dtype(new_p, p.dtype)

@@ -87,8 +87,13 @@ def test_one_preconditioned_adam_step_keeps_the_lasso_solution(amsgrad):
 
 @functools.cache
 def prox_adam_solution() -> torch.Tensor:
-    opt = fr.adam(lr=0.02, betas=(0.9, 0.99), prox=fr.prox.l1, prox_strength=ALPHA,
-                  prox_metric="preconditioned")  # fmt: skip
+    opt = fr.adam(
+        lr=0.02,
+        betas=(0.9, 0.99),
+        prox=fr.prox.l1,
+        prox_strength=ALPHA,
+        prox_metric="preconditioned",
+    )
     return train(opt, 800)
 
 
@@ -103,8 +108,13 @@ def test_preconditioned_adam_trained_from_zero_reaches_lasso():
 
 
 def test_preconditioned_adamw_with_zero_decay_is_adam():
-    opt = fr.adamw(lr=0.02, weight_decay=0.0, prox=fr.prox.l1, prox_strength=ALPHA,
-                   prox_metric="preconditioned")  # fmt: skip
+    opt = fr.adamw(
+        lr=0.02,
+        weight_decay=0.0,
+        prox=fr.prox.l1,
+        prox_strength=ALPHA,
+        prox_metric="preconditioned",
+    )
     reference = fr.adam(lr=0.02, prox=fr.prox.l1, prox_strength=ALPHA, prox_metric="preconditioned")
     assert torch.equal(train(opt, 50), train(reference, 50))
 
@@ -249,10 +259,15 @@ def model_params(seed=0):
 def test_mask_limits_the_metric_prox_to_selected_leaves():
     params = model_params()
     grads = {k: torch.ones_like(v) for k, v in params.items()}
-    opt = fr.adam(lr=0.1, mask=fr.select.weights(), prox=fr.prox.l1, prox_strength=2.0,
-                  prox_metric="preconditioned")  # fmt: skip
+    opt = fr.adam(
+        lr=0.1,
+        mask=fr.select.weights(),
+        prox=fr.prox.l1,
+        prox_strength=2.0,
+        prox_metric="preconditioned",
+    )
     plain = fr.adam(lr=0.1)
-    new, state = opt.step(params, grads, opt.init(params))
+    new, _ = opt.step(params, grads, opt.init(params))
     reference, ref_state = plain.step(params, grads, plain.init(params))
     assert torch.equal(new["layer.bias"], reference["layer.bias"])
     denom = ref_state.exp_avg_sq["layer.weight"].sqrt() / math.sqrt(1 - 0.999) + 1e-8
@@ -296,11 +311,22 @@ def test_sweep_over_prox_strength_equals_single_runs():
     opt = fr.adam(lr=0.02, prox=fr.prox.l1, prox_metric="preconditioned")
     strengths = torch.tensor([0.02, 0.1], dtype=DTYPE)
     loss_fn = lambda out, target: (out.squeeze(-1) - target).square().mean()  # noqa: E731
-    result = fr.sweep(model, loss_fn, opt, strengths, train=(X, y), val=(X, y),
-                      hyperparameter="prox_strength", steps=40, compile=False, progress=False)  # fmt: skip
+    result = fr.sweep(
+        model,
+        loss_fn,
+        opt,
+        strengths,
+        train=(X, y),
+        val=(X, y),
+        hyperparameter="prox_strength",
+        steps=40,
+        compile=False,
+        progress=False,
+    )
     for i, strength in enumerate(strengths):
-        single = fr.adam(lr=0.02, prox=fr.prox.l1, prox_metric="preconditioned",
-                         prox_strength=float(strength))  # fmt: skip
+        single = fr.adam(
+            lr=0.02, prox=fr.prox.l1, prox_metric="preconditioned", prox_strength=float(strength)
+        )
         params = {"weight": model.weight.detach().clone()}
         state = single.init(params)
         for _ in range(40):

@@ -3,6 +3,7 @@
 from . import schedules
 from .adam import AdamState, adam, adamw
 from .base import Optimizer, Prox, load_state_dict, state_dict
+from .decay import convert_timescale
 from .sgd import SGDState, sgd
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "SGDState",
     "adam",
     "adamw",
+    "convert_timescale",
     "load_state_dict",
     "schedules",
     "sgd",

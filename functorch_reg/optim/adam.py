@@ -24,7 +24,7 @@ from .base import (
 )
 from .clipping import with_clipping
 from .decay import INTERVALS as DECAY_INTERVALS
-from .decay import DecayScaling, decay_coefficient, decay_options, decayed
+from .decay import DecayScaling, decay_coefficient, decay_options, decay_rate, decayed
 
 __all__ = ["AdamState", "adam", "adamw"]
 
@@ -81,6 +81,7 @@ def adam(
     *,
     decay_scaling: DecayScaling = "lr",
     decay_reference_lr: Scalar | None = None,
+    decay_timescale: Scalar | None = None,
     cautious_decay: bool = False,
     decay_to: Params | None = None,
     clip_grad_norm: Scalar | None = None,
@@ -122,7 +123,16 @@ def adam(
       :math:`c = \eta\lambda` (``torch.optim.AdamW``), ``"schedule"`` gives
       :math:`c = (\eta / \eta_0)\lambda` with :math:`\eta_0` = ``decay_reference_lr``
       (default: the constructed ``lr``), the AdamW paper's form, where the decay
-      follows the schedule but not the peak lr; ``"none"`` gives :math:`c = \lambda`.
+      follows the schedule but not the peak lr; ``"corrected"`` gives
+      :math:`c = (\eta^2 / \eta_0)\lambda` (AdamC, Defazio et al. 2025, arXiv
+      2506.02285), equal to ``"lr"`` at :math:`\eta = \eta_0` and weaker as the
+      schedule decays; ``"none"`` gives :math:`c = \lambda`.
+    * ``decay_timescale``: the decay as its timescale :math:`\tau` in steps instead of
+      ``weight_decay``: :math:`\lambda = 1 / (\eta_0 \tau)` (``"lr"``,
+      ``"corrected"``) or :math:`1 / \tau` (``"schedule"``, ``"none"``), so a step at
+      the peak lr shrinks by :math:`1/\tau` whatever that lr (Wang & Aitchison, arXiv
+      2405.13698); see :func:`functorch_reg.convert_timescale` and
+      :mod:`functorch_reg.optim.decay`.
     * ``cautious_decay`` (Chen et al., 2025, "Cautious Weight Decay"): decay a
       coordinate only where :math:`\operatorname{sign}(u) \operatorname{sign}(w -
       w_\text{ref}) \ge 0`, with :math:`u = \hat m_t / (\sqrt{\hat v_t} + \epsilon)`
@@ -160,8 +170,12 @@ def adam(
         prox_strength: :math:`\rho`, the strength of the proximal penalty.
         skip_nonfinite: leave params and state untouched on a step whose gradients
             hold a NaN or an infinity, and count it in ``state.skipped``.
-        decay_scaling: ``"lr"`` (default), ``"schedule"`` or ``"none"``, see above.
-        decay_reference_lr: :math:`\eta_0` for ``"schedule"``; overridable per call.
+        decay_scaling: ``"lr"`` (default), ``"schedule"``, ``"corrected"`` or
+            ``"none"``, see above.
+        decay_reference_lr: :math:`\eta_0` for ``"schedule"``, ``"corrected"`` and
+            ``decay_timescale``; overridable per call.
+        decay_timescale: :math:`\tau` in steps (>= 1), instead of ``weight_decay``;
+            overridable per call (and sweepable).
         cautious_decay: apply the decoupled decay only where it agrees with the step.
         decay_to: reference weights the decoupled decay pulls toward.
         clip_grad_norm: clip the gradients to this global norm first, as
@@ -189,6 +203,8 @@ def adam(
         decay_reference_lr=decay_reference_lr,
         cautious_decay=cautious_decay,
         decay_to=decay_to,
+        weight_decay=weight_decay,
+        decay_timescale=decay_timescale,
     )
 
     def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
@@ -224,7 +240,7 @@ def adam(
         beta1, beta2 = h["beta1"], h["beta2"]
         if maximize:
             g = -g
-        weight_decay = h["weight_decay"] if decay else 0.0
+        weight_decay = decay_rate(h, decay_scaling) if decay else 0.0
         if not is_zero(weight_decay) and not decoupled:
             g = g + weight_decay * p
         exp_avg = exp_avg + (g - exp_avg) * (1 - beta1)
@@ -252,7 +268,7 @@ def adam(
             "lr": lr,
             "betas": betas,
             "eps": eps,
-            "weight_decay": weight_decay,
+            **({} if decay_timescale is not None else {"weight_decay": weight_decay}),
             "prox_strength": prox_strength,
             **decay_hyperparams,
         },
@@ -270,7 +286,7 @@ def adamw(
     lr: Scalar = 1e-3,
     betas: tuple[Scalar, Scalar] = (0.9, 0.999),
     eps: Scalar = 1e-8,
-    weight_decay: Scalar = 1e-2,
+    weight_decay: Scalar | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
     mask: Where = None,
@@ -280,6 +296,7 @@ def adamw(
     *,
     decay_scaling: DecayScaling = "lr",
     decay_reference_lr: Scalar | None = None,
+    decay_timescale: Scalar | None = None,
     cautious_decay: bool = False,
     decay_to: Params | None = None,
     clip_grad_norm: Scalar | None = None,
@@ -296,6 +313,8 @@ def adamw(
         >>> import functorch_reg as fr
         >>> opt = fr.adamw(lr=1e-3, weight_decay=1e-2, mask=fr.select.weights())
     """
+    if weight_decay is None:
+        weight_decay = 0.0 if decay_timescale is not None else 1e-2
     return adam(
         lr=lr,
         betas=betas,
@@ -310,6 +329,7 @@ def adamw(
         skip_nonfinite=skip_nonfinite,
         decay_scaling=decay_scaling,
         decay_reference_lr=decay_reference_lr,
+        decay_timescale=decay_timescale,
         cautious_decay=cautious_decay,
         decay_to=decay_to,
         clip_grad_norm=clip_grad_norm,

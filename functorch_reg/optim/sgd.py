@@ -24,7 +24,7 @@ from .base import (
 )
 from .clipping import with_clipping
 from .decay import INTERVALS as DECAY_INTERVALS
-from .decay import DecayScaling, decay_coefficient, decay_options, decayed
+from .decay import DecayScaling, decay_coefficient, decay_options, decay_rate, decayed
 
 __all__ = ["SGDState", "sgd"]
 
@@ -75,6 +75,7 @@ def sgd(
     *,
     decay_scaling: DecayScaling = "lr",
     decay_reference_lr: Scalar | None = None,
+    decay_timescale: Scalar | None = None,
     cautious_decay: bool = False,
     decay_to: Params | None = None,
     clip_grad_norm: Scalar | None = None,
@@ -127,10 +128,12 @@ def sgd(
         prox_strength: :math:`\rho`, the strength of the proximal penalty.
         skip_nonfinite: leave params and state untouched on a step whose gradients
             hold a NaN or an infinity, and count it in ``state.skipped``.
-        decay_scaling: ``"lr"``, ``"schedule"`` or ``"none"`` (decoupled only), as in
-            :func:`functorch_reg.adam`.
-        decay_reference_lr: :math:`\eta_0` for ``decay_scaling="schedule"``
-            (default: ``lr`` as constructed).
+        decay_scaling: ``"lr"``, ``"schedule"``, ``"corrected"`` or ``"none"``
+            (decoupled only), as in :func:`functorch_reg.adam`.
+        decay_reference_lr: :math:`\eta_0` for ``"schedule"``, ``"corrected"`` and
+            ``decay_timescale`` (default: ``lr`` as constructed).
+        decay_timescale: the decoupled decay as a timescale in steps instead of
+            ``weight_decay``, as in :func:`functorch_reg.adam`.
         cautious_decay: decoupled decay only where the step direction and the weight
             agree in sign, as in :func:`functorch_reg.adam`.
         decay_to: decoupled decay toward these weights (matched by leaf name)
@@ -165,6 +168,8 @@ def sgd(
         decay_reference_lr=decay_reference_lr,
         cautious_decay=cautious_decay,
         decay_to=decay_to,
+        weight_decay=weight_decay,
+        decay_timescale=decay_timescale,
     )
 
     def init_slots(p: Tensor) -> tuple[Tensor | None]:
@@ -188,7 +193,7 @@ def sgd(
         (buf,) = slots
         if maximize:
             g = -g
-        weight_decay = h["weight_decay"] if decay else 0.0
+        weight_decay = decay_rate(h, decay_scaling) if decay else 0.0
         if not is_zero(weight_decay) and not decoupled:
             g = g + weight_decay * p
         if has_momentum:
@@ -217,7 +222,7 @@ def sgd(
             "lr": lr,
             "momentum": momentum,
             "dampening": dampening,
-            "weight_decay": weight_decay,
+            **({} if decay_timescale is not None else {"weight_decay": weight_decay}),
             "prox_strength": prox_strength,
             **decay_hyperparams,
         },

@@ -364,3 +364,34 @@ def test_hypergrad_implicit_differentiates_the_fixed_point_prox_adam_reaches():
     dw[support] = -torch.linalg.solve(gram, w[support].sign())
     expected = torch.func.grad(val_loss)(w) @ dw
     torch.testing.assert_close(hypergradient, expected, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("penalty", ["l1", "group_lasso"])
+def test_flat_buffers_with_the_metric_prox_equal_per_leaf(penalty):
+    """Adam's metric prox on flat buffers (l1 directly, group_lasso through
+    flat.leafwise, which splits the buffer-shaped threshold) equals the per-leaf run."""
+    params = model_params()
+    params["head.weight"] = torch.randn(
+        2, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(3)
+    )
+    flat = fr.flat.pack(params, {"decay": fr.select.weights(), "no_decay": "*.bias"})
+    per_leaf_prox = getattr(fr.prox, penalty)
+    flat_prox = per_leaf_prox if penalty == "l1" else fr.flat.leafwise(flat, per_leaf_prox)
+    make = lambda prox, mask: fr.adam(  # noqa: E731
+        lr=0.1, prox=prox, prox_strength=0.5, prox_metric="preconditioned", mask=mask
+    )
+    opt, flat_opt = make(per_leaf_prox, fr.select.weights()), make(flat_prox, "decay")
+    x = torch.randn(6, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(4))
+
+    def objective(p):
+        hidden = torch.tanh(x @ p["layer.weight"].T + p["layer.bias"])
+        return (hidden @ p["head.weight"].T).sin().sum()
+
+    state, flat_state = opt.init(params), flat_opt.init(flat.buffers)
+    for _ in range(6):
+        params, state = opt.step(params, torch.func.grad(objective)(params), state)
+        grads = torch.func.grad(lambda b: objective(flat.unpack(b)))(flat.buffers)
+        flat_opt.step_(flat.buffers, grads, flat_state)
+    for name, leaf in params.items():
+        torch.testing.assert_close(flat.params[name], leaf, rtol=1e-13, atol=1e-15)
+    assert (params["layer.weight"] == 0).any()

@@ -88,3 +88,10 @@ def test_learn_lambda_example_runs():
     out = run_example("learn_lambda", "--rounds", "2", "--steps-per-round", "3")
     assert "grid, best shared strength" in out and "hypergradient, per layer" in out
     assert "python examples/learn_lambda.py" in load("learn_lambda").__doc__
+
+
+def test_decay_diagnostics_example_runs(tmp_path):
+    plot = tmp_path / "decay.png"
+    out = run_example("decay_diagnostics", "--steps", "40", "--every", "10", "--output", str(plot))
+    assert "decay_timescale=60" in out and "predicted" in out and "0.weight" in out
+    assert plot.stat().st_size > 10_000

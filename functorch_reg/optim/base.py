@@ -54,6 +54,11 @@ class Prox(Protocol):
     must hold the same keys. So a ``where=`` inside the prox sees leaf names, as it
     does on a params tree (``functools.partial(fr.prox.l1, where="0.*")``), and
     :func:`functorch_reg.hypergrad.implicit` calls the same prox the same way.
+
+    With ``prox_metric="preconditioned"`` the threshold is ``lr * prox_strength / D``, a
+    tensor shaped like the leaf (the rule's metric :math:`D`), and the prox is called
+    once per leaf, ``prox({leaf_name: leaf}, threshold)``; every ``fr.prox`` operator
+    takes such a per-coordinate threshold.
     """
 
     def __call__(self, params: Params, threshold: Scalar) -> Params: ...

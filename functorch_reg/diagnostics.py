@@ -122,8 +122,8 @@ def report(
         >>> new = {"w": torch.tensor([1.0, 0.1])}
         >>> r = fr.diagnostics.report(w, new, g, lr=0.1, weight_decay=0.5)
         >>> row = fr.diagnostics.rows(r)["w"]
-        >>> [round(row[k], 4) for k in ("update_ratio", "angular_update", "timescale")]
-        [0.1, 0.0997, 20.0]
+        >>> round(row["angular_update"], 4), round(row["update_ratio"], 4), row["timescale"]
+        (0.0997, 0.1, 20.0)
     """
     leaves, spec = flatten(params)
     new_leaves = matching_leaves(leaves, spec, new_params, other_name="new_params")
@@ -174,7 +174,8 @@ def rows(report: Report) -> dict[str, dict[str, float]]:
         >>> import functorch_reg as fr
         >>> w = {"w": torch.ones(3)}
         >>> r = fr.diagnostics.report(w, w, w, lr=0.1, weight_decay=0.0)
-        >>> fr.diagnostics.rows(r)["w"]["timescale"]
+        >>> row = fr.diagnostics.rows(r)["w"]
+        >>> row["timescale"]
         inf
     """
     if not report:

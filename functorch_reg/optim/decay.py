@@ -202,7 +202,8 @@ def convert_timescale(
 
     Args:
         value: the timescale in ``from_unit``, positive.
-        from_unit, to_unit: ``"steps"``, ``"epochs"`` or ``"fraction"``.
+        from_unit: ``"steps"``, ``"epochs"`` or ``"fraction"``.
+        to_unit: likewise.
         steps_per_epoch: needed when either unit is ``"epochs"``.
         total_steps: needed when either unit is ``"fraction"``.
 

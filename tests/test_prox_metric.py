@@ -395,3 +395,34 @@ def test_flat_buffers_with_the_metric_prox_equal_per_leaf(penalty):
     for name, leaf in params.items():
         torch.testing.assert_close(flat.params[name], leaf, rtol=1e-13, atol=1e-15)
     assert (params["layer.weight"] == 0).any()
+
+
+def test_adam_with_the_metric_group_prox_reaches_the_group_lasso_solution():
+    """Adam's metric group prox (no closed form) converges to the point that proximal
+    gradient descent (ISTA, Euclidean and exact) reaches: the group lasso solution."""
+    gradient = data_grad()
+    lam = 0.08
+
+    def run(opt, steps):
+        params = {"w": torch.zeros(5, 2, dtype=DTYPE)}
+        state = opt.init(params)
+        for _ in range(steps):
+            grads = {"w": gradient(params["w"].flatten()).view(5, 2)}
+            params, state = opt.step(params, grads, state)
+        return params["w"]
+
+    ista = run(fr.sgd(lr=0.2, prox=fr.prox.group_lasso, prox_strength=lam), 3000)
+    adam = run(
+        fr.adam(
+            lr=0.02,
+            betas=(0.9, 0.99),
+            prox=fr.prox.group_lasso,
+            prox_strength=lam,
+            prox_metric="preconditioned",
+        ),
+        800,
+    )
+    zero_rows = (ista == 0).all(1)
+    assert zero_rows.any() and not zero_rows.all()
+    assert torch.equal((adam == 0).all(1), zero_rows)
+    assert (adam - ista).abs().max() <= 1e-6 * ista.abs().max()

@@ -125,7 +125,7 @@ def decay_options(
         )
     extra: dict[str, Scalar] = {}
     if decay_timescale is not None:
-        if not is_zero_literal(weight_decay):
+        if not _is_zero_literal(weight_decay):
             raise ValueError(
                 f"{name}: pass either weight_decay or decay_timescale (which sets the "
                 f"decay as 1 / (lr * weight_decay) = decay_timescale steps), got both"
@@ -155,7 +155,7 @@ def _copied(value: Scalar) -> Scalar:
     return value.detach().clone() if isinstance(value, Tensor) else value
 
 
-def is_zero_literal(value: Scalar) -> bool:
+def _is_zero_literal(value: Scalar) -> bool:
     """A Python zero (a tensor, even a zero one, counts as given)."""
     return not isinstance(value, Tensor) and value == 0
 

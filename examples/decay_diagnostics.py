@@ -13,7 +13,8 @@ settings on scikit-learn's digits, logged every few steps with
   the conv layers' measured rotation meets the prediction, the head's (not scale-
   invariant, cos(grad, w) far from 0) does not have to.
 
-Run ``python examples/decay_diagnostics.py --output decay.png`` (about 20 s on a CPU).
+Run ``python examples/decay_diagnostics.py --output decay.png`` (25 s of CPU time; longer if
+the CPU is shared).
 """
 
 from __future__ import annotations

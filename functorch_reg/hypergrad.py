@@ -79,6 +79,10 @@ def implicit(
     ``train_loss`` is then the smooth part only. ``prox(params, threshold)`` gets
     ``threshold = step_size * strengths``; for a vector of strengths, write a prox that
     applies ``threshold[i]`` to its own leaves (``fr.prox.l1(p, threshold[i], where=...)``).
+    The optimizers built with ``prox_metric="preconditioned"`` (Adam, SGD with momentum)
+    converge to these same fixed points, the solutions of ``train_loss + lam * P``, so
+    params they trained take the same ``prox`` here; with the Euclidean prox, Adam's and
+    momentum's fixed points are not :math:`T`'s.
 
     Solvers, all on matrix-free products with a fixed number of iterations (``maxiter``),
     frozen once converged, keeping the best iterate (an indefinite Hessian makes the

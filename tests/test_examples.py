@@ -99,3 +99,10 @@ def test_cnn_sweep_example_runs():
     out = run_example("cnn_sweep", "--members", "2", "--steps", "3")
     assert "<- best" in out and "test accuracy" in out and "(2, 8)" in out
     assert "python examples/cnn_sweep.py" in load("cnn_sweep").__doc__
+
+
+def test_decay_diagnostics_example_runs(tmp_path):
+    plot = tmp_path / "decay.png"
+    out = run_example("decay_diagnostics", "--steps", "40", "--every", "10", "--output", str(plot))
+    assert "decay_timescale=60" in out and "predicted" in out and "0.weight" in out
+    assert plot.stat().st_size > 10_000

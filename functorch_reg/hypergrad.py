@@ -26,10 +26,18 @@ per-layer strengths within one training run.
 ``val_loss(params)`` the validation loss; both return a 0-d tensor. ``strengths`` is a
 floating 0-d tensor or a vector (e.g. one strength per layer), and the hypergradient
 has its shape. Only floating-point leaves of ``params`` are differentiated.
+
+Second derivatives through attention: the fused kernels of
+``torch.nn.functional.scaled_dot_product_attention`` (flash, memory-efficient, cuDNN,
+and the CPU flash kernel) have no double backward, so the hypergradients' passes run
+under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``, the backend that has one
+(``transformers``' and timm's default attention go through it). This costs the math
+backend's memory for those passes only; training outside them is unaffected.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -39,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from .optim import Optimizer, adam
@@ -53,6 +62,19 @@ Leaves = tuple[Tensor, ...]
 TrainLoss = Callable[[Params, Tensor], Tensor]
 ValLoss = Callable[[Params], Tensor]
 Solver = Literal["cg", "normal_cg"]
+
+
+def _math_attention(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``function`` with SDPA restricted to the math backend (see the module doc)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # compiled graphs take no double backward anyway
+            return function(*args, **kwargs)
+        with sdpa_kernel(SDPBackend.MATH):
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 def implicit(
@@ -565,6 +587,7 @@ def _conjugate_gradients_eager(
     return best
 
 
+@_math_attention
 def _implicit(
     train_loss: TrainLoss,
     val_loss: ValLoss,
@@ -728,6 +751,7 @@ def _identity_support(
     return mask
 
 
+@_math_attention
 def _unroll(
     train_loss: TrainLoss,
     val_loss: ValLoss,

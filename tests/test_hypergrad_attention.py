@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn import functional
 
 import functorch_reg as fr
 
@@ -30,7 +30,7 @@ class Attention(torch.nn.Module):
             causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
             attended = scores.masked_fill(~causal, -math.inf).softmax(-1) @ v
         else:
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            attended = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(attended.transpose(1, 2).flatten(2)).mean(1)
 
 
@@ -40,10 +40,12 @@ def problem(model):
 
     def train(params, lam):
         out = functional_call(model, params, (x,))
-        return F.mse_loss(out, y) + lam * fr.penalties.l2(params, where=fr.select.weights())
+        return functional.mse_loss(out, y) + lam * fr.penalties.l2(
+            params, where=fr.select.weights()
+        )
 
     def val(params):
-        return F.mse_loss(functional_call(model, params, (xv,)), yv)
+        return functional.mse_loss(functional_call(model, params, (xv,)), yv)
 
     return train, val
 
@@ -115,7 +117,7 @@ def test_unrolled_through_a_tiny_gpt2_with_sdpa_attention():
 
     def lm_loss(params, batch):
         logits = functional_call(model, params, (batch,)).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        return functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
 
     def train(params, lam):
         return lm_loss(params, ids) + lam * fr.penalties.l2(params, where=fr.select.weights())

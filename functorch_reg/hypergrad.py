@@ -42,7 +42,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -64,11 +64,15 @@ ValLoss = Callable[[Params], Tensor]
 Solver = Literal["cg", "normal_cg"]
 
 
-def _math_attention(function: Callable[..., Any]) -> Callable[..., Any]:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _math_attention(function: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run ``function`` with SDPA restricted to the math backend (see the module doc)."""
 
     @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         if torch.compiler.is_compiling():  # compiled graphs take no double backward anyway
             return function(*args, **kwargs)
         with sdpa_kernel(SDPBackend.MATH):

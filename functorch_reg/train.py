@@ -516,6 +516,9 @@ def _modules_of(loss: Loss) -> list[tuple[str, torch.nn.Module]]:
     named = [(name, cell.cell_contents) for name, cell in cells if _has_contents(cell)]
     module_globals = getattr(function, "__globals__", {})
     named += [(name, module_globals[name]) for name in code.co_names if name in module_globals]
+    owner = getattr(loss, "__self__", None)  # a bound method of a module: self.loss
+    if isinstance(owner, torch.nn.Module):
+        named.insert(0, ("self", owner))
     for name, value in named:
         if isinstance(value, torch.nn.Module):
             found.setdefault(id(value), (name, value))
@@ -531,14 +534,20 @@ def _has_contents(cell: Any) -> bool:
 
 
 def _refuse_compiled_modules(loss: Loss) -> None:
-    for name, module in _modules_of(loss):
-        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
-            raise TypeError(
-                f"train_step: loss runs {name!r}, a torch.compile'd module; train_step "
-                "compiles the whole step (forward, gradient and update) itself: give the "
-                f"loss the module inside ({name}._orig_mod, or fr.unwrap({name})) and "
-                "keep train_step(compile=True)"
-            )
+    compiled = [
+        f"{name}.{path}" if path else name
+        for name, model in _modules_of(loss)
+        for path, module in model.named_modules()
+        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+    ]
+    if compiled:
+        name = compiled[0]
+        raise TypeError(
+            f"train_step: loss runs {name!r}, a torch.compile'd module; train_step "
+            "compiles the whole step (forward, gradient and update) itself: give the "
+            f"loss the module inside ({name}._orig_mod, or fr.unwrap({name})) and "
+            "keep train_step(compile=True)"
+        )
 
 
 def _captured_buffer_message(loss: Loss) -> str:

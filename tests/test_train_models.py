@@ -163,6 +163,26 @@ def test_a_failing_step_leaves_params_and_buffers_bit_identical(bad, error):
     torch.testing.assert_close(state, saved_state, rtol=0, atol=0)
 
 
+def test_captured_buffer_error_finds_the_module_of_a_bound_loss():
+    class Classifier(torch.nn.Module):  # the Lightning-style module: loss is a method
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = cnn()
+
+        def loss(self, params, x, y):
+            out = functional_call(self.net, params, (x,))
+            return torch.nn.functional.cross_entropy(out, y)
+
+    module, ((x, y),) = Classifier(), batches(1)
+    params = fr.split_module(module.net)[0]
+    opt = fr.sgd(lr=0.1)
+    with pytest.raises(RuntimeError, match="BatchNorm2d 'self.net.features.1'"):
+        fr.train_step(module.loss, opt, compile=False)(params, opt.init(params), x, y)
+    module.net = torch.compile(module.net)
+    with pytest.raises(TypeError, match="loss runs 'self.net', a torch.compile'd module"):
+        fr.train_step(module.loss, opt)
+
+
 def test_a_compiled_module_is_refused_with_the_fix():
     model = cnn()
     compiled = torch.compile(model)

@@ -173,6 +173,18 @@ class TorchOptimizer(torch.optim.Optimizer):
         Args:
             param_group: ``{"params": [...], **hyperparameters}``.
         """
+        if (
+            "decay_reference_lr" in self.defaults
+            and "lr" in param_group
+            and "decay_reference_lr" not in param_group
+        ):
+            # decay_scaling="schedule" divides by the initial lr: a group that sets its
+            # own lr starts from that, as torch's schedulers record initial_lr per group.
+            lr = param_group["lr"]
+            param_group = {
+                **param_group,
+                "decay_reference_lr": lr.detach().clone() if isinstance(lr, Tensor) else lr,
+            }
         super().add_param_group(param_group)
         try:
             index = len(self.param_groups) - 1
@@ -331,11 +343,14 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"TorchOptimizer: param group {index} lists a param twice")
         # Masks, prox and decay_to are checked against the group's params now (on meta
         # copies: no memory, no device work), not at the first step.
-        check_optimizer(
-            self._functional,
-            _tree(group, params),
-            **{name: _to_cpu(group[name]) for name in self._hyperparam_names},
-        )
+        try:
+            check_optimizer(
+                self._functional,
+                _tree(group, params),
+                **{name: _to_cpu(group[name]) for name in self._hyperparam_names},
+            )
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"TorchOptimizer: param group {index}: {error}") from error
 
     def _functional_state(self, index: int, grads: Sequence[Tensor | None]) -> State:
         """Group ``index``'s functional state: views of ``self.state``, created where missing.

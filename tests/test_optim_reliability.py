@@ -136,3 +136,115 @@ def test_torch_optimizer_refuses_a_mask_that_matches_nothing_at_construction():
     model = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="where='nope.*' matches no"):
         fr.TorchOptimizer(model.named_parameters(), fr.adamw(lr=1e-3, mask="nope.*"))
+
+
+# --- item 3: decay_to given the live params -----------------------------------------
+
+
+def test_decay_to_live_params_is_a_snapshot():
+    """decay_to=dict(model.named_parameters()) decays toward the initial weights (the
+    reference used to move with each in-place step and decay nothing)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+    live = fr.TorchOptimizer(
+        model.named_parameters(),
+        fr.adamw(lr=0.1, weight_decay=0.5, decay_to=dict(model.named_parameters())),
+    )
+    twin = torch.nn.Linear(4, 3).double()
+    twin.load_state_dict(model.state_dict())
+    snapshot = fr.TorchOptimizer(
+        twin.named_parameters(), fr.adamw(lr=0.1, weight_decay=0.5, decay_to=initial)
+    )
+    x = torch.randn(8, 4, dtype=torch.float64)
+    for _ in range(3):
+        for m, opt in ((model, live), (twin, snapshot)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for name, p in model.named_parameters():
+        assert_identical(p, dict(twin.named_parameters())[name])
+
+
+# --- item 4: decay_scaling="schedule" and a group with its own lr -------------------
+
+
+def test_schedule_scaling_reference_lr_defaults_to_each_groups_own_lr():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)).double()
+    make = functools.partial(fr.adamw, weight_decay=0.1, decay_scaling="schedule")
+    opt = fr.TorchOptimizer(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.1}],
+        make(lr=0.01),
+    )
+    assert opt.param_groups[1]["decay_reference_lr"] == 0.1
+    assert opt.param_groups[0]["decay_reference_lr"] == 0.01
+    # The head group alone, as its own optimizer at lr=0.1: the same step.
+    head = torch.nn.Linear(3, 2).double()
+    head.load_state_dict(model[1].state_dict())
+    alone = fr.TorchOptimizer(head.parameters(), make(lr=0.1))
+    for p, q in zip(model[1].parameters(), head.parameters(), strict=True):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    for p in model[0].parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    alone.step()
+    for p, q in zip(model[1].parameters(), head.parameters(), strict=True):
+        assert_identical(p, q)
+
+
+def test_schedule_scaling_refuses_a_decay_factor_that_is_not_positive():
+    opt = fr.adamw(lr=0.01, weight_decay=0.2, decay_scaling="schedule")
+    params = mlp_params()
+    before = clone(params)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="1 - .* <= 0"):
+        opt.step_(params, random_grads(params, 0), state, lr=0.05)
+    assert_identical(params, before)
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="param group 1.*<= 0"):
+        fr.TorchOptimizer(
+            [
+                {"params": [model.weight]},
+                {"params": [model.bias], "lr": 0.1, "decay_reference_lr": 0.01},
+            ],
+            opt,
+        )
+
+
+# --- item 12: meta-device leaves are not tied ---------------------------------------
+
+
+def test_pack_and_flat_torch_optimizer_accept_meta_leaves():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    flat = fr.flat.pack(params)
+    assert flat.buffers["float32"].device.type == "meta"
+    assert flat.params["1.weight"].shape == (2, 4)
+    fr.TorchOptimizer(model.parameters(), fr.adamw(lr=1e-3), flat=True)
+    # Two meta views of one meta tensor are still no tie; a real tie still is.
+    shared = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="share memory"):
+        fr.flat.pack({"a": shared, "b": shared})
+
+
+# --- item 17: NumPy scalar hyperparameters ------------------------------------------
+
+
+def test_numpy_scalars_are_floats_on_every_path():
+    import numpy as np
+
+    params = mlp_params()
+    grads = random_grads(params, 0)
+    reference = fr.adamw(lr=0.1, weight_decay=0.01, betas=(0.9, 0.99))
+    expected, _ = reference.step(params, grads, reference.init(params), lr=0.05)
+    opt = fr.adamw(lr=np.float64(0.1), weight_decay=np.float32(0.01), betas=(np.float64(0.9), 0.99))
+    assert type(opt.hyperparams["lr"]) is float
+    eager, _ = opt.step(params, grads, opt.init(params), lr=np.float64(0.05))
+    assert_identical(eager, expected)
+    compiled, _ = torch.compile(opt.step, fullgraph=True)(
+        params, grads, opt.init(params), lr=np.float64(0.05)
+    )
+    torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-7)

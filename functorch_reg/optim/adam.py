@@ -142,7 +142,8 @@ def adam(
         decay_scaling: ``"lr"`` (default), ``"schedule"`` or ``"none"``, see above.
         decay_reference_lr: :math:`\eta_0` for ``"schedule"``; overridable per call.
         cautious_decay: apply the decoupled decay only where it agrees with the step.
-        decay_to: reference weights the decoupled decay pulls toward.
+        decay_to: reference weights the decoupled decay pulls toward, copied at
+            construction (the live params may be passed).
         clip_grad_norm: clip the gradients to this global norm first, as
             ``torch.nn.utils.clip_grad_norm_`` (see
             :func:`functorch_reg.clip_by_global_norm`); overridable per call.

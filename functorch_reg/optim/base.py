@@ -22,7 +22,7 @@ from ..tree import (
     matching_leaves,
     spec_names,
 )
-from .decay import References
+from .decay import References, check_decay_factor
 
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
 
@@ -187,7 +187,7 @@ def build(
     for them. ``references`` gives each leaf's decay reference (see :mod:`.decay`), checked
     at every step before anything changes.
     """
-    defaults = dict(hyperparams)
+    defaults = {key: _numbers_of(value) for key, value in hyperparams.items()}
     resolve(name, defaults, {}, intervals)
     table_field = leaf_table_field(state_type)
     slot_fields = [field for field in state_type._fields[:-1] if field != table_field]
@@ -398,8 +398,17 @@ def resolve(
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
         merged["beta1"], merged["beta2"] = betas
+    merged = {key: as_scalar(value) for key, value in merged.items()}
     check_scalars(name, merged, intervals)
-    return {key: as_scalar(value) for key, value in merged.items()}
+    check_decay_factor(name, merged)
+    return merged
+
+
+def _numbers_of(value: Any) -> Any:
+    """A hyperparameter (or a pair such as ``betas``) with NumPy scalars as Python numbers."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(as_scalar(v) for v in value)
+    return as_scalar(value)
 
 
 def _apply_prox(

@@ -31,7 +31,13 @@ from torch import Tensor
 from .._checks import NON_NEGATIVE, Interval, Scalar, check_scalars
 from ..tree import Params, flatten, is_float, leaf_names, spec_names
 
-__all__ = ["DecayScaling", "decay_coefficient", "decay_options", "decayed"]
+__all__ = [
+    "DecayScaling",
+    "check_decay_factor",
+    "decay_coefficient",
+    "decay_options",
+    "decayed",
+]
 
 DecayScaling = Literal["lr", "schedule", "none"]
 SCALINGS: tuple[str, ...] = ("lr", "schedule", "none")
@@ -109,6 +115,30 @@ def decay_options(
     return extra, references
 
 
+def check_decay_factor(name: str, h: Mapping[str, Any]) -> None:
+    """Refuse a ``decay_scaling="schedule"`` step whose decay factor
+    ``1 - (lr / decay_reference_lr) * weight_decay`` is not positive: it would zero the
+    weights or flip their signs. Read where the values are readable (Python numbers,
+    CPU tensors outside ``torch.compile`` and ``vmap``)."""
+    if "decay_reference_lr" not in h or torch.compiler.is_compiling():
+        return
+    values = [h["lr"], h["decay_reference_lr"], h.get("weight_decay", 0.0)]
+    if any(
+        isinstance(v, Tensor)
+        and (v.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(v))
+        for v in values
+    ):
+        return
+    lr, reference, weight_decay = (float(v) for v in values)
+    if reference > 0 and 1 - lr / reference * weight_decay <= 0:
+        raise ValueError(
+            f"{name}: decay_scaling='schedule' decays by 1 - (lr / decay_reference_lr) * "
+            f"weight_decay = 1 - ({lr!r} / {reference!r}) * {weight_decay!r} <= 0, which "
+            "zeroes the weights or flips their signs; lower weight_decay or lr, or set "
+            "decay_reference_lr to this group's initial lr"
+        )
+
+
 def decay_coefficient(h: Mapping[str, Scalar], weight_decay: Scalar, scaling: str) -> Scalar:
     """The decay coefficient :math:`c` of the module docstring for this step."""
     if scaling == "lr":
@@ -148,7 +178,11 @@ def decayed(
 
 
 def _reference_lookup(name: str, decay_to: Params) -> References:
-    """Per-leaf references of ``decay_to``, found by leaf name."""
+    """Per-leaf references of ``decay_to``, found by leaf name.
+
+    The references are copied (as ``decay_reference_lr`` is): given the live params
+    (``dict(model.named_parameters())``, the natural call), a reference would move with
+    each in-place step and decay nothing."""
     leaves, _ = flatten(decay_to)
     by_name = {
         leaf_name: leaf
@@ -160,6 +194,7 @@ def _reference_lookup(name: str, decay_to: Params) -> References:
             raise TypeError(
                 f"{name}: decay_to leaf {leaf_name!r} must be a tensor, got {type(leaf).__name__}"
             )
+    by_name = {leaf_name: leaf.detach().clone() for leaf_name, leaf in by_name.items()}
 
     def references(
         params: Sequence[Any], spec: optree.PyTreeSpec, decays: Sequence[bool]

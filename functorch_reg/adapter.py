@@ -130,8 +130,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
         if compile_options is not None and not compile:
             raise ValueError("TorchOptimizer: compile_options needs compile=True")
-        if flat:
+        if flat and optimizer.for_flat is None:
             _check_mask_selects_a_buffer(optimizer)
+        # Per group index, with flat=True: the functional optimizer for its buffer (a
+        # mask or prox written for params translated to it, or refused).
+        self._flat_optimizers: dict[int, Optimizer] = {}
         # Per group index, with flat=True: the packed group, and its functional state.
         self._flat_groups: dict[int, FlatGroup] | None = {} if flat else None
         self._flat_states: dict[int, tuple[State, list[dict[str, Tensor]]]] = {}
@@ -190,9 +193,19 @@ class TorchOptimizer(torch.optim.Optimizer):
             index = len(self.param_groups) - 1
             self._check_group(index)
             if self._flat_groups is not None:
-                self._flat_groups[index] = FlatGroup(
-                    self.param_groups[index]["params"], f"param group {index}"
+                group = self.param_groups[index]
+                packed = FlatGroup(
+                    group["params"], f"param group {index}", group.get("param_names")
                 )
+                if self._functional.for_flat is not None:
+                    try:
+                        self._flat_optimizers[index] = self._functional.for_flat(packed.layout)
+                    except ValueError as error:
+                        raise ValueError(
+                            f"TorchOptimizer(flat=True), param group {index}: {error}; or "
+                            "split the param group by the mask"
+                        ) from None
+                self._flat_groups[index] = packed
         except Exception:
             self.param_groups.pop()
             raise
@@ -252,14 +265,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         grads: list[Any] = []
         states: list[State] = []
         hyperparams: list[dict[str, Any]] = []
+        steps: list[Callable[..., None]] = []
         with torch.no_grad():
             for index, group in enumerate(self.param_groups):
                 params = group["params"]
                 if self._flat_groups is not None:
                     packed = self._flat_groups[index]
                     packed.refresh(params)
-                    trees.append([packed.params])
-                    grads.append([packed.grads])
+                    trees.append({packed.key: packed.params})
+                    grads.append({packed.key: packed.grads})
+                    steps.append(self._flat_optimizers.get(index, self._functional).step_)
                     states.append(self._flat_state(index))
                     hyperparams.append(self._hyperparams(index, group))
                     continue
@@ -270,8 +285,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 grads.append(_tree(group, group_grads))
                 states.append(self._functional_state(index, group_grads))
                 hyperparams.append(self._hyperparams(index, group))
+                steps.append(self._functional.step_)
             if trees:
-                self._update(self._functional.step_, trees, grads, states, hyperparams)
+                self._update(steps, trees, grads, states, hyperparams)
 
     def _validate_hyperparams(self, label: str, group: Mapping[str, Any]) -> None:
         """Raise, naming the group, unless its hyperparameters suit the functional step.
@@ -394,7 +410,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             return state
         state = self._packed_state(index, packed, params)
         views = {
-            field: packed.views(getattr(state, field)[0])
+            field: packed.views(getattr(state, field)[packed.key])
             for field in self._slot_names
             if field != self._table_field
         }
@@ -411,7 +427,7 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _packed_state(self, index: int, packed: FlatGroup, params: Sequence[Tensor]) -> State:
         """A fresh functional state, or one packed from the params' entries in ``self.state``."""
-        fresh = self._functional.init([packed.params])
+        fresh = self._functional.init({packed.key: packed.params})
         slots = [self.state.get(p) or None for p in params]
         if all(s is None for s in slots):
             return fresh
@@ -436,7 +452,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                     )
                 fields.append(rows[0].clone().unsqueeze(0))
             else:
-                fields.append([packed.pack([s[field] for s in entries])])
+                fields.append({packed.key: packed.pack([s[field] for s in entries])})
         skipped = entries[0]["skipped"].detach().clone().to(fresh.skipped.device)
         return self._state_type(*fields, skipped)
 
@@ -594,11 +610,13 @@ def _to_cpu(value: Any) -> Any:
 
 
 def _update_groups(
-    step_: Callable[..., None],
+    steps: list[Callable[..., None]],
     trees: list[Any],
     grads: list[Any],
     states: list[State],
     hyperparams: list[dict[str, Any]],
 ) -> None:
-    for tree, group_grads, state, overrides in zip(trees, grads, states, hyperparams, strict=True):
+    for step_, tree, group_grads, state, overrides in zip(
+        steps, trees, grads, states, hyperparams, strict=True
+    ):
         step_(tree, group_grads, state, **overrides)

@@ -29,7 +29,9 @@ class FlatGroup:
     ``zero_grad(set_to_none=True)`` from other code), copying their values in.
     """
 
-    def __init__(self, params: Sequence[Tensor], label: str) -> None:
+    def __init__(
+        self, params: Sequence[Tensor], label: str, names: Sequence[str] | None = None
+    ) -> None:
         for position, p in enumerate(params):
             if is_dtensor(p):
                 raise ValueError(
@@ -42,7 +44,9 @@ class FlatGroup:
                     f"{params[0].device} with {p.dtype} on {p.device} (param {position}); "
                     "a flat group needs one dtype and device: split it into param groups"
                 )
-        self.names = [f"{i:06d}" for i in range(len(params))]
+        # Leaf names for the optimizer's mask and prox: the param names when the group
+        # has them, else positions.
+        self.names = list(names) if names is not None else [f"{i:06d}" for i in range(len(params))]
         try:
             self.layout: FlatParams = pack(
                 dict(zip(self.names, (p.detach() for p in params), strict=True))

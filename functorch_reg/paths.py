@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import prox as prox_ops
 from . import sweep_data
 from ._plot import finish, log_strength_axis, pyplot
-from .optim import sgd
+from .optim.sgd import sgd
 from .sweep_data import as_strengths
 from .tree import stack
 

@@ -248,3 +248,124 @@ def test_numpy_scalars_are_floats_on_every_path():
         params, grads, opt.init(params), lr=np.float64(0.05)
     )
     torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-7)
+
+
+# --- items 2 and 11: flat == per-leaf for every option, 0-d leaves included ----------
+
+
+class Tempered(torch.nn.Module):
+    """An MLP with a learned 0-d temperature (a logit scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+        )
+        self.temperature = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.net(x) * self.temperature
+
+
+FLAT_OPTIONS = {
+    "plain": lambda: fr.adamw(lr=0.05, weight_decay=0.1),
+    "weights_mask": lambda: fr.adamw(lr=0.05, weight_decay=0.3, mask=fr.select.weights()),
+    "glob_mask": lambda: fr.sgd(lr=0.1, momentum=0.9, weight_decay=0.3, mask="*.weight"),
+    "group_lasso": lambda: fr.sgd(
+        lr=0.1,
+        prox=functools.partial(fr.prox.group_lasso, dim=1),
+        prox_strength=0.5,
+        mask=fr.select.weights(),
+    ),
+    "l1_where": lambda: fr.adamw(
+        lr=0.05, prox=functools.partial(fr.prox.l1, where="net.0.*"), prox_strength=2.0
+    ),
+}
+GROUPS = {"decay": fr.select.weights(), "other": lambda name, leaf: leaf.ndim < 2}
+
+
+def tempered_data():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 4, generator=generator, dtype=torch.float64)
+    return x, torch.randint(0, 3, (24,), generator=generator)
+
+
+def tempered_loss(model):
+    def loss(params, x, y):
+        logits = torch.func.functional_call(model, params, (x,))
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    return loss
+
+
+@pytest.mark.parametrize("option", list(FLAT_OPTIONS))
+def test_flat_equals_per_leaf_in_train_step_and_torch_optimizer(option):
+    model = Tempered().double()
+    x, y = tempered_data()
+    loss = tempered_loss(model)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    flat = fr.flat.pack(params, GROUPS)
+    opt = FLAT_OPTIONS[option]()
+    per_leaf = fr.train_step(loss, opt, compile=False)
+    flat_step = fr.train_step(loss, opt, flat=flat, compile=False)
+    state, flat_state = opt.init(params), opt.init(flat.buffers)
+    for _ in range(3):
+        per_leaf(params, state, x, y)
+        flat_step(flat.buffers, flat_state, x, y)
+    torch.testing.assert_close(flat.params, params, rtol=0, atol=1e-12)
+    # TorchOptimizer: one param group per flat group, named params. A glob that one
+    # group lacks is refused by both layouts alike.
+    results = []
+    for is_flat in (False, True):
+        twin = Tempered().double()
+        named = list(twin.named_parameters())
+        groups = [
+            {"params": [(n, p) for n, p in named if p.ndim >= 2]},
+            {"params": [(n, p) for n, p in named if p.ndim < 2]},
+        ]
+        if option == "glob_mask":
+            with pytest.raises(ValueError, match="param group 1: where='\\*.weight' matches no"):
+                fr.TorchOptimizer(groups, FLAT_OPTIONS[option](), flat=is_flat)
+            continue
+        torch_opt = fr.TorchOptimizer(groups, FLAT_OPTIONS[option](), flat=is_flat)
+        for _ in range(3):
+            torch_opt.zero_grad()
+            torch.nn.functional.cross_entropy(twin(x), y).backward()
+            torch_opt.step()
+        results.append({n: p.detach().clone() for n, p in twin.named_parameters()})
+    if results:
+        torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(results[0], params, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("option", ["weights_mask", "group_lasso", "l1_where"])
+def test_flat_sweep_equals_the_per_leaf_sweep_for_leaf_options(option):
+    x, y = tempered_data()
+    common = dict(
+        train=(x, y),
+        val=(x, y),
+        steps=4,
+        batch_size=12,
+        compile=False,
+        progress=False,
+    )
+    strengths = {"lr": torch.tensor([0.02, 0.05], dtype=torch.float64)}
+    loss = torch.nn.functional.cross_entropy
+    per_leaf = fr.sweep(Tempered().double(), loss, FLAT_OPTIONS[option](), strengths, **common)
+    flat = fr.sweep(
+        Tempered().double(), loss, FLAT_OPTIONS[option](), strengths, flat=GROUPS, **common
+    )
+    torch.testing.assert_close(flat.params, per_leaf.params, rtol=0, atol=1e-12)
+    torch.testing.assert_close(flat.val_loss, per_leaf.val_loss, rtol=0, atol=1e-12)
+
+
+def test_flat_paths_refuse_a_mask_that_splits_a_group():
+    model = Tempered().double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    flat = fr.flat.pack(params)  # one group: weights and biases together
+    opt = fr.adamw(lr=0.1, weight_decay=0.1, mask=fr.select.weights())
+    with pytest.raises(ValueError, match="'net.0.weight' but not 'net.0.bias'.*'float64'"):
+        fr.train_step(tempered_loss(model), opt, flat=flat, compile=False)
+    with pytest.raises(ValueError, match="param group 0.*decayed whole"):
+        fr.TorchOptimizer(model.named_parameters(), opt, flat=True)

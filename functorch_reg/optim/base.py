@@ -85,6 +85,12 @@ class Optimizer(NamedTuple):
             meta device: no memory, no device work. Always set by this library's
             factories; :func:`check_optimizer` also serves an ``Optimizer`` built by hand
             without one.
+        for_flat: ``for_flat(flat) -> Optimizer``, the same rule for the buffers of
+            ``flat = fr.flat.pack(...)``: a ``mask`` written for leaves becomes the list
+            of groups it fills (a group it selects only partly is refused), and a prox
+            that needs leaves (a structured one, or one with ``where=``) is lifted with
+            :func:`functorch_reg.flat.leafwise`. ``fr.sweep(flat=...)`` and
+            ``fr.train_step(flat=...)`` call it, so flat results equal per-leaf ones.
     """
 
     init: Callable[[Params], State]
@@ -92,6 +98,7 @@ class Optimizer(NamedTuple):
     step_: Callable[..., None]
     hyperparams: Mapping[str, Any]
     validate: Callable[..., None] | None = None
+    for_flat: Callable[[Any], Optimizer] | None = None
 
 
 class LeafRule(Protocol):
@@ -334,8 +341,25 @@ def build(
         if params is not None:
             step_on_meta(init, step, params, overrides)
 
+    def for_flat(flat: Any) -> Optimizer:
+        from ..flat import mask_for, prox_for
+
+        return build(
+            name,
+            state_type=state_type,
+            init_slots=init_slots,
+            rule=rule,
+            hyperparams=defaults,
+            intervals=intervals,
+            mask=mask_for(flat, mask, name),
+            prox=None if prox is None else cast(Prox, prox_for(flat, prox)),
+            skip_nonfinite=skip_nonfinite,
+            table=table,
+            references=references,
+        )
+
     step.__doc__ = step_.__doc__ = f"One {name} step; see ``functorch_reg.{name}``."
-    return Optimizer(init, step, step_, defaults, validate)
+    return Optimizer(init, step, step_, defaults, validate, for_flat)
 
 
 def check_optimizer(optimizer: Optimizer, params: Params | None = None, **overrides: Any) -> None:

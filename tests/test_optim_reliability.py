@@ -369,3 +369,63 @@ def test_flat_paths_refuse_a_mask_that_splits_a_group():
         fr.train_step(tempered_loss(model), opt, flat=flat, compile=False)
     with pytest.raises(ValueError, match="param group 0.*decayed whole"):
         fr.TorchOptimizer(model.named_parameters(), opt, flat=True)
+
+
+# --- item 1: accumulate_ and ema.update_ are atomic ----------------------------------
+
+
+def test_accumulate_refuses_a_late_unwritable_leaf_before_writing():
+    grads = {"a": torch.ones(3), "b": torch.ones(3)}
+    with torch.inference_mode():
+        frozen = torch.zeros(3)
+    for bad, match in ((frozen, "inference tensor"), (torch.zeros(1).expand(3), "overlapping")):
+        total = {"a": torch.zeros(3), "b": bad}
+        with pytest.raises(ValueError, match=f"accumulate_: total 'b'.*{match}|{match}"):
+            fr.accumulate_(total, grads)
+        assert_identical(total["a"], torch.zeros(3))
+
+
+def test_accumulate_refuses_tied_totals_and_promotion_alike():
+    shared = torch.zeros(3)
+    with pytest.raises(ValueError, match="'a' and total 'b' share memory"):
+        fr.accumulate_({"a": shared, "b": shared}, {"a": torch.ones(3), "b": torch.ones(3)})
+    assert_identical(shared, torch.zeros(3))
+    total, grads = {"w": torch.zeros(2)}, {"w": torch.ones(2, dtype=torch.float64)}
+    for fn in (fr.accumulate, fr.accumulate_):
+        with pytest.raises(ValueError, match="total 'w' is torch.float32, grads torch.float64"):
+            fn(total, grads)
+
+
+def test_ema_update_is_atomic_and_keeps_integer_buffers_as_at_init():
+    average = fr.ema(0.9)
+    params = {"a": torch.ones(2), "b": torch.ones(2)}
+    state = average.init(params)
+    with torch.inference_mode():
+        frozen = torch.zeros(2)
+    bad = fr.transforms.EMAState({"a": state.params["a"], "b": frozen}, state.n_averaged)
+    with pytest.raises(ValueError, match="ema.update_: state.params 'b' is an inference"):
+        average.update_({"a": torch.full((2,), 5.0), "b": torch.ones(2)}, bad)
+    assert_identical(state.params["a"], torch.ones(2))
+    assert int(state.n_averaged) == 0
+    # Integer buffers (BatchNorm's num_batches_tracked) are copied at init.
+    model = torch.nn.BatchNorm1d(2)
+    tree = dict(model.state_dict())
+    state = average.init(tree)
+    for _ in range(3):
+        model(torch.randn(4, 2))
+        average.update_(dict(model.state_dict()), state)
+    assert int(model.num_batches_tracked) == 3
+    assert int(state.params["num_batches_tracked"]) == 0
+
+
+# --- item 22a: l2_sp's reference needs only the leaves where= selects ---------------
+
+
+def test_l2_sp_reference_may_lack_leaves_that_where_excludes():
+    params = mlp_params(torch.float64)
+    reference = {k: v + 1 for k, v in params.items() if k.endswith("weight")}
+    got = fr.penalties.l2_sp(params, reference, where="*.weight")
+    expected = sum((params[k] - reference[k]).square().sum() for k in reference)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="reference leaf '0.bias'.*no such leaf"):
+        fr.penalties.l2_sp(params, reference, where="0.*")

@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from .._checks import Interval, Scalar, as_scalar, check_scalars
+from .._memory import check_writable
 from ..select import Where, selected
 from ..tree import (
     Params,
-    address_span,
     flatten,
     full_tensor,
     is_dtensor,
@@ -544,20 +544,23 @@ def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped
         return
     # (column, leaf index) of each target, the table and skipped as column -1 and -2;
     # labels are only spelled out for an error.
-    targets: list[tuple[int, int, Tensor]] = []
+    places: list[tuple[int, int]] = []
+    targets: list[Tensor] = []
     for column_index, (column, new_column) in enumerate(
         zip(new.columns, new.new_columns, strict=True)
     ):
         for i, (old, new_value) in enumerate(zip(column, new_column, strict=True)):
             if new_value is not old:
-                targets.append((column_index, i, old))
+                places.append((column_index, i))
+                targets.append(old)
     if new.table is not None and new.new_table is not None:
-        targets.append((-1, 0, new.table))
-    targets.append((-2, 0, skipped))
-    if torch._C._functorch.is_functorch_wrapped_tensor(targets[0][2]):  # vmap or grad
-        return
+        places.append((-1, 0))
+        targets.append(new.table)
+    places.append((-2, 0))
+    targets.append(skipped)
 
-    def label(column_index: int, i: int) -> str:
+    def label(target: int) -> str:
+        column_index, i = places[target]
         if column_index == -1:
             return "the state's leaf table"
         if column_index == -2:
@@ -565,57 +568,7 @@ def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped
         column_name = "params" if column_index == 0 else f"state.{slot_fields[column_index - 1]}"
         return f"{column_name} {spec_names(new.spec)[i]!r}"
 
-    inference_mode = torch.is_inference_mode_enabled()
-    spans = []
-    for column_index, i, tensor in targets:
-        if is_dtensor(tensor):
-            tensor = cast(Any, tensor).to_local()
-        if tensor.is_inference() and not inference_mode:
-            raise ValueError(
-                f"{name}.step_: {label(column_index, i)} is an inference tensor (made under "
-                "torch.inference_mode()), which cannot be updated in place; clone it "
-                "outside inference mode, or use step()"
-            )
-        if not tensor.is_contiguous() and torch._debug_has_internal_overlap(tensor) == 1:
-            raise ValueError(
-                f"{name}.step_: {label(column_index, i)} has overlapping memory (e.g. made "
-                "by expand()), so an in-place update is ambiguous; pass a contiguous copy "
-                "(.contiguous()), or use step()"
-            )
-        if tensor.numel() and tensor.device.type != "meta":
-            start, end = address_span(tensor)
-            device = (tensor.device.type, tensor.device.index or 0)
-            spans.append((device, start, end, column_index, i, tensor))
-    # Memory that two tensors share lies in both of their address spans: sorted by
-    # start, a span can only meet the earlier spans that have not ended yet.
-    spans.sort(key=lambda span: (span[0], span[1]))
-    active: list[tuple[Any, ...]] = []
-    for span in spans:
-        device, start = span[0], span[1]
-        active = [other for other in active if other[0] == device and other[2] > start]
-        for other in active:
-            if _share_elements(other[5], span[5]):
-                first, second = sorted([other[3:5], span[3:5]])
-                raise ValueError(
-                    f"{name}.step_: {label(*first)} and {label(*second)} share memory "
-                    "(tied weights, or a view of another leaf), so one in-place update "
-                    "would overwrite the other; keep one of them, or use step()"
-                )
-        active.append(span)
-
-
-def _share_elements(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors whose address spans meet share an element."""
-    size = a.element_size()
-    base = min(a.data_ptr(), b.data_ptr())
-    offsets = [(t.data_ptr() - base) for t in (a, b)]
-    if b.element_size() != size or any(offset % size for offset in offsets):
-        return True
-    # Interleaved spans (the columns of a matrix): mark one tensor's elements.
-    end = max(address_span(a)[1], address_span(b)[1])
-    marks = torch.zeros((end - base) // size, dtype=torch.bool, device=a.device)
-    marks.as_strided(a.shape, a.stride(), offsets[0] // size).fill_(True)
-    return bool(marks.as_strided(b.shape, b.stride(), offsets[1] // size).any())
+    check_writable(f"{name}.step_", targets, label, "step()")
 
 
 def _all_finite(grads: list[Tensor]) -> Tensor:

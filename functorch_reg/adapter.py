@@ -326,11 +326,20 @@ class TorchOptimizer(torch.optim.Optimizer):
         Raises:
             ValueError: the groups, the params with state, or a state tensor's key,
                 shape or dtype do not match this optimizer, or a saved group's
-                hyperparameter is out of range or not finite.
+                hyperparameter is out of range or not finite; with ``flat=True``, a
+                checkpoint whose group has state for some params only, or params
+                stepped different numbers of times (from ``flat=False``), which a
+                flat group cannot step. Saved params are matched by ``param_names``
+                when both sides have them (a checkpoint may list them in another
+                order); names that differ are refused.
         """
+        state_dict = self._by_name(state_dict)
         saved = self._saved_slots(state_dict)
         for index, group in enumerate(state_dict["param_groups"]):
             self._validate_hyperparams(f"param group {index} of state_dict", group)
+        if self._flat_groups is not None:
+            for index, group in enumerate(self.param_groups):
+                self._check_flat_slots(index, [saved.get(p) for p in group["params"]])
         super().load_state_dict(state_dict)
         # torch casts floating-point state to its param's dtype, but beta_powers is
         # float64 on purpose: put back exact copies, which also keep later in-place
@@ -431,30 +440,68 @@ class TorchOptimizer(torch.optim.Optimizer):
         slots = [self.state.get(p) or None for p in params]
         if all(s is None for s in slots):
             return fresh
-        if any(s is None for s in slots):
-            position = next(i for i, s in enumerate(slots) if s is None)
-            raise ValueError(
-                f"TorchOptimizer(flat=True): {self._label(index, position)} has no state while "
-                "others of its group do; with flat=True a group's params step together"
-            )
+        self._check_flat_slots(index, slots)
         entries = cast("list[dict[str, Tensor]]", slots)  # none is None, as checked
         fields: list[Any] = []
         for field, tree in zip(fresh._fields[:-1], fresh[:-1], strict=True):
             if not enabled(tree):
                 fields.append(DISABLED)
             elif field == self._table_field:
-                rows = [s[field].to(tree.device) for s in entries]
-                if not all(torch.equal(row, rows[0]) for row in rows):
-                    raise ValueError(
-                        f"TorchOptimizer(flat=True): the params of param group {index} have "
-                        f"different {field} (they were updated different numbers of times); "
-                        "with flat=True a group's params step together"
-                    )
-                fields.append(rows[0].clone().unsqueeze(0))
+                fields.append(entries[0][field].to(tree.device).clone().unsqueeze(0))
             else:
                 fields.append({packed.key: packed.pack([s[field] for s in entries])})
         skipped = entries[0]["skipped"].detach().clone().to(fresh.skipped.device)
         return self._state_type(*fields, skipped)
+
+    def _check_flat_slots(self, index: int, slots: Sequence[Mapping[str, Tensor] | None]) -> None:
+        """A flat group steps its params together: all or none have state, and the
+        same per-leaf scalars (the leaf table: how often each was updated)."""
+        if all(s is None for s in slots):
+            return
+        if any(s is None for s in slots):
+            position = next(i for i, s in enumerate(slots) if s is None)
+            raise ValueError(
+                f"TorchOptimizer(flat=True): {self._label(index, position)} has no state while "
+                "others of its group do (e.g. a flat=False checkpoint where it never had a "
+                "gradient); with flat=True a group's params step together: load it with "
+                "flat=False, or put that param in a param group of its own"
+            )
+        field = self._table_field
+        if field is None:
+            return
+        rows = [cast("Mapping[str, Tensor]", s)[field].cpu() for s in slots]
+        for position, row in enumerate(rows):
+            if not torch.equal(row, rows[0]):
+                raise ValueError(
+                    f"TorchOptimizer(flat=True): the params of param group {index} have "
+                    f"different {field} ({self._label(index, position)} differs from the "
+                    "first: they were updated different numbers of times); with flat=True "
+                    "a group's params step together: load it with flat=False"
+                )
+
+    def _by_name(self, state_dict: StateDict) -> StateDict:
+        """``state_dict`` with each saved group's params in this optimizer's order, by
+        ``param_names`` where both have them (torch matches params by position)."""
+        groups = list(state_dict.get("param_groups", []))
+        for index, (group, saved) in enumerate(zip(self.param_groups, groups, strict=False)):
+            names, saved_names = group.get("param_names"), saved.get("param_names")
+            if names is None or saved_names is None or list(names) == list(saved_names):
+                continue
+            if sorted(names) != sorted(saved_names):
+                missing = sorted(set(names) - set(saved_names)) or ["-"]
+                extra = sorted(set(saved_names) - set(names)) or ["-"]
+                raise ValueError(
+                    f"param group {index} of state_dict names other params: missing "
+                    f"{missing[0]!r}, unexpected {extra[0]!r}; load a checkpoint of this model"
+                )
+            position = {name: i for i, name in enumerate(saved_names)}
+            order = [position[name] for name in names]
+            groups[index] = {
+                **saved,
+                "params": [saved["params"][i] for i in order],
+                "param_names": list(names),
+            }
+        return {**state_dict, "param_groups": groups}
 
     def _leaf_table(self, index: int, slots: Sequence[dict[str, Tensor] | None]) -> Tensor:
         """Group ``index``'s leaf table (e.g. Adam's ``beta_powers``).

@@ -429,3 +429,62 @@ def test_l2_sp_reference_may_lack_leaves_that_where_excludes():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="reference leaf '0.bias'.*no such leaf"):
         fr.penalties.l2_sp(params, reference, where="0.*")
+
+
+# --- item 7: flat=True after model.double() / .to() ---------------------------------
+
+
+def test_flat_torch_optimizer_refuses_a_cast_model_instead_of_undoing_it():
+    model = torch.nn.Linear(3, 2)
+    opt = fr.TorchOptimizer(model.parameters(), fr.adamw(lr=0.1), flat=True)
+    model.double()
+    with pytest.raises(ValueError, match="param 0 of param group 0 is now torch.float64"):
+        opt.zero_grad()
+    assert model.weight.dtype == torch.float64  # not silently cast back
+    with pytest.raises(ValueError, match="make the optimizer after moving or casting"):
+        opt.step()
+    assert model.weight.dtype == torch.float64
+
+
+# --- item 8: a checkpoint whose param_names come in another order -------------------
+
+
+def test_checkpoint_with_reordered_param_names_loads_by_name():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    make = functools.partial(fr.adamw, lr=0.1, weight_decay=0.1, mask="0.*")
+    opt = fr.TorchOptimizer(model.named_parameters(), make())
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    reordered = fr.TorchOptimizer(list(model.named_parameters())[::-1], make())
+    reordered.load_state_dict(saved)
+    for p in model.parameters():
+        for key, value in opt.state[p].items():
+            assert_identical(reordered.state[p][key], value)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    renamed = [(f"x{name}", p) for name, p in other.named_parameters()]
+    before = fr.TorchOptimizer(renamed, fr.adamw(lr=0.1))
+    with pytest.raises(ValueError, match="param group 0 of state_dict names other params"):
+        before.load_state_dict(saved)
+    assert not before.state
+
+
+# --- item 15: flat=True refuses a flat=False checkpoint it cannot step, at load ------
+
+
+@pytest.mark.parametrize("case", ["never_stepped", "uneven"])
+def test_flat_load_refuses_a_checkpoint_it_cannot_step(case):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    per_leaf = fr.TorchOptimizer(model.parameters(), fr.adamw(lr=0.1))
+    for step in range(2):
+        model.weight.grad = torch.ones_like(model.weight)
+        model.bias.grad = None if case == "never_stepped" or step == 0 else torch.ones(2)
+        per_leaf.step()
+    saved = per_leaf.state_dict()
+    flat = fr.TorchOptimizer(model.parameters(), fr.adamw(lr=0.1), flat=True)
+    match = "has no state while" if case == "never_stepped" else "different beta_powers"
+    with pytest.raises(ValueError, match=match):
+        flat.load_state_dict(saved)
+    assert not flat.state

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import torch
 
@@ -488,3 +490,230 @@ def test_flat_load_refuses_a_checkpoint_it_cannot_step(case):
     with pytest.raises(ValueError, match=match):
         flat.load_state_dict(saved)
     assert not flat.state
+
+
+# --- property: whatever raises leaves everything bit-identical ----------------------
+
+
+def snapshot(tree):
+    """Bit-exact copies of every tensor in a nested structure (dicts, lists, tuples)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: snapshot(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return (
+            type(tree)(snapshot(v) for v in tree)
+            if not hasattr(tree, "_fields")
+            else (type(tree)(*(snapshot(v) for v in tree)))
+        )
+    return tree
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert set(a) == set(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+SHAPES = st.lists(st.lists(st.integers(1, 3), min_size=0, max_size=2), min_size=2, max_size=4)
+
+
+def random_tree(shapes, seed, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        f"l{i}": torch.randn(shape, generator=generator, dtype=dtype)
+        for i, shape in enumerate(shapes)
+    }
+
+
+def corrupt(tree, name, failure):
+    """Make leaf ``name`` of ``tree`` unwritable in place, in the way ``failure`` says."""
+    leaf = tree[name]
+    if failure == "inference":
+        with torch.inference_mode():
+            tree[name] = leaf.clone()
+    elif failure == "expanded":
+        tree[name] = leaf.reshape(-1)[:1].reshape([1] * leaf.ndim).expand(leaf.shape)
+        if leaf.numel() == 1:
+            tree[name] = torch.zeros(1).expand(4)[:1].reshape(leaf.shape).expand(leaf.shape)
+            hypothesis.assume(torch._debug_has_internal_overlap(tree[name]) == 1)
+    elif failure == "tied":
+        other = next(k for k in tree if k != name)
+        hypothesis.assume(tree[other].shape == leaf.shape)
+        tree[name] = tree[other]
+
+
+@hypothesis.given(
+    shapes=SHAPES,
+    failure=st.sampled_from(["inference", "expanded", "tied", "dtype", "missing"]),
+    victim=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_a_raising_accumulate_in_place_changes_nothing(shapes, failure, victim, seed):
+    total = random_tree(shapes, seed)
+    grads = random_tree(shapes, seed + 1)
+    name = list(total)[-1 - victim % len(total)]
+    if failure == "dtype":
+        grads[name] = grads[name].double()
+    elif failure == "missing":
+        total[name] = None
+    else:
+        corrupt(total, name, failure)
+    before = snapshot(total)
+    with pytest.raises(ValueError):
+        fr.accumulate_(total, grads)
+    assert_same(total, before)
+
+
+@hypothesis.given(
+    shapes=SHAPES,
+    failure=st.sampled_from(["inference", "expanded", "tied", "dtype", "decay"]),
+    victim=st.integers(0, 3),
+    warmup=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_a_raising_ema_update_in_place_changes_nothing(shapes, failure, victim, warmup, seed):
+    average = fr.ema(0.9)
+    params = random_tree(shapes, seed)
+    state = average.init(params)
+    for _ in range(warmup):
+        average.update_(random_tree(shapes, seed + 2), state)
+    name = list(params)[-1 - victim % len(params)]
+    overrides = {}
+    if failure == "dtype":
+        params[name] = params[name].double()
+    elif failure == "decay":
+        overrides["decay"] = 1.5
+    else:
+        corrupt(state.params, name, failure)
+    before = snapshot(state)
+    with pytest.raises(ValueError):
+        average.update_(params, state, **overrides)
+    assert_same(state, before)
+
+
+def module_and_optimizer(seed, flat, stepped):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = fr.TorchOptimizer(model.named_parameters(), fr.adamw(lr=0.1), flat=flat)
+    for _ in range(stepped):
+        opt.zero_grad()
+        model(torch.randn(5, 3)).square().sum().backward()
+        opt.step()
+    return model, opt
+
+
+@hypothesis.settings(max_examples=15)
+@hypothesis.given(
+    flat=st.booleans(),
+    failure=st.sampled_from(["group_lr", "sparse", "cast"]),
+    stepped=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_a_raising_torch_optimizer_step_changes_nothing(flat, failure, stepped, seed):
+    model, opt = module_and_optimizer(seed, flat, stepped)
+    opt.zero_grad()
+    model(torch.randn(5, 3)).square().sum().backward()
+    if failure == "group_lr":
+        opt.param_groups[0]["lr"] = -1.0
+    elif failure == "sparse":
+        model[1].bias.grad = model[1].bias.grad.to_sparse()
+    else:
+        hypothesis.assume(flat)
+        model.double()
+    before = snapshot(([p for p in model.parameters()], dict(opt.state)))
+    with pytest.raises((ValueError, RuntimeError)):
+        opt.step()
+    assert_same(([p for p in model.parameters()], dict(opt.state)), before)
+
+
+@hypothesis.settings(max_examples=15)
+@hypothesis.given(
+    flat=st.booleans(),
+    failure=st.sampled_from(["shape", "key", "group_lr", "names", "partial"]),
+    stepped=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_a_raising_load_state_dict_changes_nothing(flat, failure, stepped, seed):
+    model, opt = module_and_optimizer(seed, flat, stepped)
+    _, source = module_and_optimizer(seed + 1, False, 1)
+    saved = source.state_dict()
+    first = next(iter(saved["state"]))
+    if failure == "shape":
+        saved["state"][first]["exp_avg"] = torch.zeros(7)
+    elif failure == "key":
+        saved["state"][first]["extra"] = torch.zeros(())
+    elif failure == "group_lr":
+        saved["param_groups"][0]["lr"] = float("nan")
+    elif failure == "names":
+        saved["param_groups"][0]["param_names"][0] = "other"
+    else:
+        hypothesis.assume(flat)
+        del saved["state"][first]
+    before = snapshot(([p for p in model.parameters()], dict(opt.state)))
+    with pytest.raises(ValueError):
+        opt.load_state_dict(saved)
+    assert_same(([p for p in model.parameters()], dict(opt.state)), before)
+
+
+@hypothesis.given(
+    shapes=SHAPES,
+    failure=st.sampled_from(["tied", "no_group", "mixed_dtype"]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_raising_pack_changes_nothing(shapes, failure, seed):
+    params = random_tree(shapes, seed)
+    names = list(params)
+    groups = None
+    if failure == "tied":
+        corrupt(params, names[-1], "tied")
+    elif failure == "no_group":
+        groups = {"first": names[0]}
+    else:
+        params[names[-1]] = params[names[-1]].double()
+        groups = {"all": fr.select.all()}
+    before = snapshot(params)
+    with pytest.raises(ValueError):
+        fr.flat.pack(params, groups)
+    assert_same(params, before)
+
+
+@pytest.mark.slow
+def test_numpy_scalars_in_compiled_train_step_and_torch_optimizer():
+    """Also a compiled in-place step of a 0-d float64 leaf (the temperature), whose
+    write torch.compile dropped."""
+    import numpy as np
+
+    model = Tempered().double()
+    x, y = tempered_data()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    eager_params = {k: v.clone() for k, v in params.items()}
+    opt = fr.adamw(lr=np.float64(0.05), weight_decay=np.float64(0.1))
+    compiled = fr.train_step(tempered_loss(model), opt, compile=True)
+    eager = fr.train_step(tempered_loss(model), opt, compile=False)
+    state, eager_state = opt.init(params), opt.init(eager_params)
+    for _ in range(2):
+        compiled(params, state, x, y, lr=np.float64(0.02))
+        eager(eager_params, eager_state, x, y, lr=0.02)
+    torch.testing.assert_close(params, eager_params, rtol=1e-6, atol=1e-7)
+    twin = Tempered().double()
+    torch_opt = fr.TorchOptimizer(
+        [{"params": list(twin.parameters()), "lr": np.float64(0.02)}], opt, compile=True
+    )
+    for _ in range(2):
+        torch_opt.zero_grad()
+        torch.nn.functional.cross_entropy(twin(x), y).backward()
+        torch_opt.step()
+    torch.testing.assert_close(
+        {k: v.detach() for k, v in twin.named_parameters()}, eager_params, rtol=1e-6, atol=1e-7
+    )

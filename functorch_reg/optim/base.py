@@ -331,10 +331,10 @@ def build(
             for column, new_column in zip(new.columns, new.new_columns, strict=True):
                 for old, new_value in zip(column, new_column, strict=True):
                     if new_value is not old:
-                        old.copy_(new_value)
+                        _write(old, new_value)
             if new.table is not None and new.new_table is not None:
                 new.table.copy_(new.new_table)
-            state.skipped.copy_(new.skipped)
+            _write(state.skipped, new.skipped)
 
     def validate(params: Params | None = None, **overrides: Any) -> None:
         resolve(name, defaults, overrides, intervals)
@@ -460,6 +460,16 @@ def _apply_prox(
         got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
         raise TypeError(f"{hint}; given {sorted(tree)[:4]} it returned {got}")
     return {i: out[names[i]] for i in proxed}
+
+
+def _write(target: Tensor, value: Tensor) -> None:
+    """``target.copy_(value)``; a 0-d target is written through a 1-element view, since
+    torch.compile (Inductor, torch 2.13 on CPU) drops an in-place write into a 0-d
+    float64 input (a learned temperature kept its value)."""
+    if target.ndim == 0:
+        target.view(1).copy_(value.reshape(1))
+    else:
+        target.copy_(value)
 
 
 def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:

@@ -13,17 +13,40 @@ hyperparameters and match ``torch.optim`` step for step::
     params, state = opt.step(params, grads, state)
 """
 
-from . import distributed, flat, function_space, hypergrad, penalties, prox, select, sweep_data
+from . import (
+    diagnostics,
+    distributed,
+    flat,
+    function_space,
+    hypergrad,
+    penalties,
+    prox,
+    select,
+    sweep_data,
+)
 from .adapter import TorchOptimizer
 from .ensemble import SweepResult, ensemble_step, init_ensemble, sweep
 from .modules import split_module
 from .optim import (
     AdamState,
+    LionState,
+    MuonState,
     Optimizer,
+    ScheduleFreeState,
     SGDState,
     adam,
     adamw,
+    convert_timescale,
+    lion,
     load_state_dict,
+    muon,
+    schedule_free_adamw,
+    schedule_free_eval,
+    schedule_free_eval_,
+    schedule_free_point,
+    schedule_free_sgd,
+    schedule_free_train,
+    schedule_free_train_,
     schedules,
     sgd,
     state_dict,
@@ -41,15 +64,18 @@ from .transforms import (
 )
 from .tree import leaf_names, stack, unstack
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "EMA",
     "AdamState",
     "EMAState",
     "LinearPath",
+    "LionState",
+    "MuonState",
     "Optimizer",
     "SGDState",
+    "ScheduleFreeState",
     "SweepResult",
     "TorchOptimizer",
     "TrainStep",
@@ -58,6 +84,8 @@ __all__ = [
     "adam",
     "adamw",
     "clip_by_global_norm",
+    "convert_timescale",
+    "diagnostics",
     "distributed",
     "ema",
     "ensemble_step",
@@ -69,9 +97,18 @@ __all__ = [
     "lambda_grid",
     "leaf_names",
     "linear_path",
+    "lion",
     "load_state_dict",
+    "muon",
     "penalties",
     "prox",
+    "schedule_free_adamw",
+    "schedule_free_eval",
+    "schedule_free_eval_",
+    "schedule_free_point",
+    "schedule_free_sgd",
+    "schedule_free_train",
+    "schedule_free_train_",
     "schedules",
     "select",
     "sgd",

@@ -8,7 +8,7 @@ training loop, LR scheduler and checkpoint code use it unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast, overload
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import Tensor
@@ -260,6 +260,47 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise
         return loss
 
+    def step_and_report(
+        self, *, decay: Literal["decoupled", "coupled"] = "decoupled"
+    ) -> dict[str, dict[str, Tensor]]:
+        """:meth:`step`, and that step's decay diagnostics per param
+        (:func:`functorch_reg.diagnostics.report`): call it instead of ``step()`` every
+        N steps to log them. It copies the params before the step, nothing more.
+
+        Each group's ``lr``, ``weight_decay`` (or with ``decay_timescale``,
+        :math:`1 / (\\eta_0 \\tau)`, its ``"lr"``-scaling value) and ``betas[0]`` or
+        ``momentum`` are used; decay chosen by the functional optimizer's ``mask`` is not
+        seen, so give undecayed params a group with ``weight_decay=0``. Params are
+        named by ``param_names`` (``named_parameters()``), else ``"group.position"``.
+
+        Args:
+            decay: ``"decoupled"`` (AdamW, ``sgd(decoupled=True)``) or ``"coupled"``.
+        """
+        from . import diagnostics
+
+        before = [[p.detach().clone() for p in group["params"]] for group in self.param_groups]
+        self.step()
+        out: dict[str, dict[str, Tensor]] = {}
+        for index, (group, olds) in enumerate(zip(self.param_groups, before, strict=True)):
+            names = group.get("param_names") or [f"{index}.{i}" for i in range(len(olds))]
+            if "decay_timescale" in group:
+                rate = 1 / (group["decay_reference_lr"] * group["decay_timescale"])
+            else:
+                rate = group.get("weight_decay", 0.0)
+            momentum = group["betas"][0] if "betas" in group else group.get("momentum", 0.0)
+            out.update(
+                diagnostics.report(
+                    dict(zip(names, olds, strict=True)),
+                    {name: p.detach() for name, p in zip(names, group["params"], strict=True)},
+                    {name: p.grad for name, p in zip(names, group["params"], strict=True)},
+                    lr=group["lr"],
+                    weight_decay=rate,
+                    momentum=momentum,
+                    decay=decay,
+                )
+            )
+        return out
+
     def _step_groups(self) -> None:
         trees: list[Any] = []
         grads: list[Any] = []
@@ -400,7 +441,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             elif field == self._table_field:
                 fields.append(self._leaf_table(index, slots))
             else:
-                fields.append(_tree(group, [None if s is None else s[field] for s in slots]))
+                # A param may lack a field that others have (Muon's matrices keep no
+                # exp_avg_sq): None, as for a frozen param.
+                fields.append(_tree(group, [None if s is None else s.get(field) for s in slots]))
         return self._state_type(*fields, skipped)
 
     def _flat_state(self, index: int) -> State:
@@ -534,7 +577,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         slots = {
             field: tree[0]
             for field, tree in zip(state._fields[:-1], state[:-1], strict=True)
-            if enabled(tree)
+            if enabled(tree) and tree[0] is not None
         }
         return {**slots, "skipped": state.skipped}
 
@@ -555,12 +598,14 @@ class TorchOptimizer(torch.optim.Optimizer):
             scalar = scalars[name]
             return scalar.copy_(value) if isinstance(value, Tensor) else scalar.fill_(value)
 
-        return {
-            name: (as_input("beta1", value[0]), as_input("beta2", value[1]))
-            if name == "betas"
-            else as_input(name, value)
-            for name, value in values.items()
-        }
+        def as_inputs(name: str, value: Any) -> Any:
+            if name == "betas":
+                return as_input("beta1", value[0]), as_input("beta2", value[1])
+            if isinstance(value, (tuple, list)):  # e.g. fr.muon's adam_betas
+                return tuple(as_input(f"{name}.{i}", v) for i, v in enumerate(value))
+            return as_input(name, value)
+
+        return {name: as_inputs(name, value) for name, value in values.items()}
 
     def _saved_slots(self, state_dict: StateDict) -> dict[Tensor, dict[str, Tensor]]:
         """Each param's saved state, checked against this optimizer."""

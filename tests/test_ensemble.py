@@ -532,22 +532,19 @@ def test_grid_runs_the_product_of_its_axes():
 def test_progress_bar_says_compiling_and_counts_every_step(capsys):
     calls = []
 
-    def step(members, states, grid, x, y):
+    def step(members, buffers, states, grid, x, y, extra):
         calls.append(len(x))
-        return members, states, torch.zeros(2)
+        return members, buffers, states, torch.zeros(2)
 
-    data = fr.sweep_data.as_data((torch.zeros(4, 1), torch.zeros(4)), "train")
-    fr.ensemble._train(
+    batches = [(torch.zeros(4, 1), torch.zeros(4), None)] * 5
+    fr.sweep_step.train(
         step,
+        {},
         {},
         (),
         {},
-        data,
-        None,
+        batches,
         5,
-        0,
-        torch.device("cpu"),
-        None,
         progress=True,
         compiling=True,
         desc="sweep",
@@ -568,8 +565,9 @@ def test_plot_names_layers_marks_the_choice_and_has_two_legends(tmp_path):
     figure = result.plot()
     path_axis, val_axis = figure.axes[:2]
     names = [t.get_text() for t in path_axis.get_legend().get_texts()]
-    assert "Linear 5->8 weight" in names and any(n.startswith("chosen penalty=") for n in names)
-    assert val_axis.get_legend() is not None and path_axis.get_xlabel() == "penalty"
+    assert "Linear 5->8 weight" in names and any(n.startswith("chosen penalty = ") for n in names)
+    assert val_axis.get_legend() is not None
+    assert path_axis.get_xlabel() == "penalty strength (penalty)"
 
 
 @pytest.mark.compile

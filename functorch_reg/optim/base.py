@@ -4,7 +4,7 @@ hyperparameter resolution, and the lift of a per-array rule to pytrees."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from ..tree import (
     matching_leaves,
     spec_names,
 )
-from .decay import References, check_decay_factor
+from .decay import References
 
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
 
@@ -54,9 +54,32 @@ class Prox(Protocol):
     must hold the same keys. So a ``where=`` inside the prox sees leaf names, as it
     does on a params tree (``functools.partial(fr.prox.l1, where="0.*")``), and
     :func:`functorch_reg.hypergrad.implicit` calls the same prox the same way.
+
+    With ``prox_metric="preconditioned"`` the threshold is ``lr * prox_strength / D``, a
+    tensor shaped like the leaf (the rule's metric :math:`D`), and the prox is called
+    once per leaf, ``prox({leaf_name: leaf}, threshold)``; every ``fr.prox`` operator
+    takes such a per-coordinate threshold.
     """
 
     def __call__(self, params: Params, threshold: Scalar) -> Params: ...
+
+
+ProxMetric = Literal["euclidean", "preconditioned"]
+"""The metric of an optimizer's prox step (see :func:`functorch_reg.adam`)."""
+
+
+def check_prox_metric(name: str, prox_metric: str, prox: Prox | None) -> bool:
+    """Whether the prox is taken in the rule's metric; raises on a bad ``prox_metric``."""
+    if prox_metric not in ("euclidean", "preconditioned"):
+        raise ValueError(
+            f"{name}: prox_metric must be 'euclidean' or 'preconditioned', got {prox_metric!r}"
+        )
+    if prox_metric == "preconditioned" and prox is None:
+        raise ValueError(
+            f"{name}: prox_metric='preconditioned' sets the metric of the prox step; pass "
+            "prox= (e.g. fr.prox.l1) and prox_strength="
+        )
+    return prox_metric == "preconditioned"
 
 
 class Optimizer(NamedTuple):
@@ -101,6 +124,12 @@ class Optimizer(NamedTuple):
     for_flat: Callable[[Any], Optimizer] | None = None
 
 
+RuleOutput = (
+    tuple[Tensor, tuple[Tensor | None, ...]] | tuple[Tensor, tuple[Tensor | None, ...], Scalar]
+)
+"""A rule's ``(new_param, new_slots)``, or ``(new_param, new_slots, metric)``."""
+
+
 class LeafRule(Protocol):
     """The per-array math of an update rule.
 
@@ -109,6 +138,10 @@ class LeafRule(Protocol):
     :attr:`LeafTable.advance` derives (``None`` without a table); ``decay`` says whether
     ``mask`` selects the leaf; ``reference`` is the leaf's ``decay_to`` reference
     (``None`` without one).
+
+    A rule may return a third value, its metric :math:`D` (a tensor shaped like the
+    leaf, or a scalar): the prox is then taken in that metric, with the threshold
+    ``lr * prox_strength / D`` (``prox_metric="preconditioned"``).
     """
 
     def __call__(
@@ -120,7 +153,7 @@ class LeafRule(Protocol):
         h: Mapping[str, Scalar],
         decay: bool,
         reference: Tensor | None,
-    ) -> tuple[Tensor, tuple[Tensor | None, ...]]: ...
+    ) -> RuleOutput: ...
 
 
 class LeafTable(NamedTuple):
@@ -184,6 +217,7 @@ def build(
     skip_nonfinite: bool,
     table: LeafTable | None = None,
     references: References | None = None,
+    check: Callable[[Mapping[str, Scalar]], None] | None = None,
 ) -> Optimizer:
     """Lift ``rule`` to an :class:`Optimizer` over pytrees.
 
@@ -192,10 +226,18 @@ def build(
     when ``table`` is ``None``. Its other fields are pytrees shaped like the params, one
     per slot of ``init_slots``, or :data:`DISABLED` when ``init_slots`` gives ``None``
     for them. ``references`` gives each leaf's decay reference (see :mod:`.decay`), checked
-    at every step before anything changes.
+    at every step before anything changes. ``check(h)`` raises for a combination of
+    resolved hyperparameters that no interval expresses (e.g. a decay factor <= 0).
     """
     defaults = {key: _numbers_of(value) for key, value in hyperparams.items()}
-    resolve(name, defaults, {}, intervals)
+
+    def resolved(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
+        h = resolve(name, defaults, overrides, intervals)
+        if check is not None:
+            check(h)
+        return h
+
+    resolved({})
     table_field = leaf_table_field(state_type)
     slot_fields = [field for field in state_type._fields[:-1] if field != table_field]
 
@@ -227,7 +269,7 @@ def build(
 
     def update(params: Params, grads: Params, state: State, overrides: dict[str, Any]) -> _Update:
         """The new leaves and state columns; nothing is modified."""
-        h = resolve(name, defaults, overrides, intervals)
+        h = resolved(overrides)
         leaves, spec = flatten(params)
         grad_leaves = matching_leaves(leaves, spec, grads)
         _check_grads(name, spec, leaves, grad_leaves)
@@ -273,7 +315,7 @@ def build(
 
         new_leaves = list(leaves)
         new_columns = [list(column) for column in columns]
-        stepped: dict[int, tuple[Tensor, tuple[Tensor | None, ...]]] = {}
+        stepped: dict[int, RuleOutput] = {}
         for i, (p, g, decay) in enumerate(zip(leaves, grad_leaves, decays, strict=True)):
             if updated[i]:
                 row = None if derived is None else derived[i]
@@ -281,11 +323,21 @@ def build(
                 stepped[i] = rule(p, g, slots, row, h, decay, refs[i])
         if prox is not None and prox_threshold is not None:
             proxed = [i for i in stepped if decays[i]]
-            if proxed:
-                new_ps = _apply_prox(name, prox, spec_names(spec), proxed, stepped, prox_threshold)
+            names = spec_names(spec)
+            if proxed and all(len(stepped[i]) == 2 for i in proxed):
+                new_ps = _apply_prox(name, prox, names, proxed, stepped, prox_threshold)
+            else:
+                # In each rule's metric D (prox_metric="preconditioned"): the threshold
+                # lr * rho / D is shaped like its leaf, so each leaf is its own call.
+                new_ps = {}
                 for i in proxed:
-                    stepped[i] = (new_ps[i], stepped[i][1])
-        for i, (new_p, new_slots) in stepped.items():
+                    result = stepped[i]
+                    threshold = prox_threshold if len(result) == 2 else prox_threshold / result[2]
+                    new_ps.update(_apply_prox(name, prox, names, [i], stepped, threshold))
+            for i in proxed:
+                stepped[i] = (new_ps[i], stepped[i][1])
+        for i, result in stepped.items():
+            new_p, new_slots = result[0], result[1]
             p = leaves[i]
             slots = tuple(column[i] for column in columns)
             # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
@@ -337,7 +389,7 @@ def build(
             _write(state.skipped, new.skipped)
 
     def validate(params: Params | None = None, **overrides: Any) -> None:
-        resolve(name, defaults, overrides, intervals)
+        resolved(overrides)
         if params is not None:
             step_on_meta(init, step, params, overrides)
 
@@ -356,6 +408,7 @@ def build(
             skip_nonfinite=skip_nonfinite,
             table=table,
             references=references,
+            check=check,
         )
 
     step.__doc__ = step_.__doc__ = f"One {name} step; see ``functorch_reg.{name}``."
@@ -424,7 +477,6 @@ def resolve(
         merged["beta1"], merged["beta2"] = betas
     merged = {key: as_scalar(value) for key, value in merged.items()}
     check_scalars(name, merged, intervals)
-    check_decay_factor(name, merged)
     return merged
 
 
@@ -440,7 +492,7 @@ def _apply_prox(
     prox: Prox,
     names: Sequence[str],
     proxed: Sequence[int],
-    stepped: Mapping[int, tuple[Tensor, Any]],
+    stepped: Mapping[int, tuple[Any, ...]],
     threshold: Scalar,
 ) -> dict[int, Tensor]:
     """The prox of the selected leaves' new values, called once on ``{leaf name: leaf}``."""

@@ -20,7 +20,6 @@ import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
-import torch
 from torch import Tensor
 
 from .tree import Params, PyTree, check_structure, flatten, is_float, spec_names
@@ -93,7 +92,6 @@ def selected(params: Params, where: Where) -> list[bool]:
     return _from_bool_tree(params, where, names, leaves, floats)
 
 
-@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]  # torch leaves it untyped
 def _match_globs(
     names: tuple[str, ...], floats: tuple[bool, ...], patterns: tuple[str, ...]
 ) -> tuple[bool, ...]:
@@ -109,6 +107,11 @@ def _match_globs(
         is_leaf_float and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
         for name, is_leaf_float in zip(names, floats, strict=True)
     )
+
+
+# A constant for the compiler: what ``torch.compiler.assume_constant_result`` sets, without
+# the import of torch._dynamo (about a second) that the decorator makes.
+_match_globs._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _from_bool_tree(

@@ -65,6 +65,7 @@ def mask(params: Params, where: Where = None) -> PyTree:
     """The selection as a pytree of bools with the structure of ``params``.
 
     Example:
+        >>> import torch
         >>> params = {"0.weight": torch.ones(2, 3), "0.bias": torch.ones(2)}
         >>> mask(params, weights())
         {'0.weight': True, '0.bias': False}

@@ -3,6 +3,7 @@ hyperparameter resolution, and the lift of a per-array rule to pytrees."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -22,6 +23,7 @@ from ..tree import (
     matching_leaves,
     spec_names,
 )
+from ._foreach import NotElementwiseError, Rows, TensorList
 from .decay import References
 
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
@@ -136,7 +138,11 @@ def enabled(field: Any) -> bool:
 
 
 class _Update(NamedTuple):
-    """Params leaves and state columns (params first) before and after one step."""
+    """Params leaves and state columns (params first) before and after one step.
+
+    ``pending`` are fused kernels that write their new values in place (``step_``
+    only), run after the checks; ``written`` names the (column, leaf) they write.
+    """
 
     spec: Any
     columns: list[list[Any]]
@@ -144,6 +150,26 @@ class _Update(NamedTuple):
     table: Tensor | None
     new_table: Tensor | None
     skipped: Tensor
+    written: list[tuple[int, int]]
+    pending: list[Callable[[], None]]
+
+
+class FusedStep(Protocol):
+    """A kernel that steps a group of leaves in place, for the options it implements.
+
+    ``fused(params, rows, h, decay)`` sees a group's params (one dtype and device),
+    their rows of the state's leaf table before this step (Python values, or ``None``
+    when the table is not on the CPU), the hyperparameters and whether the group is
+    decayed. It returns ``None`` where the kernel does not compute what the rule
+    computes (then the rule runs), else ``run(targets, grads, found_inf)``, which
+    writes the step into ``targets`` (the params, then one list per state field, or
+    an empty list for a disabled field) and leaves everything as it was where
+    ``found_inf`` (a float32 0-d tensor) is 1. Called outside ``torch.compile`` only.
+    """
+
+    def __call__(
+        self, params: list[Tensor], rows: list[Any] | None, h: Mapping[str, Scalar], decay: bool
+    ) -> Callable[[list[list[Tensor]], list[Tensor], Tensor | None], None] | None: ...
 
 
 def is_zero(value: Scalar) -> bool:
@@ -164,6 +190,7 @@ def build(
     skip_nonfinite: bool,
     table: LeafTable | None = None,
     references: References | None = None,
+    fused: FusedStep | None = None,
 ) -> Optimizer:
     """Lift ``rule`` to an :class:`Optimizer` over pytrees.
 
@@ -172,7 +199,9 @@ def build(
     when ``table`` is ``None``. Its other fields are pytrees shaped like the params, one
     per slot of ``init_slots``, or :data:`DISABLED` when ``init_slots`` gives ``None``
     for them. ``references`` gives each leaf's decay reference (see :mod:`.decay`), checked
-    at every step before anything changes.
+    at every step before anything changes. ``fused`` (see :class:`FusedStep`) steps the
+    groups of leaves whose options it implements outside ``torch.compile``; the prox,
+    when one is set, then runs through ``rule`` instead.
     """
     defaults = dict(hyperparams)
     resolve(name, defaults, {}, intervals)
@@ -205,8 +234,16 @@ def build(
         skipped = torch.zeros((), dtype=torch.int64, device=device)
         return state_type(**fields, skipped=skipped)
 
-    def update(params: Params, grads: Params, state: State, overrides: dict[str, Any]) -> _Update:
-        """The new leaves and state columns; nothing is modified."""
+    def update(
+        params: Params, grads: Params, state: State, overrides: dict[str, Any], in_place: bool
+    ) -> _Update:
+        """The new leaves and state columns; nothing is modified.
+
+        Outside ``torch.compile``, the leaves that share a dtype, a device and their
+        options step as one group: through ``fused`` where it applies (with
+        ``in_place``, its writes are returned as ``pending``, to run after the checks),
+        else through ``rule`` over TensorLists (:mod:`._foreach`).
+        """
         h = resolve(name, defaults, overrides, intervals)
         leaves, spec = flatten(params)
         grad_leaves = matching_leaves(leaves, spec, grads)
@@ -253,13 +290,11 @@ def build(
 
         new_leaves = list(leaves)
         new_columns = [list(column) for column in columns]
-        for i, (p, g, decay) in enumerate(zip(leaves, grad_leaves, decays, strict=True)):
-            if not updated[i]:
-                continue
-            slots = tuple(column[i] for column in columns)
-            row = None if derived is None else derived[i]
-            new_p, new_slots = rule(p, g, slots, row, h, decay, refs[i])
-            if decay and prox is not None and prox_threshold is not None:
+        new_values = [new_leaves, *new_columns]
+
+        def finish(i: int, new_p: Tensor, new_slots: tuple[Tensor | None, ...]) -> None:
+            p, slots = leaves[i], tuple(column[i] for column in columns)
+            if decays[i] and prox is not None and prox_threshold is not None:
                 new_p = prox(new_p, prox_threshold)
             # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
             # 0-d leaf, and a step never changes a param's (or its state's) dtype.
@@ -277,15 +312,66 @@ def build(
             new_leaves[i] = new_p
             for column, new in zip(new_columns, new_slots, strict=True):
                 column[i] = new
+
+        def per_leaf(i: int) -> None:
+            slots = tuple(column[i] for column in columns)
+            row = None if derived is None else derived[i]
+            finish(i, *rule(leaves[i], grad_leaves[i], slots, row, h, decays[i], refs[i]))
+
+        todo = [i for i in range(len(leaves)) if updated[i]]
+        groups, alone = _groups(todo, leaves, grad_leaves, columns, decays, refs, h)
+        for i in alone:
+            per_leaf(i)
+        pending: list[Callable[[], None]] = []
+        written: list[tuple[int, int]] = []
+        old_rows = None
+        for indices in groups:
+            decay = decays[indices[0]]
+            if fused is not None and not (decay and prox_threshold is not None):
+                rows = None
+                if old_table is not None and old_table.device.type == "cpu":
+                    # Read once per step: a CPU tensor's values cost no device sync.
+                    old_rows = old_table.tolist() if old_rows is None else old_rows
+                    rows = [old_rows[i] for i in indices]
+                run = fused([leaves[i] for i in indices], rows, h, decay)
+                if run is not None:
+                    targets = _fused_targets(indices, new_values, in_place)
+                    grads_group = [grad_leaves[i] for i in indices]
+                    found_inf = None if finite is None else (~finite).to(torch.float32)
+                    if in_place:
+                        written.extend(
+                            (c, i) for c, column in enumerate(targets) if column for i in indices
+                        )
+                        pending.append(functools.partial(run, targets, grads_group, found_inf))
+                    else:
+                        run(targets, grads_group, found_inf)
+                    continue
+            try:
+                results = _grouped_rule(
+                    rule, indices, leaves, grad_leaves, columns, derived, refs, h, decay
+                )
+            except NotElementwiseError:
+                for i in indices:
+                    per_leaf(i)
+                continue
+            for i, (new_p, new_slots) in zip(indices, results, strict=True):
+                finish(i, new_p, new_slots)
         skipped = state.skipped if finite is None else state.skipped + (~finite).long()
         return _Update(
-            spec, [leaves, *columns], [new_leaves, *new_columns], old_table, new_table, skipped
+            spec,
+            [leaves, *columns],
+            [new_leaves, *new_columns],
+            old_table,
+            new_table,
+            skipped,
+            written,
+            pending,
         )
 
     def step(params: Params, grads: Params, state: State, **overrides: Any) -> tuple[Params, State]:
         if torch.is_grad_enabled():
             _check_no_parameters(name, params)
-        new = update(params, grads, state, overrides)
+        new = update(params, grads, state, overrides, in_place=False)
         new_leaves, *new_columns = new.new_columns
         fields: dict[str, Any] = {
             field: new.spec.unflatten(column) if enabled(getattr(state, field)) else DISABLED
@@ -297,14 +383,19 @@ def build(
 
     def step_(params: Params, grads: Params, state: State, **overrides: Any) -> None:
         with torch.no_grad():
-            new = update(params, grads, state, overrides)
+            new = update(params, grads, state, overrides, in_place=True)
             _check_writable(name, slot_fields, new, state.skipped)
             # Everything is computed and checked before the first write, so an error
             # leaves no trace.
+            for run in new.pending:
+                run()
+            olds, news = [], []
             for column, new_column in zip(new.columns, new.new_columns, strict=True):
                 for old, new_value in zip(column, new_column, strict=True):
                     if new_value is not old:
-                        old.copy_(new_value)
+                        olds.append(old)
+                        news.append(new_value)
+            _copy(olds, news)
             if new.table is not None and new.new_table is not None:
                 new.table.copy_(new.new_table)
             state.skipped.copy_(new.skipped)
@@ -344,6 +435,129 @@ def resolve(
 
 def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype else x.to(dtype)
+
+
+def _wrapped(x: Tensor) -> bool:
+    """Whether ``x`` is a functorch wrapper (under ``vmap`` or ``torch.func.grad``)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def _groups(
+    todo: Sequence[int],
+    leaves: Sequence[Any],
+    grad_leaves: Sequence[Any],
+    columns: Sequence[Sequence[Tensor | None]],
+    decays: Sequence[bool],
+    refs: Sequence[Tensor | None],
+    h: Mapping[str, Scalar],
+) -> tuple[list[list[int]], list[int]]:
+    """The leaves to step together (one dtype, device and set of options per group),
+    and those to step alone: all of them under ``torch.compile`` (the traced per-leaf
+    code is what Inductor fuses) and any leaf that is a DTensor, a functorch wrapper
+    (``vmap``, ``grad``) or recorded by autograd."""
+    if torch.compiler.is_compiling():
+        return [], list(todo)
+    grad_mode = torch.is_grad_enabled()
+
+    def plain(x: Tensor) -> bool:
+        return not (_wrapped(x) or is_dtensor(x) or (grad_mode and x.requires_grad))
+
+    if not all(plain(value) for value in h.values() if isinstance(value, Tensor)):
+        return [], list(todo)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    alone: list[int] = []
+    for i in todo:
+        p, g, reference = leaves[i], grad_leaves[i], refs[i]
+        slots = [column[i] for column in columns]
+        tensors = [p, g, *(s for s in slots if s is not None)]
+        if reference is not None:
+            tensors.append(reference)
+        if not all(plain(x) for x in tensors):
+            alone.append(i)
+            continue
+        key = (p.device, p.dtype, decays[i], reference is None, tuple(s is None for s in slots))
+        groups.setdefault(key, []).append(i)
+    return list(groups.values()), alone
+
+
+def _grouped_rule(
+    rule: LeafRule,
+    indices: list[int],
+    leaves: Sequence[Any],
+    grad_leaves: Sequence[Any],
+    columns: Sequence[Sequence[Tensor | None]],
+    derived: Tensor | None,
+    refs: Sequence[Tensor | None],
+    h: Mapping[str, Scalar],
+    decay: bool,
+) -> list[tuple[Tensor, tuple[Tensor | None, ...]]]:
+    """``rule`` over the group's leaves at once, as TensorLists: per leaf,
+    what ``rule`` gives on that leaf alone. Raises :class:`NotElementwiseError` when the
+    rule needs a leaf's own shape (then each leaf steps alone)."""
+    first = indices[0]
+
+    def group(column: Sequence[Any]) -> TensorList | None:
+        return None if column[first] is None else TensorList([column[i] for i in indices])
+
+    row = None
+    if derived is not None:
+        start, stop = first, indices[-1] + 1
+        if stop - start == len(indices):  # contiguous: a view, no gather
+            row = Rows(derived[start:stop])
+        else:
+            row = Rows(derived[torch.tensor(indices, device=derived.device)])
+    new_p, new_slots = rule(
+        cast(Tensor, group(leaves)),
+        cast(Tensor, group(grad_leaves)),
+        tuple(group(column) for column in columns),
+        cast(Tensor | None, row),
+        h,
+        decay,
+        cast(Tensor | None, group(refs)),
+    )
+    outputs = [new_p, *new_slots]
+    if not all(x is None or isinstance(x, TensorList) for x in outputs) or not isinstance(
+        new_p, TensorList
+    ):
+        raise NotElementwiseError("the rule gave a tensor for a group of leaves")
+    lists = [None if x is None else cast(TensorList, x).tensors for x in outputs]
+    return [
+        (
+            cast(list[Tensor], lists[0])[j],
+            tuple(None if column is None else column[j] for column in lists[1:]),
+        )
+        for j in range(len(indices))
+    ]
+
+
+def _fused_targets(
+    indices: Sequence[int], new_values: list[list[Any]], in_place: bool
+) -> list[list[Tensor]]:
+    """Per column (params, then each state field), the tensors a fused kernel writes:
+    the group's own tensors in place, else fresh copies that become the new values."""
+    targets: list[list[Tensor]] = []
+    for column in new_values:
+        if column[indices[0]] is None:
+            targets.append([])
+        elif in_place:
+            targets.append([column[i] for i in indices])
+        else:
+            copies = [column[i].clone() for i in indices]
+            for i, copy in zip(indices, copies, strict=True):
+                column[i] = copy
+            targets.append(copies)
+    return targets
+
+
+def _copy(targets: list[Tensor], values: list[Tensor]) -> None:
+    """``target.copy_(value)`` for each pair, with one foreach call outside compile."""
+    if not targets:
+        return
+    if torch.compiler.is_compiling() or any(_wrapped(t) or is_dtensor(t) for t in targets):
+        for target, value in zip(targets, values, strict=True):
+            target.copy_(value)
+    else:
+        torch._foreach_copy_(targets, values)
 
 
 def _check_unique_names(name: str, names: Sequence[str]) -> None:
@@ -425,11 +639,12 @@ def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped
     # (column, leaf index) of each target, the table and skipped as column -1 and -2;
     # labels are only spelled out for an error.
     targets: list[tuple[int, int, Tensor]] = []
+    written = set(new.written)
     for column_index, (column, new_column) in enumerate(
         zip(new.columns, new.new_columns, strict=True)
     ):
         for i, (old, new_value) in enumerate(zip(column, new_column, strict=True)):
-            if new_value is not old:
+            if new_value is not old or (column_index, i) in written:
                 targets.append((column_index, i, old))
     if new.table is not None and new.new_table is not None:
         targets.append((-1, 0, new.table))

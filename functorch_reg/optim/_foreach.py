@@ -18,13 +18,14 @@ correct, at per-leaf speed.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["NotElementwiseError", "Rows", "TensorList"]
+__all__ = ["Layout", "NotElementwiseError", "Rows", "TensorList", "layout_of"]
 
 
 class NotElementwiseError(TypeError):
@@ -35,11 +36,38 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float, bool)) and not isinstance(value, Tensor)
 
 
+class Layout:
+    """A token for the leaf shapes and dtype of one group: lists that carry the same
+    token hold, position by position, tensors of one shape, with one floating dtype
+    and at least one dimension (so a 0-d operand never promotes them)."""
+
+    __slots__ = ()
+
+
+SCALARS = "scalars"
+"""The layout of a list of 0-d tensors (a table's per-leaf values)."""
+
+
+def layout_of(tensors: Sequence[Tensor]) -> Layout | None:
+    """A fresh :class:`Layout` for a group's leaves, or ``None`` when they do not fit
+    one (a 0-d leaf, mixed dtypes, a non-float leaf)."""
+    if not tensors:
+        return None
+    dtype = tensors[0].dtype
+    if not dtype.is_floating_point or any(t.dtype != dtype or t.dim() == 0 for t in tensors):
+        return None
+    return Layout()
+
+
 class TensorList:
     """Tensors that act like one tensor: ``a + b`` adds leaf by leaf.
 
     Operands may be a :class:`TensorList` of the same length, a Python number or a
     tensor (broadcast to every leaf, as a 0-d hyperparameter is).
+
+    A temporary result (made by an op here and referenced by nothing else, as in
+    ``(g - m) * c``) is reused for the next op's result, in place, where that gives
+    the same values, dtype and shape: an expression allocates once, not once per op.
 
     Example:
         >>> import torch
@@ -49,10 +77,14 @@ class TensorList:
         [tensor([3., 3.]), tensor([1., 1., 1.])]
     """
 
-    __slots__ = ("tensors",)
+    __slots__ = ("layout", "owned", "tensors")
 
-    def __init__(self, tensors: Iterable[Tensor]) -> None:
+    def __init__(
+        self, tensors: Iterable[Tensor], layout: Layout | str | None = None, owned: bool = False
+    ) -> None:
         self.tensors: list[Tensor] = list(tensors)
+        self.layout = layout
+        self.owned = owned  # the tensors were made by an op here, for this list only
 
     # A rule's len(x) or iteration means the leaf's rows, not the leaves.
     def __len__(self) -> int:
@@ -102,47 +134,57 @@ class TensorList:
                 return result
         return _map(func, args, kwargs or {})
 
-    # Arithmetic: one foreach call where torch has one, else leaf by leaf.
+    # Arithmetic: one foreach call where torch has one, else leaf by leaf. Each operator
+    # first reads whether its operands are temporaries (see _TEMPORARY).
     def __neg__(self) -> TensorList:
-        return TensorList(torch._foreach_neg(self.tensors))
+        return _unary("neg", self, sys.getrefcount(self) <= _TEMPORARY[0])
+
+    def __abs__(self) -> TensorList:
+        return _unary("abs", self, sys.getrefcount(self) <= _TEMPORARY[0])
+
+    def sqrt(self) -> TensorList:
+        return _unary("sqrt", self, sys.getrefcount(self) <= _TEMPORARY[0])
+
+    def sign(self) -> TensorList:
+        return _unary("sign", self, sys.getrefcount(self) <= _TEMPORARY[0])
 
     def __add__(self, other: Any) -> TensorList:
-        return _binary(torch._foreach_add, torch.add, self, other)
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
+        return _binary("add", self, other, *temps)
 
     def __radd__(self, other: Any) -> TensorList:
         # Addition commutes bit for bit (IEEE), so other + self == self + other.
-        return _binary(torch._foreach_add, torch.add, self, other)
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], False
+        return _binary("add", self, other, *temps)
 
     def __sub__(self, other: Any) -> TensorList:
-        if isinstance(other, TensorList):
-            return TensorList(torch._foreach_sub(self.tensors, _check_length(self, other)))
-        if _is_scalar(other):
-            return TensorList(torch._foreach_sub(self.tensors, other))
-        return _map(torch.sub, (self, other), {})
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
+        return _binary("sub", self, other, *temps)
 
     def __rsub__(self, other: Any) -> TensorList:
         # other - x == (-x) + other exactly: negation is exact and addition commutes.
         if _is_scalar(other):
-            return TensorList(torch._foreach_add(torch._foreach_neg(self.tensors), other))
+            negated = _unary("neg", self, sys.getrefcount(self) <= _TEMPORARY[0])
+            return _binary("add", negated, other, True, False)
         return _map(torch.sub, (other, self), {})
 
     def __mul__(self, other: Any) -> TensorList:
-        return _binary(torch._foreach_mul, torch.mul, self, other)
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
+        return _binary("mul", self, other, *temps)
 
     def __rmul__(self, other: Any) -> TensorList:
-        return _binary(torch._foreach_mul, torch.mul, self, other)
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], False
+        return _binary("mul", self, other, *temps)
 
     def __truediv__(self, other: Any) -> TensorList:
-        return _binary(torch._foreach_div, torch.div, self, other)
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
+        return _binary("div", self, other, *temps)
 
     def __rtruediv__(self, other: Any) -> TensorList:
         return _map(torch.div, (other, self), {})
 
     def __pow__(self, other: Any) -> TensorList:
-        return _binary(torch._foreach_pow, torch.pow, self, other)
-
-    def __abs__(self) -> TensorList:
-        return TensorList(torch._foreach_abs(self.tensors))
+        return _binary("pow", self, other, False, False)
 
     def __ge__(self, other: Any) -> TensorList:  # type: ignore[override]
         return _map(torch.ge, (self, other), {})
@@ -173,12 +215,6 @@ class TensorList:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def sqrt(self) -> TensorList:
-        return TensorList(torch._foreach_sqrt(self.tensors))
-
-    def sign(self) -> TensorList:
-        return TensorList(torch._foreach_sign(self.tensors))
-
 
 class Rows(TensorList):
     """The rows of a leaf table for a group of leaves (``row`` of a :class:`LeafRule`).
@@ -190,13 +226,35 @@ class Rows(TensorList):
     __slots__ = ("table",)
 
     def __init__(self, table: Tensor) -> None:
-        super().__init__(table.unbind(0))
+        super().__init__(table.unbind(0), SCALARS if table.dim() == 1 else None)
         self.table = table
 
     def unbind(self, dim: int = 0) -> tuple[TensorList, ...]:
-        if dim != 0:
+        if dim != 0 or self.table.dim() != 2:
             raise NotElementwiseError("Rows.unbind splits a row into its fields (dim=0) only")
-        return tuple(TensorList(column.unbind(0)) for column in self.table.unbind(1))
+        return tuple(TensorList(column.unbind(0), SCALARS) for column in self.table.unbind(1))
+
+
+class _Probe:
+    """Stands in for a TensorList operand to measure :data:`_TEMPORARY`."""
+
+    def __mul__(self, other: Any) -> tuple[int, int]:
+        return sys.getrefcount(self), sys.getrefcount(other)
+
+
+def _measure_temporaries() -> tuple[int, int]:
+    """The reference counts that an operator's ``self`` and ``other`` have when they are
+    temporaries (referenced by the interpreter's stack only), measured on this
+    interpreter; ``(-1, -1)`` (never temporary) when a named operand counts no more."""
+    temporary = _Probe() * _Probe()
+    left, right = _Probe(), _Probe()
+    named = left * right
+    if temporary[0] >= named[0] or temporary[1] >= named[1]:
+        return -1, -1
+    return temporary
+
+
+_TEMPORARY = _measure_temporaries()
 
 
 def _check_length(a: TensorList, b: TensorList) -> list[Tensor]:
@@ -205,22 +263,61 @@ def _check_length(a: TensorList, b: TensorList) -> list[Tensor]:
     return b.tensors
 
 
-def _binary(
-    foreach: Callable[..., list[Tensor]],
-    single: Callable[..., Tensor],
-    a: TensorList,
-    b: Any,
-) -> TensorList:
+def _layout(x: Any) -> Layout | str | None:
+    if isinstance(x, TensorList):
+        return x.layout
+    if _is_scalar(x) or (isinstance(x, Tensor) and x.dim() == 0 and not x.is_complex()):
+        return SCALARS
+    return None
+
+
+def _result_layout(a: Any, b: Any) -> Layout | str | None:
+    """The layout of an element-wise op's result on ``a`` and ``b``: a leaf layout
+    survives ops with the same layout and with real scalars (which neither promote nor
+    broadcast it)."""
+    la, lb = _layout(a), _layout(b)
+    if isinstance(la, Layout) and lb in (la, SCALARS):
+        return la
+    if isinstance(lb, Layout) and la == SCALARS:
+        return lb
+    return None
+
+
+def _unary(name: str, a: TensorList, temporary: bool) -> TensorList:
+    if temporary and a.owned and isinstance(a.layout, Layout):
+        getattr(torch, f"_foreach_{name}_")(a.tensors)
+        return a
+    return TensorList(getattr(torch, f"_foreach_{name}")(a.tensors), a.layout, owned=True)
+
+
+_SINGLE = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow}
+
+
+def _binary(name: str, a: TensorList, b: Any, a_temporary: bool, b_temporary: bool) -> TensorList:
+    """``a <op> b``, in place in a temporary operand where that computes the same."""
     if isinstance(b, TensorList):
-        return TensorList(foreach(a.tensors, _check_length(a, b)))
-    if _is_scalar(b):
-        return TensorList(foreach(a.tensors, b))
-    if isinstance(b, Tensor) and foreach is not torch._foreach_pow:
-        # _foreach_*.Tensor broadcasts one tensor (a 0-d hyperparameter) to every leaf,
-        # with the promotion of the per-leaf op (a 0-d float64 tensor keeps fp32 leaves
-        # fp32, and promotes a 0-d fp32 leaf).
-        return TensorList(foreach(a.tensors, b))
-    return _map(single, (a, b), {})
+        other: Any = _check_length(a, b)
+    elif _is_scalar(b) or (isinstance(b, Tensor) and name != "pow"):
+        other = b
+    else:
+        return _map(_SINGLE[name], (a, b), {})
+    if name == "sub" and isinstance(b, Tensor):
+        # There is no _foreach_sub with a tensor operand: x - t == x + (-t) exactly.
+        name, other = "add", -b
+    layout = _result_layout(a, b)
+    if isinstance(layout, Layout):
+        if a_temporary and a.owned and a.layout is layout and name != "pow":
+            getattr(torch, f"_foreach_{name}_")(a.tensors, other)
+            return a
+        if b_temporary and isinstance(b, TensorList) and b.owned and b.layout is layout:
+            if name in ("add", "mul"):  # commutes bit for bit
+                getattr(torch, f"_foreach_{name}_")(b.tensors, a.tensors)
+                return b
+            if name == "sub":  # a - b == (-b) + a exactly
+                torch._foreach_neg_(b.tensors)
+                torch._foreach_add_(b.tensors, a.tensors)
+                return b
+    return TensorList(getattr(torch, f"_foreach_{name}")(a.tensors, other), layout, owned=True)
 
 
 def _map(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
@@ -253,14 +350,13 @@ def _map(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) 
 
 def _maximum(a: Any, b: Any) -> Any:
     if isinstance(a, TensorList) and isinstance(b, TensorList):
-        return TensorList(torch._foreach_maximum(a.tensors, _check_length(a, b)))
+        layout = _result_layout(a, b)
+        return TensorList(torch._foreach_maximum(a.tensors, _check_length(a, b)), layout, True)
     return NotImplemented
 
 
 def _sqrt(a: Any) -> Any:
-    return (
-        TensorList(torch._foreach_sqrt(a.tensors)) if isinstance(a, TensorList) else NotImplemented
-    )
+    return _unary("sqrt", a, False) if isinstance(a, TensorList) else NotImplemented
 
 
 _TORCH_FAST: dict[Callable[..., Any], Callable[..., Any]] = {

@@ -4,6 +4,7 @@ hyperparameter resolution, and the lift of a per-array rule to pytrees."""
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -23,7 +24,7 @@ from ..tree import (
     matching_leaves,
     spec_names,
 )
-from ._foreach import NotElementwiseError, Rows, TensorList
+from ._foreach import NotElementwiseError, Rows, TensorList, layout_of
 from .decay import References
 
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
@@ -327,7 +328,11 @@ def build(
         old_rows = None
         for indices in groups:
             decay = decays[indices[0]]
-            if fused is not None and not (decay and prox_threshold is not None):
+            if (
+                fused is not None
+                and not (decay and prox_threshold is not None)
+                and _contiguous(indices, [leaves, grad_leaves, *columns])
+            ):
                 rows = None
                 if old_table is not None and old_table.device.type == "cpu":
                     # Read once per step: a CPU tensor's values cost no device sync.
@@ -381,10 +386,12 @@ def build(
             fields[table_field] = DISABLED if new.new_table is None else new.new_table
         return new.spec.unflatten(new_leaves), state_type(**fields, skipped=new.skipped)
 
+    checked = _Checked()
+
     def step_(params: Params, grads: Params, state: State, **overrides: Any) -> None:
         with torch.no_grad():
             new = update(params, grads, state, overrides, in_place=True)
-            _check_writable(name, slot_fields, new, state.skipped)
+            _check_writable(name, slot_fields, new, state.skipped, checked)
             # Everything is computed and checked before the first write, so an error
             # leaves no trace.
             for run in new.pending:
@@ -458,9 +465,12 @@ def _groups(
     if torch.compiler.is_compiling():
         return [], list(todo)
     grad_mode = torch.is_grad_enabled()
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    special = () if dtensor is None else (dtensor.DTensor,)
 
     def plain(x: Tensor) -> bool:
-        return not (_wrapped(x) or is_dtensor(x) or (grad_mode and x.requires_grad))
+        return not (wrapped(x) or isinstance(x, special) or (grad_mode and x.requires_grad))
 
     if not all(plain(value) for value in h.values() if isinstance(value, Tensor)):
         return [], list(todo)
@@ -469,13 +479,15 @@ def _groups(
     for i in todo:
         p, g, reference = leaves[i], grad_leaves[i], refs[i]
         slots = [column[i] for column in columns]
-        tensors = [p, g, *(s for s in slots if s is not None)]
-        if reference is not None:
-            tensors.append(reference)
-        if not all(plain(x) for x in tensors):
+        if not (
+            plain(p)
+            and plain(g)
+            and all(s is None or plain(s) for s in slots)
+            and (reference is None or plain(reference))
+        ):
             alone.append(i)
             continue
-        key = (p.device, p.dtype, decays[i], reference is None, tuple(s is None for s in slots))
+        key = (p.device, p.dtype, decays[i], reference is None, *[s is None for s in slots])
         groups.setdefault(key, []).append(i)
     return list(groups.values()), alone
 
@@ -495,9 +507,21 @@ def _grouped_rule(
     what ``rule`` gives on that leaf alone. Raises :class:`NotElementwiseError` when the
     rule needs a leaf's own shape (then each leaf steps alone)."""
     first = indices[0]
+    params = [leaves[i] for i in indices]
+    layout = layout_of(params)
+    shapes = [p.shape for p in params]
 
     def group(column: Sequence[Any]) -> TensorList | None:
-        return None if column[first] is None else TensorList([column[i] for i in indices])
+        if column[first] is None:
+            return None
+        tensors = [column[i] for i in indices]
+        # The leaf layout lets an op reuse a temporary in place: only for tensors of
+        # the params' shapes and dtype (a factored state slot has other shapes).
+        same = layout is not None and all(
+            t.shape == shape and t.dtype == params[0].dtype
+            for t, shape in zip(tensors, shapes, strict=True)
+        )
+        return TensorList(tensors, layout if same else None)
 
     row = None
     if derived is not None:
@@ -528,6 +552,15 @@ def _grouped_rule(
         )
         for j in range(len(indices))
     ]
+
+
+def _contiguous(indices: Sequence[int], columns: Sequence[Sequence[Any]]) -> bool:
+    """Whether every tensor of the group is contiguous, as the fused kernels need (they
+    walk memory in order, so a transposed leaf next to a contiguous grad would mix up
+    elements)."""
+    return all(
+        column[i] is None or column[i].is_contiguous() for column in columns for i in indices
+    )
 
 
 def _fused_targets(
@@ -630,10 +663,53 @@ def _check_no_parameters(name: str, params: Params) -> None:
             )
 
 
-def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped: Tensor) -> None:
+class _Checked:
+    """The target layouts that :func:`_check_writable` passed lately (a few, for the
+    param groups of one optimizer that take turns).
+
+    Whether targets can be written and whether two share memory follow from each
+    target's address, shape, strides, dtype, device and inference flag, and from
+    whether inference mode is on, which make the key: a step over the same tensors
+    (or over others laid out in the same memory) is checked once.
+    """
+
+    SIZE = 8
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[Any, ...]] = []
+
+    def __contains__(self, key: tuple[Any, ...]) -> bool:
+        return key in self.keys
+
+    def add(self, key: tuple[Any, ...]) -> None:
+        self.keys = [key, *self.keys[: self.SIZE - 1]]
+
+
+def _layout_key(targets: Sequence[tuple[int, int, Tensor]]) -> tuple[Any, ...] | None:
+    """What the checks of :func:`_check_writable` depend on, or ``None`` for DTensors."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and any(isinstance(t, dtensor.DTensor) for _, _, t in targets):
+        return None
+    return (
+        torch.is_inference_mode_enabled(),
+        *[
+            (c, i, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t.is_inference())
+            for c, i, t in targets
+        ],
+    )
+
+
+def _check_writable(
+    name: str,
+    slot_fields: Sequence[str],
+    new: _Update,
+    skipped: Tensor,
+    checked: _Checked | None = None,
+) -> None:
     """Every tensor that ``step_`` is about to write can take its new value, and no two
     share memory (tied weights, a view and its base): otherwise one update would
-    overwrite the other. Memory is not inspected under ``torch.compile`` or ``vmap``."""
+    overwrite the other. Memory is not inspected under ``torch.compile`` or ``vmap``.
+    Layouts found good are remembered in ``checked`` and not inspected again."""
     if torch.compiler.is_compiling():
         return
     # (column, leaf index) of each target, the table and skipped as column -1 and -2;
@@ -651,6 +727,18 @@ def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped
     targets.append((-2, 0, skipped))
     if torch._C._functorch.is_functorch_wrapped_tensor(targets[0][2]):  # vmap or grad
         return
+    key = None if checked is None else _layout_key(targets)
+    if key is not None and checked is not None and key in checked:
+        return
+    _inspect_targets(name, slot_fields, new, targets)
+    if key is not None and checked is not None:
+        checked.add(key)
+
+
+def _inspect_targets(
+    name: str, slot_fields: Sequence[str], new: _Update, targets: list[tuple[int, int, Tensor]]
+) -> None:
+    """The checks of :func:`_check_writable`, on its targets."""
 
     def label(column_index: int, i: int) -> str:
         if column_index == -1:

@@ -188,7 +188,7 @@ def test_fused_leaves_grads_alone_and_a_schedule_of_betas_to_the_rule(monkeypatc
     params = {"w": torch.randn(4)}
     state, default_state = opt.init(params), default.init(params)
     default_params = clone(params)
-    for step, betas in enumerate([(0.9, 0.999), (0.8, 0.99), (0.8, 0.99)]):
+    for betas in [(0.9, 0.999), (0.8, 0.99), (0.8, 0.99)]:
         grads = {"w": torch.randn(4)}
         saved = grads["w"].clone()
         opt.step_(params, grads, state, betas=betas)
@@ -249,9 +249,10 @@ def test_tensor_list_never_writes_a_named_operand():
         "chain": ((x - y) * 0.3 + x, [(a - a) * 0.3 + a for a in tensors]),
         "rows": (
             x.sqrt() / second + 1e-8,
-            [a.sqrt() / s + 1e-8 for a, s in zip(tensors, second.tensors)],
+            [a.sqrt() / s + 1e-8 for a, s in zip(tensors, second.tensors, strict=True)],
         ),
-        "rsub": (1 - x * first, [1 - a * s for a, s in zip(tensors, first.tensors)]),
+        ),
+        "rsub": (1 - x * first, [1 - a * s for a, s in zip(tensors, first.tensors, strict=True)]),
         "sub_temp": (x - y * 2, [a - a * 2 for a in tensors]),
         "maximum": (torch.maximum(x, y * 0.5), [torch.maximum(a, a * 0.5) for a in tensors]),
     }

@@ -251,7 +251,6 @@ def test_tensor_list_never_writes_a_named_operand():
             x.sqrt() / second + 1e-8,
             [a.sqrt() / s + 1e-8 for a, s in zip(tensors, second.tensors, strict=True)],
         ),
-        ),
         "rsub": (1 - x * first, [1 - a * s for a, s in zip(tensors, first.tensors, strict=True)]),
         "sub_temp": (x - y * 2, [a - a * 2 for a in tensors]),
         "maximum": (torch.maximum(x, y * 0.5), [torch.maximum(a, a * 0.5) for a in tensors]),

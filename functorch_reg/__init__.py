@@ -41,7 +41,7 @@ from .transforms import (
 )
 from .tree import leaf_names, stack, unstack
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "EMA",

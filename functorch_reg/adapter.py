@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT, StateDict
 
 from .adapter_flat import FlatGroup
-from .optim.base import DISABLED, Optimizer, State, enabled, leaf_table_field
+from .optim.base import DISABLED, Optimizer, State, check_optimizer, enabled, leaf_table_field
 from .tree import flatten
 
 __all__ = ["TorchOptimizer"]
@@ -329,15 +329,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         names = group.get("param_names", params)
         if len(set(params)) != len(params) or len(set(names)) != len(names):
             raise ValueError(f"TorchOptimizer: param group {index} lists a param twice")
-        # The functional optimizer only validates hyperparameters, masks and prox inside
-        # step (and not at all under torch.compile), so run one step now on meta
-        # tensors, which costs no memory and no device work.
-        meta = [torch.empty_like(p, device="meta") for p in params]
-        tree = _tree(group, meta)
-        self._functional.step(
-            tree,
-            _tree(group, [torch.zeros_like(m) for m in meta]),
-            self._functional.init(tree),
+        # Masks, prox and decay_to are checked against the group's params now (on meta
+        # copies: no memory, no device work), not at the first step.
+        check_optimizer(
+            self._functional,
+            _tree(group, params),
             **{name: _to_cpu(group[name]) for name in self._hyperparam_names},
         )
 

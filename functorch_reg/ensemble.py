@@ -23,6 +23,7 @@ from . import sweep_data
 from ._plot import finish, log_strength_axis, pyplot
 from .flat import FlatParams, pack
 from .optim import Optimizer
+from .optim.base import check_optimizer
 from .select import Where
 from .sweep_data import as_strengths
 from .train import TrainStep
@@ -715,12 +716,10 @@ def _check_hyperparameters(
     optimizer: Optimizer, member: Params, grid: dict[str, Tensor], penalties: Mapping[str, Any]
 ) -> None:
     """Let the optimizer validate every swept value (inside vmap it cannot read them)."""
-    state = optimizer.init(member)
-    zeros = optree.tree_map(torch.zeros_like, member)
     for axis, values in grid.items():
         if axis not in penalties:
             for value in values.unique():  # type: ignore[no-untyped-call]  # untyped in torch
-                optimizer.step(member, zeros, state, **{axis: value})
+                check_optimizer(optimizer, member, **{axis: value})
 
 
 def _check_batch_size(batch_size: Any, data: sweep_data.Data) -> None:

@@ -249,52 +249,68 @@ def pack(params: Params, groups: Mapping[str, Where] | None = None) -> FlatParam
 
 def leafwise(
     flat: FlatParams, prox: Callable[..., Params], **kwargs: Any
-) -> Callable[[Tensor, Any], Tensor]:
+) -> Callable[[Mapping[str, Tensor], Any], dict[str, Tensor]]:
     """A prox that needs leaf structure (e.g. :func:`functorch_reg.prox.group_lasso`),
     lifted to the buffers of ``flat``.
 
-    The returned ``prox(buffer, threshold) -> buffer`` finds the buffer's group by its
-    length, applies ``prox(leaves, threshold, **kwargs)`` to the group's leaf views and
-    packs the result back, padding zeros included. Pass it as an optimizer's ``prox=``::
+    The returned ``prox(buffers, threshold) -> buffers`` takes ``{group name: buffer}``
+    (the convention in which every optimizer calls its prox, see
+    :class:`functorch_reg.optim.Prox`), applies ``prox(leaves, threshold, **kwargs)``
+    once to the leaf views of all the given groups (so a ``where=`` in ``kwargs`` sees
+    leaf names) and packs the result back, padding zeros included. Pass it as an
+    optimizer's ``prox=``::
 
         opt = fr.sgd(lr=0.1, prox=fr.flat.leafwise(flat, fr.prox.group_lasso, dim=0),
                      prox_strength=lam, mask="decay")
 
     Results equal the per-leaf prox on the same leaves.
+
+    Raises:
+        ValueError: a key names no group of ``flat``, or its buffer is not laid out
+            like that group (another ``FlatParams``).
+        TypeError: given a bare tensor rather than ``{group name: buffer}``.
     """
-    by_size: dict[int, list[str]] = {}
-    for group, buffer in flat.buffers.items():
-        by_size.setdefault(buffer.shape[-1], []).append(group)
+    label = f"leafwise({getattr(prox, '__name__', prox)})"
 
-    def prox_on_buffer(buffer: Tensor, threshold: Any) -> Tensor:
-        groups = by_size.get(buffer.shape[-1], [])
-        if len(groups) != 1:
-            raise ValueError(
-                f"leafwise({getattr(prox, '__name__', prox)}): "
-                + (
-                    f"no group of {flat!r} has {buffer.shape[-1]} elements"
-                    if not groups
-                    else f"groups {groups} have the same length; pack them with distinct sizes"
-                )
+    def prox_on_buffers(buffers: Mapping[str, Tensor], threshold: Any) -> dict[str, Tensor]:
+        if not isinstance(buffers, Mapping):
+            raise TypeError(
+                f"{label}: expected {{group name: buffer}} (as optimizers call a prox), got "
+                f"a {type(buffers).__name__}; call it as prox({{'group': buffer}}, threshold)"
             )
-        (group,) = groups
-        sizes, names = flat._pieces[group]
-        pieces = torch.split(buffer, sizes, dim=-1)
-        views = {
-            name: piece.view(flat.slots[name].shape)
-            for name, piece in zip(names, pieces, strict=True)
-            if name is not None
-        }
+        views: dict[str, Tensor] = {}
+        pieces: dict[str, tuple[Tensor, ...]] = {}
+        for group, buffer in buffers.items():
+            if group not in flat._pieces:
+                raise ValueError(
+                    f"{label}: {group!r} is no group of {flat!r}; pass the buffers of the "
+                    "FlatParams this prox was made for"
+                )
+            sizes, names = flat._pieces[group]
+            if buffer.shape[-1] != flat._sizes[group]:
+                raise ValueError(
+                    f"{label}: buffer {group!r} has {buffer.shape[-1]} elements, its group "
+                    f"in {flat!r} {flat._sizes[group]}; was it packed by another FlatParams?"
+                )
+            batch = buffer.shape[:-1]
+            pieces[group] = torch.split(buffer, sizes, dim=-1)
+            for name, piece in zip(names, pieces[group], strict=True):
+                if name is not None:
+                    views[name] = piece.view(*batch, *flat.slots[name].shape)
         result = prox(views, threshold, **kwargs)
-        return torch.cat(
-            [
-                piece if name is None else result[name].reshape(-1)
-                for name, piece in zip(names, pieces, strict=True)
-            ]
-        )
+        return {
+            group: torch.cat(
+                [
+                    piece if name is None else result[name].reshape(*piece.shape)
+                    for name, piece in zip(flat._pieces[group][1], group_pieces, strict=True)
+                ],
+                dim=-1,
+            )
+            for group, group_pieces in pieces.items()
+        }
 
-    prox_on_buffer.__name__ = f"leafwise_{getattr(prox, '__name__', 'prox')}"
-    return prox_on_buffer
+    prox_on_buffers.__name__ = f"leafwise_{getattr(prox, '__name__', 'prox')}"
+    return prox_on_buffers
 
 
 def _membership(

@@ -154,7 +154,7 @@ def test_flat_steps_equal_per_leaf_steps(device, name, dtype):
 def test_leafwise_group_lasso_equals_the_per_leaf_prox(device):
     params, flat = packed(device, torch.float64)
     prox = fr.flat.leafwise(flat, fr.prox.group_lasso, dim=0)
-    out = prox(flat.buffers["decay"], 0.4)
+    out = prox({"decay": flat.buffers["decay"]}, 0.4)["decay"]
     expected = fr.prox.group_lasso(params, 0.4, dim=0, where=fr.select.weights())
     views = flat.unpack({**flat.buffers, "decay": out})
     for name in flat.leaves_of("decay"):
@@ -174,10 +174,20 @@ def test_leafwise_group_lasso_equals_the_per_leaf_prox(device):
     assert (params["2.weight"] == 0).all(dim=1).any(), "the test should zero a whole row"
 
 
-def test_leafwise_refuses_ambiguous_buffers():
-    flat = fr.flat.pack({"a": torch.ones(4, 4), "b": torch.ones(4, 4)}, {"x": "a", "y": "b"})
-    with pytest.raises(ValueError, match="same length"):
-        fr.flat.leafwise(flat, fr.prox.group_lasso)(flat.buffers["x"], 0.1)
+def test_leafwise_finds_groups_by_name_not_by_length():
+    """Two groups of one length: the key names the group (it was guessed by length)."""
+    params = {"a": torch.randn(4, 4), "b": torch.randn(4, 4)}
+    flat = fr.flat.pack(params, {"x": "a", "y": "b"})
+    prox = fr.flat.leafwise(flat, fr.prox.group_lasso, dim=1)
+    out = prox(dict(flat.buffers), 0.9)
+    expected = fr.prox.group_lasso(params, 0.9, dim=1)
+    views = flat.unpack(out)
+    for name in params:
+        torch.testing.assert_close(views[name], expected[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'z' is no group"):
+        prox({"z": flat.buffers["x"]}, 0.1)
+    with pytest.raises(TypeError, match="group name: buffer"):
+        prox(flat.buffers["x"], 0.1)
 
 
 @pytest.mark.parametrize(

@@ -273,10 +273,10 @@ def test_tensor_list_refuses_what_differs_between_leaves():
 
 
 def test_a_raising_prox_on_the_grouped_path_changes_nothing():
-    def prox(p, threshold):
-        if p.dtype == torch.float64:
+    def prox(tree, threshold):
+        if any(p.dtype == torch.float64 for p in tree.values()):
             raise ValueError("no float64 here")
-        return p
+        return tree
 
     # The biases are fused, their writes wait for the weights' prox, which raises.
     opt = fr.adamw(lr=1e-2, prox=prox, prox_strength=0.1, fused=True, mask="*.weight")

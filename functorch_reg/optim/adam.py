@@ -135,7 +135,9 @@ def adam(
         decoupled: decoupled (AdamW) decay instead of coupled (L2) decay.
         mask: which leaves get decay and prox (a ``where=`` selection; default all).
         prox: a proximal operator such as :func:`functorch_reg.prox.l1`, applied as
-            ``prox(w, lr * prox_strength)`` after the step.
+            ``prox({leaf_name: w}, lr * prox_strength)`` after the step, once on all
+            the leaves that ``mask`` selects (so a ``where=`` inside it sees leaf
+            names; see :class:`functorch_reg.optim.base.Prox`).
         prox_strength: :math:`\rho`, the strength of the proximal penalty.
         skip_nonfinite: leave params and state untouched on a step whose gradients
             hold a NaN or an infinity, and count it in ``state.skipped``.

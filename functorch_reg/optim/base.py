@@ -49,7 +49,15 @@ def leaf_table_field(state: Any) -> str | None:
 
 
 class Prox(Protocol):
-    """A proximal operator, e.g. :func:`functorch_reg.prox.l1`."""
+    """A proximal operator, e.g. :func:`functorch_reg.prox.l1`.
+
+    An optimizer calls it once per step as ``prox({leaf_name: leaf}, threshold)``: a
+    dict of the leaves that its ``mask`` selects and that this step updates, keyed by
+    their dotted names (``"0.weight"``; a flat buffer's group name), and the result
+    must hold the same keys. So a ``where=`` inside the prox sees leaf names, as it
+    does on a params tree (``functools.partial(fr.prox.l1, where="0.*")``), and
+    :func:`functorch_reg.hypergrad.implicit` calls the same prox the same way.
+    """
 
     def __call__(self, params: Params, threshold: Scalar) -> Params: ...
 
@@ -72,9 +80,14 @@ class Optimizer(NamedTuple):
             ``nn.Parameter`` leaves that require grad while grad mode is on (detach
             them), and both refuse complex leaves (pass ``torch.view_as_real``).
         hyperparams: the construction-time hyperparameters.
-        validate: ``validate(**hyperparams) -> None`` raises as ``step`` would for these
-            per-call overrides, and touches nothing (e.g. to check several param
-            groups before updating any).
+        validate: ``validate(params=None, **hyperparams) -> None`` raises as ``step``
+            would for these per-call overrides, and touches nothing (e.g. to check
+            several param groups before updating any). Without ``params`` it checks the
+            scalars; with ``params`` (a tree like ``step``'s) it also checks the trees,
+            ``mask``, ``prox`` and ``decay_to`` against them, by stepping copies on the
+            meta device: no memory, no device work. Always set by this library's
+            factories; :func:`check_optimizer` also serves an ``Optimizer`` built by hand
+            without one.
     """
 
     init: Callable[[Params], State]
@@ -292,32 +305,12 @@ def build(
         new_leaves = list(leaves)
         new_columns = [list(column) for column in columns]
         new_values = [new_leaves, *new_columns]
-
-        def finish(i: int, new_p: Tensor, new_slots: tuple[Tensor | None, ...]) -> None:
-            p, slots = leaves[i], tuple(column[i] for column in columns)
-            if decays[i] and prox is not None and prox_threshold is not None:
-                new_p = prox(new_p, prox_threshold)
-            # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
-            # 0-d leaf, and a step never changes a param's (or its state's) dtype.
-            new_p = _as_dtype(new_p, p.dtype)
-            new_slots = tuple(
-                None if new is None or old is None else _as_dtype(new, old.dtype)
-                for new, old in zip(new_slots, slots, strict=True)
-            )
-            if finite is not None:
-                new_p = torch.where(finite, new_p, p)
-                new_slots = tuple(
-                    None if new is None or old is None else torch.where(finite, new, old)
-                    for new, old in zip(new_slots, slots, strict=True)
-                )
-            new_leaves[i] = new_p
-            for column, new in zip(new_columns, new_slots, strict=True):
-                column[i] = new
+        stepped: dict[int, tuple[Tensor, tuple[Tensor | None, ...]]] = {}
 
         def per_leaf(i: int) -> None:
             slots = tuple(column[i] for column in columns)
             row = None if derived is None else derived[i]
-            finish(i, *rule(leaves[i], grad_leaves[i], slots, row, h, decays[i], refs[i]))
+            stepped[i] = rule(leaves[i], grad_leaves[i], slots, row, h, decays[i], refs[i])
 
         todo = [i for i in range(len(leaves)) if updated[i]]
         groups, alone = _groups(todo, leaves, grad_leaves, columns, decays, refs, h)
@@ -359,8 +352,32 @@ def build(
                 for i in indices:
                     per_leaf(i)
                 continue
-            for i, (new_p, new_slots) in zip(indices, results, strict=True):
-                finish(i, new_p, new_slots)
+            stepped.update(zip(indices, results, strict=True))
+        if prox is not None and prox_threshold is not None:
+            proxed = [i for i in stepped if decays[i]]
+            if proxed:
+                new_ps = _apply_prox(name, prox, spec_names(spec), proxed, stepped, prox_threshold)
+                for i in proxed:
+                    stepped[i] = (new_ps[i], stepped[i][1])
+        for i, (new_p, new_slots) in stepped.items():
+            p = leaves[i]
+            slots = tuple(column[i] for column in columns)
+            # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
+            # 0-d leaf, and a step never changes a param's (or its state's) dtype.
+            new_p = _as_dtype(new_p, p.dtype)
+            new_slots = tuple(
+                None if new is None or old is None else _as_dtype(new, old.dtype)
+                for new, old in zip(new_slots, slots, strict=True)
+            )
+            if finite is not None:
+                new_p = torch.where(finite, new_p, p)
+                new_slots = tuple(
+                    None if new is None or old is None else torch.where(finite, new, old)
+                    for new, old in zip(new_slots, slots, strict=True)
+                )
+            new_leaves[i] = new_p
+            for column, new in zip(new_columns, new_slots, strict=True):
+                column[i] = new
         skipped = state.skipped if finite is None else state.skipped + (~finite).long()
         return _Update(
             spec,
@@ -407,11 +424,51 @@ def build(
                 new.table.copy_(new.new_table)
             state.skipped.copy_(new.skipped)
 
-    def validate(**overrides: Any) -> None:
+    def validate(params: Params | None = None, **overrides: Any) -> None:
         resolve(name, defaults, overrides, intervals)
+        if params is not None:
+            step_on_meta(init, step, params, overrides)
 
     step.__doc__ = step_.__doc__ = f"One {name} step; see ``functorch_reg.{name}``."
     return Optimizer(init, step, step_, defaults, validate)
+
+
+def check_optimizer(optimizer: Optimizer, params: Params | None = None, **overrides: Any) -> None:
+    """``optimizer.validate(params, **overrides)``, or, for an ``Optimizer`` built without
+    ``validate``, one step on meta copies of ``params``: raises as its step would."""
+    if optimizer.validate is not None:
+        optimizer.validate(params, **overrides)
+    elif params is not None:
+        step_on_meta(optimizer.init, optimizer.step, params, overrides)
+
+
+def step_on_meta(
+    init: Callable[[Params], State],
+    step: Callable[..., Any],
+    params: Params,
+    overrides: Mapping[str, Any],
+) -> None:
+    """Run ``step`` once on meta-device copies of ``params`` (zero gradients for the
+    floating leaves), so that every check of a step runs with no memory and no device
+    work. Tensor hyperparameters are read on the CPU, where they combine with meta
+    tensors."""
+    leaves, spec = flatten(params)
+    meta = [
+        torch.empty_like(leaf, device="meta") if isinstance(leaf, Tensor) else leaf
+        for leaf in leaves
+    ]
+    grads = [torch.zeros_like(leaf) if is_float(leaf) else None for leaf in meta]
+    tree = spec.unflatten(meta)
+    with torch.no_grad():
+        step(tree, spec.unflatten(grads), init(tree), **_on_cpu(overrides))
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _on_cpu(v) for key, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value.detach().cpu() if isinstance(value, Tensor) else value
 
 
 def resolve(
@@ -438,6 +495,33 @@ def resolve(
         merged["beta1"], merged["beta2"] = betas
     check_scalars(name, merged, intervals)
     return {key: as_scalar(value) for key, value in merged.items()}
+
+
+def _apply_prox(
+    name: str,
+    prox: Prox,
+    names: Sequence[str],
+    proxed: Sequence[int],
+    stepped: Mapping[int, tuple[Tensor, Any]],
+    threshold: Scalar,
+) -> dict[int, Tensor]:
+    """The prox of the selected leaves' new values, called once on ``{leaf name: leaf}``."""
+    tree = {names[i]: stepped[i][0] for i in proxed}
+    hint = (
+        f"{name}: prox must map a dict {{leaf name: tensor}} to a dict with the same keys "
+        "(as fr.prox.l1 does); lift a prox written for one tensor with "
+        "lambda tree, t: {k: my_prox(v, t) for k, v in tree.items()}"
+    )
+    try:
+        out = prox(tree, threshold)
+    except (AttributeError, TypeError) as error:
+        if "dict" not in str(error):
+            raise
+        raise TypeError(f"{hint} ({error})") from error
+    if not isinstance(out, Mapping) or set(out) != set(tree):
+        got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
+        raise TypeError(f"{hint}; given {sorted(tree)[:4]} it returned {got}")
+    return {i: out[names[i]] for i in proxed}
 
 
 def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:

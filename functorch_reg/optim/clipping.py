@@ -7,7 +7,7 @@ from typing import Any
 from .._checks import NON_NEGATIVE, Scalar, check_scalars
 from ..transforms import clip_by_global_norm
 from ..tree import Params
-from .base import Optimizer, State
+from .base import Optimizer, State, check_optimizer
 
 __all__ = ["with_clipping"]
 
@@ -36,14 +36,13 @@ def with_clipping(name: str, optimizer: Optimizer, clip_grad_norm: Scalar | None
     def step_(params: Params, grads: Params, state: State, **overrides: Any) -> None:
         optimizer.step_(params, clipped(grads, overrides), state, **overrides)
 
-    def validate(**overrides: Any) -> None:
+    def validate(params: Params | None = None, **overrides: Any) -> None:
         check_scalars(
             name,
             {"clip_grad_norm": overrides.pop("clip_grad_norm", clip_grad_norm)},
             {"clip_grad_norm": NON_NEGATIVE},
         )
-        if optimizer.validate is not None:
-            optimizer.validate(**overrides)
+        check_optimizer(optimizer, params, **overrides)
 
     step.__doc__ = optimizer.step.__doc__
     step_.__doc__ = optimizer.step_.__doc__

@@ -180,7 +180,7 @@ def _reference_lookup(name: str, decay_to: Params) -> References:
                     f"{tuple(reference.shape)}, the param is {p.dtype} {tuple(p.shape)}"
                 )
             if p.device.type == "meta":
-                # TorchOptimizer validates a group by stepping meta copies of its params.
+                # Optimizer.validate(params) steps meta copies of the params.
                 reference = reference.to("meta")
             elif reference.device != p.device:
                 raise ValueError(

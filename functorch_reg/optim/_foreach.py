@@ -93,7 +93,7 @@ class TensorList:
     def __iter__(self) -> Iterator[Tensor]:
         raise NotElementwiseError("iterating a TensorList means each leaf's rows")
 
-    def __getitem__(self, index: Any) -> TensorList:
+    def __getitem__(self, index: Any) -> Any:
         return _map(Tensor.__getitem__, (self, index), {})
 
     def __repr__(self) -> str:
@@ -114,7 +114,7 @@ class TensorList:
             raise NotElementwiseError(f"Tensor.{name} differs from leaf to leaf")
         method: Callable[..., Any] = attribute
 
-        def per_leaf(*args: Any, **kwargs: Any) -> TensorList:
+        def per_leaf(*args: Any, **kwargs: Any) -> Any:
             return _map(method, (self, *args), kwargs)
 
         return per_leaf
@@ -148,69 +148,69 @@ class TensorList:
     def sign(self) -> TensorList:
         return _unary("sign", self, sys.getrefcount(self) <= _TEMPORARY[0])
 
-    def __add__(self, other: Any) -> TensorList:
+    def __add__(self, other: Any) -> Any:
         temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
         return _binary("add", self, other, *temps)
 
-    def __radd__(self, other: Any) -> TensorList:
+    def __radd__(self, other: Any) -> Any:
         # Addition commutes bit for bit (IEEE), so other + self == self + other.
         temps = sys.getrefcount(self) <= _TEMPORARY[0], False
         return _binary("add", self, other, *temps)
 
-    def __sub__(self, other: Any) -> TensorList:
+    def __sub__(self, other: Any) -> Any:
         temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
         return _binary("sub", self, other, *temps)
 
-    def __rsub__(self, other: Any) -> TensorList:
+    def __rsub__(self, other: Any) -> Any:
         # other - x == (-x) + other exactly: negation is exact and addition commutes.
         if _is_scalar(other):
             negated = _unary("neg", self, sys.getrefcount(self) <= _TEMPORARY[0])
             return _binary("add", negated, other, True, False)
         return _map(torch.sub, (other, self), {})
 
-    def __mul__(self, other: Any) -> TensorList:
+    def __mul__(self, other: Any) -> Any:
         temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
         return _binary("mul", self, other, *temps)
 
-    def __rmul__(self, other: Any) -> TensorList:
+    def __rmul__(self, other: Any) -> Any:
         temps = sys.getrefcount(self) <= _TEMPORARY[0], False
         return _binary("mul", self, other, *temps)
 
-    def __truediv__(self, other: Any) -> TensorList:
+    def __truediv__(self, other: Any) -> Any:
         temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
         return _binary("div", self, other, *temps)
 
-    def __rtruediv__(self, other: Any) -> TensorList:
+    def __rtruediv__(self, other: Any) -> Any:
         return _map(torch.div, (other, self), {})
 
-    def __pow__(self, other: Any) -> TensorList:
+    def __pow__(self, other: Any) -> Any:
         return _binary("pow", self, other, False, False)
 
-    def __ge__(self, other: Any) -> TensorList:  # type: ignore[override]
+    def __ge__(self, other: Any) -> Any:
         return _map(torch.ge, (self, other), {})
 
-    def __gt__(self, other: Any) -> TensorList:  # type: ignore[override]
+    def __gt__(self, other: Any) -> Any:
         return _map(torch.gt, (self, other), {})
 
-    def __le__(self, other: Any) -> TensorList:  # type: ignore[override]
+    def __le__(self, other: Any) -> Any:
         return _map(torch.le, (self, other), {})
 
-    def __lt__(self, other: Any) -> TensorList:  # type: ignore[override]
+    def __lt__(self, other: Any) -> Any:
         return _map(torch.lt, (self, other), {})
 
-    def __eq__(self, other: Any) -> TensorList:  # type: ignore[override]
+    def __eq__(self, other: Any) -> Any:
         return _map(torch.eq, (self, other), {})
 
-    def __ne__(self, other: Any) -> TensorList:  # type: ignore[override]
+    def __ne__(self, other: Any) -> Any:
         return _map(torch.ne, (self, other), {})
 
-    def __and__(self, other: Any) -> TensorList:
+    def __and__(self, other: Any) -> Any:
         return _map(torch.logical_and, (self, other), {})
 
-    def __or__(self, other: Any) -> TensorList:
+    def __or__(self, other: Any) -> Any:
         return _map(torch.logical_or, (self, other), {})
 
-    def __invert__(self) -> TensorList:
+    def __invert__(self) -> Any:
         return _map(torch.bitwise_not, (self,), {})
 
     __hash__ = None  # type: ignore[assignment]
@@ -290,10 +290,10 @@ def _unary(name: str, a: TensorList, temporary: bool) -> TensorList:
     return TensorList(getattr(torch, f"_foreach_{name}")(a.tensors), a.layout, owned=True)
 
 
-_SINGLE = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow}
+_SINGLE: dict[str, Callable[..., Any]] = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow}
 
 
-def _binary(name: str, a: TensorList, b: Any, a_temporary: bool, b_temporary: bool) -> TensorList:
+def _binary(name: str, a: TensorList, b: Any, a_temporary: bool, b_temporary: bool) -> Any:
     """``a <op> b``, in place in a temporary operand where that computes the same."""
     if isinstance(b, TensorList):
         other: Any = _check_length(a, b)

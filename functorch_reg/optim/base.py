@@ -326,12 +326,12 @@ def build(
                 and not (decay and prox_threshold is not None)
                 and _contiguous(indices, [leaves, grad_leaves, *columns])
             ):
-                rows = None
+                table_rows = None
                 if old_table is not None and old_table.device.type == "cpu":
                     # Read once per step: a CPU tensor's values cost no device sync.
                     old_rows = old_table.tolist() if old_rows is None else old_rows
-                    rows = [old_rows[i] for i in indices]
-                run = fused([leaves[i] for i in indices], rows, h, decay)
+                    table_rows = [old_rows[i] for i in indices]
+                run = fused([leaves[i] for i in indices], table_rows, h, decay)
                 if run is not None:
                     targets = _fused_targets(indices, new_values, in_place)
                     grads_group = [grad_leaves[i] for i in indices]
@@ -617,7 +617,7 @@ def _grouped_rule(
     new_p, new_slots = rule(
         cast(Tensor, group(leaves)),
         cast(Tensor, group(grad_leaves)),
-        tuple(group(column) for column in columns),
+        tuple(cast(Tensor | None, group(column)) for column in columns),
         cast(Tensor | None, row),
         h,
         decay,

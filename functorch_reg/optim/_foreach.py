@@ -290,7 +290,13 @@ def _unary(name: str, a: TensorList, temporary: bool) -> TensorList:
     return TensorList(getattr(torch, f"_foreach_{name}")(a.tensors), a.layout, owned=True)
 
 
-_SINGLE: dict[str, Callable[..., Any]] = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow}
+_SINGLE: dict[str, Callable[..., Any]] = {
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+    "pow": torch.pow,
+}
 
 
 def _binary(name: str, a: TensorList, b: Any, a_temporary: bool, b_temporary: bool) -> Any:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
+from ._compile_log import Announced
 from .optim.base import Optimizer, State
 from .tree import Params, flatten
 
@@ -97,8 +98,11 @@ class TrainStep:
         self.mode = mode
         self._captures_cuda_graphs = mode in _CUDA_GRAPH_MODES
         self._compiled_step = (
-            torch.compile(
-                _own_code(self._step_in_place), fullgraph=True, options=_inductor_options(mode)
+            Announced(
+                torch.compile(
+                    _own_code(self._step_in_place), fullgraph=True, options=_inductor_options(mode)
+                ),
+                "train_step",
             )
             if compile
             else None

@@ -90,12 +90,13 @@ def adam_kernel(*, decoupled: bool, amsgrad: bool, maximize: bool) -> FusedStep:
         if rows is None or values is None or not _kernel_runs_on(params):
             return None
         betas = (values["beta1"], values["beta2"])
-        counts = {_count(row[0], betas[0]) for row in rows}
+        distinct = {tuple(row) for row in rows}  # one row, unless some leaf was frozen
+        counts = {_count(row[0], betas[0]) for row in distinct}
         if len(counts) != 1 or None in counts:
             return None
         (t,) = counts
         assert t is not None
-        if not all(_powers_match(t, row, betas) for row in rows):
+        if not all(_powers_match(t, row, betas) for row in distinct):
             return None
         weight_decay = values["weight_decay"] if decay else 0.0
 

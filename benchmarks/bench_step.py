@@ -32,6 +32,15 @@ host, so on a machine with a per-command limit run one size per command.
     python benchmarks/bench_step.py --device cpu                    # sizes 1M, 8M, 32M
     python benchmarks/bench_step.py --device cuda --sizes 100M      # or 1M, 8M, 32M, 300M
     python benchmarks/bench_step.py --device cpu --optimizer sgd --sizes 32M
+
+``--optimizer muon`` times ``fr.muon`` (Newton-Schulz in bfloat16 on the matrices, an
+AdamW part on the vectors) against ``torch.optim.Muon`` on the matrices next to
+``torch.optim.AdamW`` (for-loop) on the rest; ``--optimizer lion`` times ``fr.lion``
+against ``lion_pytorch.Lion`` (its for-loop and, when installed, its foreach version).
+Their "x ref" column divides by that reference; their floor counts 20 bytes per
+parameter (read p, g, m; write p, m), which Muon's matmuls do not approach.
+
+    python benchmarks/bench_step.py --device cpu --optimizer lion --sizes 1M
 """
 
 from __future__ import annotations
@@ -60,17 +69,31 @@ from torch._dynamo.utils import counters
 import functorch_reg as fr
 
 # name: (d, layers). Few wide layers at 300M keep its compile time near the others'.
-SIZES = {"1M": (128, 5), "8M": (256, 10), "32M": (512, 10), "100M": (1024, 8), "300M": (2048, 6)}
+SIZES = {
+    "0.1M": (64, 2),
+    "1M": (128, 5),
+    "8M": (256, 10),
+    "32M": (512, 10),
+    "100M": (1024, 8),
+    "300M": (2048, 6),
+}
 DEFAULT_SIZES = {"cpu": "1M,8M,32M", "cuda": "1M,8M,32M,100M,300M"}
-BYTES_PER_PARAM = {"adamw": 28, "sgd": 20}
+BYTES_PER_PARAM = {"adamw": 28, "sgd": 20, "muon": 20, "lion": 20}
 HYPERPARAMS = {
     "adamw": {"lr": 1e-3, "weight_decay": 1e-2},
     "sgd": {"lr": 1e-2, "weight_decay": 1e-4},
+    "muon": {"lr": 2e-2, "weight_decay": 0.1},
+    "lion": {"lr": 1e-4, "weight_decay": 1.0},
 }
+MUON_ADAMW = {"lr": 3e-4, "weight_decay": 1e-2}  # Muon's AdamW part, for the vectors
 MOMENTUM = 0.9
 COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
 COPY = "device copy (reference)"
 FUSED = "torch.optim fused"
+TORCH_MUON = "torch.optim.Muon + AdamW for-loop"
+LION_PYTORCH = "lion-pytorch"
+# What each optimizer's "x ref" column divides by.
+BASELINE = {"adamw": FUSED, "sgd": FUSED, "muon": TORCH_MUON, "lion": LION_PYTORCH}
 COMPILED_INPLACE = "fr step_ compiled"
 COMPILED_INPLACE_GRAPHS = "fr step_ compiled reduce-overhead"
 FLAT = "fr flat step_ compiled"
@@ -113,21 +136,66 @@ def cloned(tree: Params) -> Params:
     return {name: tensor.clone() for name, tensor in tree.items()}
 
 
+def functional(optimizer: str, fused: bool = False) -> fr.Optimizer:
+    floats = HYPERPARAMS[optimizer]
+    if optimizer == "adamw":
+        return fr.adamw(**floats, fused=fused)
+    if optimizer == "muon":
+        return fr.muon(**floats, adam=fr.adamw(**MUON_ADAMW))
+    if optimizer == "lion":
+        return fr.lion(**floats)
+    return fr.sgd(**floats, momentum=MOMENTUM, fused=fused)
+
+
+def torch_muon_case() -> Builder:
+    """torch.optim.Muon on the matrices (it takes nothing else), AdamW on the rest."""
+
+    def build(params: Params, grads: Params, device: str) -> Step:
+        tensors = [torch.nn.Parameter(p.clone()) for p in params.values()]
+        for tensor, grad in zip(tensors, grads.values(), strict=True):
+            tensor.grad = grad
+        muon = torch.optim.Muon([p for p in tensors if p.ndim == 2], **HYPERPARAMS["muon"])
+        adamw = torch.optim.AdamW([p for p in tensors if p.ndim != 2], **MUON_ADAMW, foreach=False)
+
+        def step() -> None:
+            muon.step()
+            adamw.step()
+
+        return step
+
+    return build
+
+
+def lion_pytorch_case(foreach: bool) -> Builder:
+    def build(params: Params, grads: Params, device: str) -> Step:
+        try:
+            if foreach:
+                from lion_pytorch.foreach import Lion
+            else:
+                from lion_pytorch import Lion
+        except ImportError as error:
+            raise UnavailableError(f"lion-pytorch is not installed ({error})") from None
+        tensors = [torch.nn.Parameter(p.clone()) for p in params.values()]
+        for tensor, grad in zip(tensors, grads.values(), strict=True):
+            tensor.grad = grad
+        return Lion(tensors, **HYPERPARAMS["lion"]).step
+
+    return build
+
+
 def functorch_reg_case(
     optimizer: str, in_place: bool, mode: str | None, fused: bool = False
 ) -> Builder:
     """``mode``: None for eager, else a ``torch.compile`` mode; ``fused``: the rules'
-    ``fused=True`` (torch's fused kernels on the eager path)."""
+    ``fused=True`` (torch's fused kernels on the eager path; AdamW and SGD)."""
 
     def build(params: Params, grads: Params, device: str) -> Step:
         if mode == "reduce-overhead" and device != "cuda":
             raise UnavailableError("CUDA graphs need CUDA")
         floats = HYPERPARAMS[optimizer]
-        opt = (
-            fr.adamw(**floats, fused=fused)
-            if optimizer == "adamw"
-            else fr.sgd(**floats, momentum=MOMENTUM, fused=fused)
-        )
+        if fused and optimizer not in ("adamw", "sgd"):
+            raise UnavailableError("fused=True is for AdamW and SGD")
+        opt = functional(optimizer, fused)
         hyperparams = {k: torch.tensor(v, device=device) for k, v in floats.items()}
         params = cloned(params)
         state = opt.init(params)
@@ -251,6 +319,20 @@ def torchopt_case(optimizer: str, accelerated: bool) -> Builder:
 
 
 def cases(optimizer: str) -> dict[str, Builder]:
+    if optimizer in ("muon", "lion"):
+        ours = {
+            "fr step eager": functorch_reg_case(optimizer, in_place=False, mode=None),
+            "fr step_ eager": functorch_reg_case(optimizer, in_place=True, mode=None),
+            "fr step compiled": functorch_reg_case(optimizer, in_place=False, mode="default"),
+            COMPILED_INPLACE: functorch_reg_case(optimizer, in_place=True, mode="default"),
+        }
+        if optimizer == "muon":
+            return {**ours, TORCH_MUON: torch_muon_case()}
+        return {
+            **ours,
+            LION_PYTORCH: lion_pytorch_case(foreach=False),
+            "lion-pytorch foreach": lion_pytorch_case(foreach=True),
+        }
     built = {
         "fr step eager": functorch_reg_case(optimizer, in_place=False, mode=None),
         "fr step_ eager": functorch_reg_case(optimizer, in_place=True, mode=None),
@@ -305,7 +387,8 @@ def bench_size(size: str, args: argparse.Namespace) -> dict[str, Row]:
     rows: dict[str, Row] = {}
     steps: dict[str, Step] = {}
     for name, build in cases(args.optimizer).items():
-        if args.cases and name != FUSED and not any(part in name for part in args.cases):
+        baseline = BASELINE[args.optimizer]
+        if args.cases and name != baseline and not any(part in name for part in args.cases):
             continue
         row = rows[name] = Row()
         skips = counters["inductor"]["cudagraph_skips"]
@@ -334,16 +417,19 @@ def bench_size(size: str, args: argparse.Namespace) -> dict[str, Row]:
     rows[COPY] = Row(note=f"{COPY_BYTES[args.device] // 2**20} MiB, read + written")
     for name, times in interleaved_times(steps, args.rounds, args.min_run_time).items():
         rows[name].times = times
-    print_table(rows, floor_bytes, 2 * COPY_BYTES[args.device])
+    print_table(rows, floor_bytes, 2 * COPY_BYTES[args.device], BASELINE[args.optimizer])
     print(f"({load()} after timing)", flush=True)
     return rows
 
 
-def print_table(rows: dict[str, Row], floor_bytes: int, copy_bytes: int) -> None:
+def print_table(
+    rows: dict[str, Row], floor_bytes: int, copy_bytes: int, baseline: str = FUSED
+) -> None:
     copy = rows[COPY].times
-    fused = rows[FUSED].times
+    fused = rows[baseline].times
     assert copy is not None
-    print("\n| case | ms | x fused | GB/s | % copy | compile s | note |")
+    column = "x fused" if baseline == FUSED else "x ref"
+    print(f"\n| case | ms | {column} | GB/s | % copy | compile s | note |")
     print("|---|--:|--:|--:|--:|--:|---|")
     for name, row in rows.items():
         if row.times is None:
@@ -428,13 +514,14 @@ def report_targets(results: dict[str, dict[str, Row]], args: argparse.Namespace)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, rounds=5, min_run_time=0.5)
-    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd", "muon", "lion"], default="adamw")
     parser.add_argument(
         "--sizes", help=f"comma-separated, from {', '.join(SIZES)}; default by device"
     )
     parser.add_argument(
         "--cases",
-        help="comma-separated substrings of the case names to run (fused always runs), "
+        help="comma-separated substrings of the case names to run (the reference, fused "
+        "for adamw and sgd, always runs), "
         "e.g. 'flat,foreach' to skip the slow-to-compile per-leaf cases",
     )
     args = parser.parse_args()

@@ -6,7 +6,7 @@ the whole grid: the same table a single process sweeping every strength prints. 
 in ``lambda_sweep.py``, proximal Adam zeroes whole columns of the first layer, i.e.
 input pixels the network stops reading.
 
-    torchrun --nproc-per-node 2 examples/distributed_sweep.py --no-compile  # ~30 s, 2-core CPU
+    torchrun --nproc-per-node 2 examples/distributed_sweep.py --no-compile  # 15-30 s, 2-core CPU
     python examples/distributed_sweep.py --no-compile                       # one process
 
 Gloo on CPU; NCCL with one GPU per rank when CUDA is available.
@@ -92,7 +92,11 @@ def main() -> None:
         },
         indices,
     )
-    result = fr.SweepResult(strengths=grid, **{**merged, "train_loss": merged["train_loss"].T})
+    result = fr.SweepResult(
+        strengths=grid,
+        grid={"prox_strength": grid},  # the table names the strength as fr.sweep's does
+        **{**merged, "train_loss": merged["train_loss"].T},
+    )
     if rank == 0:
         pixels_kept = (result.params["0.weight"] != 0).any(dim=1).sum(dim=1)
         print(result.table())
@@ -100,7 +104,7 @@ def main() -> None:
         best = result.best_index
         accuracy = result.val_accuracy[best].item()
         print(
-            f"best lambda {grid[best].item():.3g}: val accuracy {accuracy:.3f} "
+            f"chosen prox_strength {grid[best].item():.3g}: val accuracy {accuracy:.3f} "
             f"reading {pixels_kept[best].item()} of 64 pixels"
         )
     if dist.is_initialized():

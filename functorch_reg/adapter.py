@@ -364,7 +364,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             elif field == self._table_field:
                 fields.append(self._leaf_table(index, slots))
             else:
-                fields.append(_tree(group, [None if s is None else s[field] for s in slots]))
+                # A param may lack a field that others have (Muon's matrices keep no
+                # exp_avg_sq): None, as for a frozen param.
+                fields.append(_tree(group, [None if s is None else s.get(field) for s in slots]))
         return self._state_type(*fields, skipped)
 
     def _flat_state(self, index: int) -> State:
@@ -460,7 +462,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         slots = {
             field: tree[0]
             for field, tree in zip(state._fields[:-1], state[:-1], strict=True)
-            if enabled(tree)
+            if enabled(tree) and tree[0] is not None
         }
         return {**slots, "skipped": state.skipped}
 
@@ -481,12 +483,14 @@ class TorchOptimizer(torch.optim.Optimizer):
             scalar = scalars[name]
             return scalar.copy_(value) if isinstance(value, Tensor) else scalar.fill_(value)
 
-        return {
-            name: (as_input("beta1", value[0]), as_input("beta2", value[1]))
-            if name == "betas"
-            else as_input(name, value)
-            for name, value in values.items()
-        }
+        def as_inputs(name: str, value: Any) -> Any:
+            if name == "betas":
+                return as_input("beta1", value[0]), as_input("beta2", value[1])
+            if isinstance(value, (tuple, list)):  # e.g. fr.muon's adam_betas
+                return tuple(as_input(f"{name}.{i}", v) for i, v in enumerate(value))
+            return as_input(name, value)
+
+        return {name: as_inputs(name, value) for name, value in values.items()}
 
     def _saved_slots(self, state_dict: StateDict) -> dict[Tensor, dict[str, Tensor]]:
         """Each param's saved state, checked against this optimizer."""

@@ -19,15 +19,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from . import sweep_data
-from ._plot import finish, log_strength_axis, pyplot
+from . import _plot, sweep_data
 from .flat import FlatParams, pack
 from .optim import Optimizer
 from .optim.base import check_optimizer
 from .select import Where
 from .sweep_data import as_strengths
 from .train import TrainStep
-from .tree import Params, flatten, is_float, spec_names, stack, unstack
+from .tree import Params, flatten, is_float, stack, unstack
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -172,75 +171,37 @@ class SweepResult:
         return self._refit(self.best_index, steps=steps, compile=compile, progress=progress)
 
     def table(self) -> str:
-        """A text table: grid values, validation loss and accuracy, sparsity, norm."""
-        axes = self.grid or {"lambda": self.strengths}
-        header = "  ".join(f"{axis:>13}" for axis in axes)
-        header += f"  {'val loss':>9}  {'val acc':>7}  {'zeros':>6}  {'norm':>8}"
-        rows = [header, "-" * len(header)]
-        best = self.best_index if self.finite.any() else -1
-        for i in range(len(self.val_loss)):
-            accuracy = "" if self.val_accuracy is None else f"{self.val_accuracy[i].item():.3f}"
-            mark = "  <- best" if i == best else ""
-            if not self.finite[i]:
-                mark = "  diverged"
-            cells = "  ".join(f"{values[i].item():>13.3g}" for values in axes.values())
-            rows.append(
-                f"{cells}  {self.val_loss[i].item():>9.4f}  {accuracy:>7}  "
-                f"{self.sparsity[i].item():>6.1%}  {self.param_norm[i].item():>8.3f}{mark}"
-            )
-        return "\n".join(rows)
+        """A text table: grid values (3 significant digits), validation loss and accuracy,
+        sparsity, norm; the chosen member marked ``<- best``."""
+        return _plot.sweep_table(self)
 
-    def plot(self, path: str | None = None) -> Figure:
-        """Regularization path (norm of each parameter tensor along the first axis) and
-        validation curve (one line per value of the other axes), on a log axis, the
-        chosen member marked. Needs matplotlib; saves to ``path`` when given."""
-        plt = pyplot()
-        figure, (path_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4))
-        axes = dict(self.grid) or {"lambda": self.strengths}
-        first, *others = axes
-        best = self.best_index
-        # The path along the first axis, the other axes held at the chosen member's values.
-        along = torch.ones(len(self.val_loss), dtype=torch.bool)
-        for axis in others:
-            along &= axes[axis] == axes[axis][best]
-        x = axes[first]
-        leaves, spec = flatten(self.params)
-        for name, leaf in zip(spec_names(spec), leaves, strict=True):
-            if is_float(leaf):
-                norms = leaf.reshape(len(self.val_loss), -1).norm(dim=1)
-                path_axis.plot(x[along], norms[along], label=self.labels.get(name, name))
-        path_axis.set(title="Regularization path", xlabel=first, ylabel="parameter norm")
-        metric, label = (
-            (self.val_accuracy, "validation accuracy")
-            if self.val_accuracy is not None and self.select == "val_accuracy"
-            else (self.val_loss, "validation loss")
-        )
-        keys = sorted({tuple(axes[a][i].item() for a in others) for i in range(len(x))})
-        for key in keys:
-            line = torch.ones(len(x), dtype=torch.bool)
-            for axis, value in zip(others, key, strict=True):
-                line &= axes[axis] == value
-            name = ", ".join(f"{a}={v:.3g}" for a, v in zip(others, key, strict=True)) or label
-            val_axis.plot(x[line], metric[line], marker="o", label=name)
-        zeros_axis = val_axis.twinx()
-        zeros_axis.plot(
-            x[along],
-            self.sparsity[along],
-            color="gray",
-            linestyle="--",
-            label="fraction of exact zeros",
-        )
-        zeros_axis.set_ylabel("fraction of exact zeros", color="gray")
-        val_axis.set(title="Validation", xlabel=first, ylabel=label)
-        chosen = x[best].item()
-        for axis in (path_axis, val_axis):
-            log_strength_axis(axis, x)
-            axis.axvline(chosen, color="black", linestyle=":", label=f"chosen {first}={chosen:.3g}")
-        path_axis.legend(fontsize="small")
-        lines, names = val_axis.get_legend_handles_labels()
-        zero_lines, zero_names = zeros_axis.get_legend_handles_labels()
-        val_axis.legend(lines + zero_lines, names + zero_names, fontsize="small")
-        return finish(figure, path)
+    def plot(
+        self,
+        path: str | None = None,
+        *,
+        title: str | None = None,
+        names: Mapping[str, str] | None = None,
+    ) -> Figure:
+        """Regularization path (the L2 norm of each parameter tensor along the first axis)
+        and validation curve (one line per value of the other axes; with folds, the mean
+        and the range over folds), on a log strength axis, the chosen member marked and
+        labeled, the fraction of exact zeros on a twin axis.
+
+        Args:
+            path: where to save the figure (format from the suffix), or ``None``.
+            title: the figure's title; by default, how many models of which layers were
+                trained over which axis.
+            names: words for grid axes, e.g. ``{"prox_strength": "group-lasso strength"}``
+                labels the x-axis "group-lasso strength (prox_strength)".
+
+        Returns:
+            A ``matplotlib.figure.Figure`` (not registered with pyplot; the backend is
+            left alone: in a notebook, make it the cell's value to show it).
+
+        Raises:
+            ImportError: matplotlib is not installed.
+        """
+        return _plot.sweep_figure(self, path, title, names)
 
 
 def sweep(

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp
 from tqdm.auto import tqdm
 
+from . import _plot
 from .optim import Optimizer, adam
 from .tree import Params, flatten, is_float
 
@@ -250,28 +251,31 @@ class TuneResult:
     train_steps: int
     history: TuneHistory
 
-    def plot(self, path: str | None = None) -> Figure:
-        """Strengths (log scale) and validation loss against training steps. Needs
-        matplotlib; saves to ``path`` when given."""
-        import matplotlib
+    def plot(
+        self,
+        path: str | None = None,
+        *,
+        title: str | None = None,
+        names: Sequence[str] | None = None,
+    ) -> Figure:
+        """Strengths (log scale) and validation loss against training steps.
 
-        if path is not None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        Args:
+            path: where to save the figure (format from the suffix), or ``None``.
+            title: the figure's title; by default, how many strengths were tuned in how
+                many rounds and training steps.
+            names: one legend name per strength (e.g. the layer each one regularizes), in
+                the order of the strengths vector; by default ``"strength i"``.
 
-        figure, (strength_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4))
-        steps = self.history.train_steps
-        strengths = self.history.strengths.reshape(len(steps), -1)
-        for index in range(strengths.shape[1]):
-            strength_axis.plot(steps, strengths[:, index], marker=".", label=f"strength {index}")
-        strength_axis.set(title="Strengths", xlabel="training steps", yscale="log")
-        strength_axis.legend(fontsize="small")
-        val_axis.plot(steps, self.history.val_loss, marker=".")
-        val_axis.set(title="Validation loss", xlabel="training steps")
-        figure.tight_layout()
-        if path is not None:
-            figure.savefig(path, dpi=120)
-        return figure
+        Returns:
+            A ``matplotlib.figure.Figure`` (not registered with pyplot; the backend is
+            left alone: in a notebook, make it the cell's value to show it).
+
+        Raises:
+            ValueError: ``names`` does not have one entry per strength.
+            ImportError: matplotlib is not installed.
+        """
+        return _plot.tune_figure(self, path, title, names)
 
 
 def tune(

@@ -14,9 +14,8 @@ from torch import Tensor
 from torch.func import vmap
 from tqdm.auto import tqdm
 
+from . import _plot, sweep_data
 from . import prox as prox_ops
-from . import sweep_data
-from ._plot import finish, log_strength_axis, pyplot
 from .optim import sgd
 from .sweep_data import as_strengths
 from .tree import stack
@@ -81,16 +80,11 @@ class LinearPath:
         return self.strengths[self.best_index].item()
 
     def plot(self, path: str | None = None) -> Figure:
-        """Each coefficient against the strength (log axis); saves to ``path`` when given."""
-        plt = pyplot()
-        figure, axis = plt.subplots(figsize=(6, 4))
-        axis.plot(self.strengths, self.coef)
-        axis.set(title="Regularization path", xlabel="lambda", ylabel="coefficient")
-        if self.mse_path is not None:
-            axis.axvline(self.best_strength, color="black", linestyle=":", label="best (CV)")
-            axis.legend(fontsize="small")
-        log_strength_axis(axis, self.strengths)
-        return finish(figure, path)
+        """Each coefficient against the strength (log axis); with ``folds``, a second panel
+        of the held-out error (mean and range over folds) and the chosen strength marked.
+        Saves to ``path`` when given; returns a ``matplotlib.figure.Figure`` (pyplot and
+        the backend are left alone)."""
+        return _plot.path_figure(self, path)
 
 
 def linear_path(

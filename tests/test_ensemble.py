@@ -568,8 +568,9 @@ def test_plot_names_layers_marks_the_choice_and_has_two_legends(tmp_path):
     figure = result.plot()
     path_axis, val_axis = figure.axes[:2]
     names = [t.get_text() for t in path_axis.get_legend().get_texts()]
-    assert "Linear 5->8 weight" in names and any(n.startswith("chosen penalty=") for n in names)
-    assert val_axis.get_legend() is not None and path_axis.get_xlabel() == "penalty"
+    assert "Linear 5->8 weight" in names and any(n.startswith("chosen penalty = ") for n in names)
+    assert val_axis.get_legend() is not None
+    assert path_axis.get_xlabel() == "penalty strength (penalty)"
 
 
 @pytest.mark.compile

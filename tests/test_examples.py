@@ -54,7 +54,7 @@ def test_lambda_sweep_example_runs(tmp_path):
     out = run_example(
         "lambda_sweep", "--members", "4", "--steps", "5", "--no-compile", "--output", str(plot)
     )
-    assert "val acc" in out and "pixels kept" in out
+    assert "val acc" in out and "pixels kept" in out and "chosen prox_strength" in out
     assert plot.stat().st_size > 10_000
 
 
@@ -76,7 +76,7 @@ def test_distributed_sweep_example_runs_on_two_ranks():
         *("--members", "4", "--steps", "5", "--no-compile"),
         launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2"),
     )
-    assert "val acc" in out
+    assert "val acc" in out and "prox_strength" in out.split("val loss")[0]  # table header
 
 
 @pytest.mark.parametrize("name", ["seed_regularization", "lambda_sweep", "cross_validate"])
@@ -84,7 +84,11 @@ def test_examples_have_a_docstring_with_the_command(name):
     assert f"python examples/{name}.py" in load(name).__doc__
 
 
-def test_learn_lambda_example_runs():
-    out = run_example("learn_lambda", "--rounds", "2", "--steps-per-round", "3")
+def test_learn_lambda_example_runs(tmp_path):
+    plot = tmp_path / "tune.png"
+    out = run_example(
+        "learn_lambda", "--rounds", "2", "--steps-per-round", "3", "--output", str(plot)
+    )
     assert "grid, best shared strength" in out and "hypergradient, per layer" in out
+    assert plot.stat().st_size > 10_000
     assert "python examples/learn_lambda.py" in load("learn_lambda").__doc__

@@ -92,6 +92,10 @@ CONFIGS: dict[str, Callable[[], fr.Optimizer]] = {
     "adamw_prox_skip": lambda: fr.adamw(
         lr=1e-2, prox=fr.prox.l1, prox_strength=0.1, skip_nonfinite=True
     ),
+    # The rules written on another branch in the same per-leaf style, unchanged.
+    "lion": lambda: fr.lion(lr=1e-3, weight_decay=0.1),
+    "schedule_free_adamw": lambda: fr.schedule_free_adamw(lr=1e-2, weight_decay=0.1),
+    "schedule_free_sgd": lambda: fr.schedule_free_sgd(lr=0.1, momentum=0.9),
 }
 
 

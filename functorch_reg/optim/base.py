@@ -164,8 +164,8 @@ class _Update(NamedTuple):
     table: Tensor | None
     new_table: Tensor | None
     skipped: Tensor
-    written: list[tuple[int, int]]
-    pending: list[Callable[[], None]]
+    written: Sequence[tuple[int, int]] = ()
+    pending: Sequence[Callable[[], None]] = ()
 
 
 class FusedStep(Protocol):

@@ -77,10 +77,10 @@ def mask(params: Params, where: Where = None) -> PyTree:
 def selected(params: Params, where: Where) -> list[bool]:
     """Flat list of bools, one per leaf of ``params`` in flattening order."""
     leaves, spec = flatten(params)
-    names = spec_names(spec)
     floats = [is_float(leaf) for leaf in leaves]
-    if where is None:
+    if where is None:  # every step of a rule without a mask: no names needed
         return floats
+    names = spec_names(spec)
     if isinstance(where, str):
         where = [where]
     if isinstance(where, Sequence) and where and builtins.all(isinstance(w, str) for w in where):

@@ -171,8 +171,13 @@ def bench_folds(folds: int, strengths: int, device: str) -> dict[str, float]:
     for label, (members, weighted, member_lams, xs, ys, extra) in cases.items():
         # The step fr.sweep compiles (the same private builder), timed without the loop.
         step = torch.compile(
-            fr.ensemble._vmapped_step(
-                model, loss_fn, optimizer, {"penalty": penalty}, sample_losses if weighted else None
+            fr.sweep_step.vmapped_step(
+                fr.sweep_step.model_parts(model, "bench"),
+                loss_fn,
+                optimizer,
+                {"penalty": penalty},
+                samples="weighted" if weighted else "shared",
+                sample_losses=sample_losses,
             ),
             fullgraph=True,
         )
@@ -183,8 +188,8 @@ def bench_folds(folds: int, strengths: int, device: str) -> dict[str, float]:
         grid = {"penalty": member_lams}
 
         def run(step=step, box=box, grid=grid, xs=xs, ys=ys, extra=extra) -> None:
-            box["members"], box["states"], _ = step(
-                box["members"], box["states"], grid, xs, ys, *extra
+            box["members"], _, box["states"], _ = step(
+                box["members"], {}, box["states"], grid, xs, ys, *(extra or (None,))
             )
 
         started = time.perf_counter()

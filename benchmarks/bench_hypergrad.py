@@ -142,13 +142,13 @@ def counted_products(train_loss, val_loss, params, strengths, maxiter: int, damp
     solve = fr.hypergrad._conjugate_gradients
     calls = 0
 
-    def counting(matvec, rhs, maxiter, tolerance):
+    def counting(matvec, rhs, maxiter, tolerance, report=None):
         def product(x):
             nonlocal calls
             calls += 1
             return matvec(x)
 
-        return solve(product, rhs, maxiter, tolerance)
+        return solve(product, rhs, maxiter, tolerance, report)
 
     fr.hypergrad._conjugate_gradients = counting
     try:

@@ -13,7 +13,17 @@ hyperparameters and match ``torch.optim`` step for step::
     params, state = opt.step(params, grads, state)
 """
 
-from . import distributed, flat, function_space, hypergrad, penalties, prox, select, sweep_data
+from . import (
+    diagnostics,
+    distributed,
+    flat,
+    function_space,
+    hypergrad,
+    penalties,
+    prox,
+    select,
+    sweep_data,
+)
 from .adapter import TorchOptimizer
 from .ensemble import SweepResult, ensemble_step, init_ensemble, sweep
 from .modules import split_module
@@ -26,6 +36,7 @@ from .optim import (
     SGDState,
     adam,
     adamw,
+    convert_timescale,
     lion,
     load_state_dict,
     muon,
@@ -73,6 +84,8 @@ __all__ = [
     "adam",
     "adamw",
     "clip_by_global_norm",
+    "convert_timescale",
+    "diagnostics",
     "distributed",
     "ema",
     "ensemble_step",

@@ -8,7 +8,7 @@ training loop, LR scheduler and checkpoint code use it unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast, overload
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import Tensor
@@ -238,6 +238,47 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._tables = tables
             raise
         return loss
+
+    def step_and_report(
+        self, *, decay: Literal["decoupled", "coupled"] = "decoupled"
+    ) -> dict[str, dict[str, Tensor]]:
+        """:meth:`step`, and that step's decay diagnostics per param
+        (:func:`functorch_reg.diagnostics.report`): call it instead of ``step()`` every
+        N steps to log them. It copies the params before the step, nothing more.
+
+        Each group's ``lr``, ``weight_decay`` (or with ``decay_timescale``,
+        :math:`1 / (\\eta_0 \\tau)`, its ``"lr"``-scaling value) and ``betas[0]`` or
+        ``momentum`` are used; decay chosen by the functional optimizer's ``mask`` is not
+        seen, so give undecayed params a group with ``weight_decay=0``. Params are
+        named by ``param_names`` (``named_parameters()``), else ``"group.position"``.
+
+        Args:
+            decay: ``"decoupled"`` (AdamW, ``sgd(decoupled=True)``) or ``"coupled"``.
+        """
+        from . import diagnostics
+
+        before = [[p.detach().clone() for p in group["params"]] for group in self.param_groups]
+        self.step()
+        out: dict[str, dict[str, Tensor]] = {}
+        for index, (group, olds) in enumerate(zip(self.param_groups, before, strict=True)):
+            names = group.get("param_names") or [f"{index}.{i}" for i in range(len(olds))]
+            if "decay_timescale" in group:
+                rate = 1 / (group["decay_reference_lr"] * group["decay_timescale"])
+            else:
+                rate = group.get("weight_decay", 0.0)
+            momentum = group["betas"][0] if "betas" in group else group.get("momentum", 0.0)
+            out.update(
+                diagnostics.report(
+                    dict(zip(names, olds, strict=True)),
+                    {name: p.detach() for name, p in zip(names, group["params"], strict=True)},
+                    {name: p.grad for name, p in zip(names, group["params"], strict=True)},
+                    lr=group["lr"],
+                    weight_decay=rate,
+                    momentum=momentum,
+                    decay=decay,
+                )
+            )
+        return out
 
     def _step_groups(self) -> None:
         trees: list[Any] = []

@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import optree
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
-from tqdm.auto import tqdm
 
-from . import _plot, sweep_data
+from . import _plot, sweep_data, sweep_step
 from .flat import FlatParams, pack
+from .modules import Logits
 from .optim import Optimizer
 from .optim.base import check_optimizer
 from .select import Where
 from .sweep_data import as_strengths
-from .train import TrainStep
+from .sweep_step import Randomness
 from .tree import Params, flatten, is_float, stack, unstack
 
 if TYPE_CHECKING:
@@ -97,8 +96,16 @@ class SweepResult:
         grid: each axis's value per member, ``{axis: (K,)}``; the axis is ``"penalty"``
             or the optimizer hyperparameter the values set.
         select: ``"val_loss"`` (lowest), ``"val_accuracy"`` (highest) or a callable
-            ``result -> index``; it sets :attr:`best_index`.
+            ``result -> index``; it sets :attr:`best_index`. Ties go to the first
+            member (the lowest index, the first grid point): under ``"val_loss"``
+            among exactly equal losses, under ``"val_accuracy"`` among accuracies within
+            ``ACCURACY_TIE_TOLERANCE`` (1e-6, absolute) of the highest, so that the
+            float rounding of a mean over batches or folds does not settle a tie.
+        buffers: each member's buffers after training (BatchNorm running statistics),
+            stacked like :attr:`params`; ``{}`` for a model without buffers.
     """
+
+    ACCURACY_TIE_TOLERANCE: ClassVar[float] = 1e-6
 
     strengths: Tensor
     params: Params
@@ -111,8 +118,12 @@ class SweepResult:
     fold_val_accuracy: Tensor | None = None
     grid: Mapping[str, Tensor] = field(default_factory=dict)
     select: Select = "val_loss"
+    buffers: Params = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     _refit: Callable[..., Params] | None = field(default=None, repr=False, compare=False)
+    _state_dict: Callable[[Params, Params], dict[str, Tensor]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def finite(self) -> Tensor:
@@ -141,7 +152,9 @@ class SweepResult:
             return index
         if self.select == "val_accuracy":
             assert self.val_accuracy is not None
-            return int(torch.where(finite, self.val_accuracy, -math.inf).argmax())
+            accuracy = torch.where(finite, self.val_accuracy.double(), -math.inf)
+            near_best = accuracy >= accuracy.max() - self.ACCURACY_TIE_TOLERANCE
+            return int(near_best.nonzero()[0, 0])  # the first of the (near-)equal best
         return int(torch.where(finite, self.val_loss, math.inf).argmin())
 
     @property
@@ -155,6 +168,29 @@ class SweepResult:
         :meth:`refit` gives one model)."""
         return unstack(self.params)[self.best_index]
 
+    @property
+    def best_state_dict(self) -> dict[str, Tensor]:
+        """The chosen member as a whole model: its parameters and buffers and the
+        frozen parameters, keyed as ``model.state_dict()``, so that
+        ``model.load_state_dict(result.best_state_dict)`` (``strict=True``) loads it.
+
+        Raises:
+            ValueError: with folds, where a grid point is one model per fold (use
+                :meth:`refit`), or for a result not made by :func:`sweep`.
+        """
+        if self._state_dict is None:
+            raise ValueError("this SweepResult was not made by fr.sweep; use best_params")
+        if self.fold_val_loss is not None:
+            raise ValueError(
+                "with folds, the chosen grid point is one model per fold; refit() trains "
+                "one model on all the data (best_params holds the fold members)"
+            )
+        index = self.best_index
+        params, buffers = (
+            optree.tree_map(lambda t: t[index], tree) for tree in (self.params, self.buffers)
+        )
+        return self._state_dict(params, buffers)
+
     def refit(
         self, *, steps: int | None = None, compile: bool | None = None, progress: bool = False
     ) -> Params:
@@ -163,8 +199,10 @@ class SweepResult:
         All the data is ``train`` and ``val`` together (with folds, all of ``train``),
         from the chosen member's initialization, with the sweep's optimizer, batches and
         ``steps`` unless given; ``compile`` defaults to the sweep's (one member of a small
-        model often runs faster eagerly than it compiles). Returns one member's parameters, keyed by
-        ``model.named_parameters()``: ``model.load_state_dict(params, strict=False)``.
+        model often runs faster eagerly than it compiles). The member's buffers start
+        from the model's own, as in the sweep. Returns the trained model as a state
+        dict: its parameters and buffers and the frozen parameters, keyed as
+        ``model.state_dict()``: ``model.load_state_dict(result.refit())``.
         """
         if self._refit is None:
             raise ValueError("this SweepResult was not made by fr.sweep and cannot refit")
@@ -206,7 +244,7 @@ class SweepResult:
 
 def sweep(
     model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[[Any, Tensor], Tensor],
     optimizer: Optimizer,
     strengths: Strengths,
     *,
@@ -223,6 +261,8 @@ def sweep(
     seed: int = 0,
     grid_positions: Tensor | Sequence[int] | None = None,
     flat: bool | Mapping[str, Where] = False,
+    randomness: Randomness = "different",
+    logits: Logits = None,
     compile: bool = True,
     progress: bool = True,
 ) -> SweepResult:
@@ -235,22 +275,39 @@ def sweep(
     ``{"penalty" or hyperparameter: values}``, sweeps their product. Every step runs all
     members through one ``torch.compile(vmap(step))``; all members see the same batches.
 
+    The model may be a real one. Parameters with ``requires_grad=False`` are constants,
+    never updated or decayed. Buffers are per-member state: each member has its own
+    (BatchNorm running statistics, :attr:`SweepResult.buffers`), updated by its own
+    training batches as ``model.train()`` would, and validation runs in eval mode.
+    Dropout in train mode draws per member (``randomness``). The forward may return a
+    tensor, dict, tuple or ``ModelOutput``: ``loss_fn`` gets it as is, and accuracy is
+    reported where ``logits=`` finds the logits. A ``torch.compile``d module is
+    unwrapped (the sweep compiles the whole step itself). The model itself is never
+    modified, also when the sweep fails.
+
     With ``folds=k`` (or a ``cv`` splitter) and no ``val``, each grid point trains one
     member per fold, all in the same vmapped step: every member sees the shared batch
     with its held-out fold's samples weighted 0, so ``loss_fn`` must be a mean over
     samples (as the torch losses are by default). Folds are contiguous, as
-    ``sklearn.model_selection.KFold(k)`` without shuffling.
+    ``sklearn.model_selection.KFold(k)`` without shuffling. A model whose train-mode
+    forward mixes samples (BatchNorm) or updates buffers instead gives each member the
+    rows of its own training fold, so a held-out sample never reaches its member's
+    batch statistics; the training folds must then be of equal size.
 
     Args:
         model: the architecture; its parameters are the shared initialization.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``, a mean over samples.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, a mean over samples;
+            ``outputs`` is what the model returns (a tensor, dict, tuple or
+            ``ModelOutput``).
         optimizer: a functional optimizer such as ``fr.adam(prox=fr.prox.l1)``.
         strengths: one strength per member, shape ``(K,)``, or a dict of grid axes.
         train: a pair of tensors ``(x, y)``, a ``DataLoader`` or any re-iterable of
             ``(x, y)`` batches (re-iterated per epoch). A batch of a new shape (a
             loader's last partial batch) compiles once more: ``drop_last=True`` avoids it.
         val: the same forms; evaluated batch by batch (the exact mean over samples).
-            Integer targets make it a classification problem and add accuracy.
+            Integer targets make it a classification problem and add accuracy. It is
+            read before training (checked) and after, so a one-shot iterable (an
+            ``IterableDataset`` over a stream) is refused before training.
         penalty: ``penalty(params) -> 0-d tensor``, scaled by the strength; or a dict
             of named penalties (one per group of layers, e.g. ``functools.partial(
             fr.penalties.l1, where="0.*")``), each with its own strength axis of the
@@ -275,6 +332,13 @@ def sweep(
             optimizer's ``mask`` then names groups (``mask="decay"``). Each member's
             update is then one kernel per group rather than one per leaf; results equal
             the per-leaf sweep, and :attr:`SweepResult.params` is per-leaf either way.
+        randomness: vmap's ``"different"`` (each member draws its own dropout masks),
+            ``"same"`` (all members the same masks) or ``"error"`` (random operations
+            raise). The draws follow ``seed``; the caller's random stream is left as
+            it was.
+        logits: where the logits are in the model's output, for accuracy: ``None``
+            (the output itself if a tensor, else its ``logits``), an attribute or key
+            name, a tuple index, or a callable ``output -> logits``.
         compile: compile the vmapped step with ``fullgraph=True``.
         progress: show a progress bar (it says "compiling" during the first step).
 
@@ -284,6 +348,7 @@ def sweep(
     Raises:
         ValueError, TypeError: bad input, before any training.
     """
+    sweep_step.check_randomness(randomness, "sweep")
     penalties = _penalties(penalty, strengths, optimizer)
     grid = _grid(strengths, optimizer, penalties, hyperparameter)
     count = len(next(iter(grid.values())))
@@ -305,17 +370,20 @@ def sweep(
         raise ValueError("sweep: folds=/cv= need train as a pair of tensors (folds are positions)")
     val_data = None if val is None else sweep_data.as_data(val, "val", check_all=True)
     _check_batch_size(batch_size, train_data)
-    device = next(model.parameters()).device
+    parts = sweep_step.model_parts(model, "sweep")
+    device = next(iter(parts.params.values())).device
     positions = _positions(grid_positions, count)
-    members = _initial_members(model, init, count, seed, positions)
+    members = _initial_members(parts, init, count, seed, positions)
     first_member = unstack(members)[0]
-    classification, sample_losses = _probe(
-        model, loss_fn, first_member, val_data or train_data, device
-    )
-    if select == "val_accuracy" and not classification:
+    with sweep_step.seeded(seed, device):
+        probe = sweep_step.probe(
+            parts, loss_fn, first_member, val_data or train_data, device, logits
+        )
+    if select == "val_accuracy" and not probe.classification:
         raise ValueError(
             "sweep: select='val_accuracy' needs a classification problem (integer targets "
-            "and outputs of shape (batch, classes)); use 'val_loss' or a callable"
+            "and logits of shape (batch, classes); say where they are with logits=); use "
+            "'val_loss' or a callable"
         )
     layout = None
     if flat is not False:
@@ -333,53 +401,78 @@ def sweep(
     _check_hyperparameters(
         optimizer, first_member if layout is None else layout.buffers, grid, penalties
     )
-    grid = {axis: values.to(device) for axis, values in grid.items()}
+    # In the params' dtype, as torch.optim's Python floats act: a float32 0.05 is not a
+    # float64 model's 0.05.
+    dtype = first_member_dtype(first_member)
+    grid = {axis: values.to(device, dtype) for axis, values in grid.items()}
 
-    n_folds, train_weights, held_out = 1, None, None
+    n_folds, samples, per_member, held_out = 1, "shared", None, None
     if cross_validate:
         assert train_data.tensors is not None
         train_mask, held_mask = sweep_data.fold_masks(len(train_data.tensors[0]), folds, cv)
         n_folds = len(train_mask)
-        dtype = first_member_dtype(first_member)
-        train_weights = train_mask.to(device, dtype).repeat(count, 1)
         held_out = held_mask.to(device, dtype).repeat(count, 1)
+        mixing = parts.batch_norms_in_training()
+        if mixing or probe.updates_buffers:
+            # Batch statistics would mix a held-out fold into its member: each member
+            # trains on the rows of its own training fold instead.
+            samples = "gathered"
+            per_member = _fold_rows(train_mask, mixing, batch_size).repeat(count, 1)
+        else:
+            samples = "weighted"
+            per_member = train_mask.to(device, dtype).repeat(count, 1)
         members = _repeat_members(members, n_folds)
     member_grid = {axis: values.repeat_interleave(n_folds) for axis, values in grid.items()}
     trained = packed(members)
     states = stack([optimizer.init(member) for member in unstack(trained)])
-    step = _vmapped_step(
-        model, loss_fn, optimizer, penalties, sample_losses if cross_validate else None, layout
+    initial, initial_buffers = members, sweep_step.stacked(parts.buffers, count * n_folds)
+    step = sweep_step.vmapped_step(
+        parts,
+        loss_fn,
+        optimizer,
+        penalties,
+        samples=samples,  # type: ignore[arg-type]
+        sample_losses=probe.sample_losses,
+        flat=layout,
+        randomness=randomness,
     )
     if compile:
         step = torch.compile(step, fullgraph=True)
-    initial = members
-    trained, losses = _train(
-        step,
-        trained,
-        states,
-        member_grid,
-        train_data,
-        batch_size,
-        steps,
-        seed,
-        device,
-        train_weights,
-        progress=progress,
-        compiling=compile,
-        desc=f"sweep over {count} x {n_folds} members"
-        if cross_validate
-        else f"sweep over {count} members",
-    )
+    with sweep_step.seeded(seed, device):
+        trained, buffers, losses = sweep_step.train(
+            step,
+            trained,
+            initial_buffers,
+            states,
+            member_grid,
+            _batches(train_data, batch_size, steps, seed, device, samples, per_member),
+            steps,
+            progress=progress,
+            compiling=compile,
+            desc=f"sweep over {count} x {n_folds} members"
+            if cross_validate
+            else f"sweep over {count} members",
+        )
     members = unpacked(trained)
+    logits_at = logits if probe.classification else False
     with torch.no_grad():
         if cross_validate:
             assert train_data.tensors is not None and held_out is not None
-            loss, accuracy = _evaluate_folds(
-                model, sample_losses, members, train_data.tensors, held_out, device, classification
+            loss, accuracy = sweep_step.evaluate_folds(
+                parts,
+                probe.sample_losses,
+                members,
+                buffers,
+                train_data.tensors,
+                held_out,
+                device,
+                logits_at,
             )
         else:
             assert val_data is not None
-            loss, accuracy = _evaluate(model, loss_fn, members, val_data, device, classification)
+            loss, accuracy = sweep_step.evaluate(
+                parts, loss_fn, members, buffers, val_data, device, logits_at
+            )
         leaves = [leaf.reshape(len(leaf), -1) for leaf in flatten(members)[0] if is_float(leaf)]
         entries = torch.cat(leaves, dim=1)
         sparsity = (entries == 0).float().mean(1).view(count, n_folds).mean(1)
@@ -388,7 +481,9 @@ def sweep(
     def fold_view(tree: Any) -> Any:
         return optree.tree_map(lambda t: t.reshape(count, n_folds, *t.shape[1:]), tree)
 
-    def refit(index: int, *, steps: int | None, compile: bool | None, progress: bool) -> Params:
+    def refit(
+        index: int, *, steps: int | None, compile: bool | None, progress: bool
+    ) -> dict[str, Tensor]:
         compile = compile_sweep if compile is None else compile
         data = (
             train_data
@@ -397,23 +492,25 @@ def sweep(
         )
         start = packed(stack([unstack(initial)[index * n_folds]]))
         one = {axis: values[index : index + 1] for axis, values in grid.items()}
-        refit_step = _vmapped_step(model, loss_fn, optimizer, penalties, None, layout)
-        trained, _ = _train(
-            torch.compile(refit_step, fullgraph=True) if compile else refit_step,
-            start,
-            stack([optimizer.init(unstack(start)[0])]),
-            one,
-            data,
-            batch_size,
-            steps or sweep_steps,
-            seed,
-            device,
-            None,
-            progress=progress,
-            compiling=compile,
-            desc="refit",
+        refit_step = sweep_step.vmapped_step(
+            parts, loss_fn, optimizer, penalties, flat=layout, randomness=randomness
         )
-        return unstack(unpacked(trained))[0]
+        steps = steps or sweep_steps
+        with sweep_step.seeded(seed, device):
+            trained, buffers, _ = sweep_step.train(
+                torch.compile(refit_step, fullgraph=True) if compile else refit_step,
+                start,
+                optree.tree_map(lambda t: t[:1], initial_buffers),
+                stack([optimizer.init(unstack(start)[0])]),
+                one,
+                _batches(data, batch_size, steps, seed, device, "shared", None),
+                steps,
+                progress=progress,
+                compiling=compile,
+                desc="refit",
+            )
+        params, buffers = (optree.tree_map(lambda t: t[0], t) for t in (unpacked(trained), buffers))
+        return parts.state_dict(params, buffers)
 
     sweep_steps, compile_sweep = steps, compile
     train_loss = torch.stack(losses).cpu()
@@ -431,178 +528,154 @@ def sweep(
         ),
         grid={axis: values.cpu() for axis, values in grid.items()},
         select=select,
-        labels=_layer_labels(model),
+        buffers=fold_view(buffers) if cross_validate else buffers,
+        labels=_layer_labels(parts.module),
         _refit=refit,
+        _state_dict=parts.state_dict,
     )
 
 
 def ensemble_step(
     model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[[Any, Tensor], Tensor],
     optimizer: Optimizer,
     *,
     penalty: Callable[[Params], Tensor] | None = None,
     hyperparameter: str | None = None,
     flat: FlatParams | None = None,
-) -> Callable[..., tuple[Params, Any, Tensor]]:
+    randomness: Randomness = "different",
+) -> Callable[..., tuple[Any, ...]]:
     """The vmapped training step that :func:`sweep` compiles, for loops of your own.
 
     ``step(members, states, strengths, x, y) -> (members, states, losses)`` takes stacked
     parameters and optimizer states (leading dim ``K``), one strength per member and a
     batch shared by all members; ``losses`` are the members' unregularized losses.
+
+    A model with buffers that its forward updates (BatchNorm in train mode) needs each
+    member's buffers: ``step(members, states, strengths, x, y, buffers=buffers) ->
+    (members, states, losses, buffers)``, with ``buffers`` stacked like ``members``
+    (e.g. ``fr.stack([dict(model.named_buffers())] * K)``); each member's come back
+    updated by its own forward, as ``model.train()`` updates the module's. Without
+    ``buffers=``, the module's own buffers are used as constants (eval mode).
+
+    Parameters with ``requires_grad=False`` stay as they are: left out of ``members``
+    (``fr.split_module(model)[0]`` holds the trainable ones), the model's own are used;
+    given in ``members``, they get no gradient, so the optimizer never updates or
+    decays them. Random operations (dropout) follow vmap's ``randomness``.
+
     With ``flat=fr.flat.pack(params, ...)``, ``members`` are stacked buffers
     (``[K, n]`` per group, e.g. ``fr.stack([flat.pack_like(m) for m in trees])``), the
     model and ``penalty`` see their leaf views, and one kernel per group updates every
     member. Compile the returned function (``torch.compile(step, fullgraph=True)``), not
     the other way round.
+
+    Args:
+        model: the architecture (a ``torch.compile``d module is unwrapped).
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``; ``outputs`` is what the
+            model returns (a tensor, a dict, a tuple, a ``ModelOutput``).
+        optimizer: a functional optimizer.
+        penalty: ``penalty(params) -> 0-d tensor``, scaled by each member's strength.
+        hyperparameter: the optimizer hyperparameter the strengths set instead.
+        flat: a flat layout of the trainable parameters (none frozen).
+        randomness: vmap's ``"different"`` (each member its own dropout masks),
+            ``"same"`` or ``"error"``.
+
+    Raises:
+        ValueError: bad arguments; at a call, buffers missing for a model with
+            BatchNorm in train mode (naming the modules).
     """
     _check_strength_target(optimizer, penalty, hyperparameter)
+    sweep_step.check_randomness(randomness, "ensemble_step")
+    parts = sweep_step.model_parts(model, "ensemble_step")
+    if flat is not None:
+        frozen = sorted(set(flat.params) & set(parts.frozen))
+        if frozen:
+            raise ValueError(
+                f"ensemble_step: the flat layout holds frozen parameters {frozen} "
+                "(requires_grad=False), which a flat buffer would train; pack "
+                "fr.split_module(model)[0] instead"
+            )
     axis = "penalty" if hyperparameter is None else hyperparameter
-    vmapped = _vmapped_step(
-        model, loss_fn, optimizer, {} if penalty is None else {"penalty": penalty}, None, flat
+    vmapped = sweep_step.vmapped_step(
+        parts,
+        loss_fn,
+        optimizer,
+        {} if penalty is None else {"penalty": penalty},
+        flat=flat,
+        randomness=randomness,
     )
+    mixing = parts.batch_norms_in_training() if parts.buffers else []
 
     def step(
-        members: Params, states: Any, strengths: Tensor, x: Tensor, y: Tensor
-    ) -> tuple[Params, Any, Tensor]:
-        return vmapped(members, states, {axis: strengths}, x, y)
+        members: Params,
+        states: Any,
+        strengths: Tensor,
+        x: Tensor,
+        y: Tensor,
+        buffers: Params | None = None,
+    ) -> tuple[Any, ...]:
+        if buffers is None:
+            if mixing:
+                raise ValueError(
+                    f"ensemble_step: {mixing} in train mode update their buffers; pass each "
+                    "member's, step(..., buffers=fr.stack([dict(model.named_buffers())] * K)), "
+                    "or call model.eval()"
+                )
+            members, _, states, losses = vmapped(members, {}, states, {axis: strengths}, x, y, None)
+            return members, states, losses
+        members, buffers, states, losses = vmapped(
+            members, buffers, states, {axis: strengths}, x, y, None
+        )
+        return members, states, losses, buffers
 
     return step
 
 
-def _vmapped_step(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    optimizer: Optimizer,
-    penalties: Mapping[str, Callable[[Params], Tensor]],
-    sample_losses: Callable[[Tensor, Tensor], Tensor] | None,
-    flat: FlatParams | None = None,
-) -> Callable[..., tuple[Params, Any, Tensor]]:
-    """``step(members, states, grid, x, y[, weights])``: ``grid`` maps each axis to one
-    value per member; with ``sample_losses`` (:func:`~functorch_reg.sweep_data.per_sample`),
-    ``weights`` (members x batch) weight each member's samples. Each member's step is
-    :meth:`~functorch_reg.train.TrainStep.pure` of the penalized loss (over ``flat``'s
-    buffers when given)."""
-
-    def objective(
-        params: Params, grid: dict[str, Tensor], x: Tensor, y: Tensor, weights: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        outputs = functional_call(model, params, (x,))
-        if weights is None:
-            loss = loss_fn(outputs, y)
-        else:  # a held-out fold's samples weigh 0; clamp: a batch may miss a fold entirely
-            assert sample_losses is not None
-            loss = (sample_losses(outputs, y) * weights).sum() / weights.sum().clamp(min=1)
-        objective = loss
-        for name, penalty in penalties.items():
-            objective = objective + grid[name] * penalty(params)
-        return objective, loss
-
-    train = TrainStep(objective, optimizer, flat=flat, has_aux=True, compile=False, mode=None)
-
-    def member_step(
-        params: Params,
-        state: Any,
-        grid: dict[str, Tensor],
-        x: Tensor,
-        y: Tensor,
-        weights: Tensor | None = None,
-    ) -> tuple[Params, Any, Tensor]:
-        overrides = {axis: value for axis, value in grid.items() if axis not in penalties}
-        params, state, (_, loss) = train.pure(params, state, grid, x, y, weights, **overrides)
-        return params, state, loss
-
-    in_dims = (0, 0, 0, None, None) if sample_losses is None else (0, 0, 0, None, None, 0)
-    return vmap(member_step, in_dims=in_dims)
-
-
-def _train(
-    step: Callable[..., tuple[Params, Any, Tensor]],
-    members: Params,
-    states: Any,
-    grid: dict[str, Tensor],
+def _batches(
     data: sweep_data.Data,
     batch_size: int | None,
     steps: int,
     seed: int,
     device: torch.device,
-    weights: Tensor | None,
-    *,
-    progress: bool,
-    compiling: bool,
-    desc: str,
-) -> tuple[Params, list[Tensor]]:
-    losses = []
-    bar = tqdm(total=steps, desc=desc, disable=not progress)
-    if compiling:
-        bar.set_postfix_str("compiling (first step)")
-    for number, ((x, y), index) in enumerate(
-        sweep_data.training_batches(data, batch_size, steps, seed, device)
+    samples: str,
+    per_member: Tensor | None,
+) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """The training steps' ``(x, y, extra)``: a shared batch (with each member's weights
+    of its samples), or all of ``data`` with each member's row positions (gathered)."""
+    if samples == "gathered":
+        assert data.tensors is not None and per_member is not None
+        x, y = (t.to(device) for t in data.tensors)
+        rows = per_member.to(device)
+        for positions in sweep_data.sample_batches(rows.shape[1], batch_size, steps, seed, device):
+            yield x, y, rows[:, positions]
+        return
+    for (inputs, targets), index in sweep_data.training_batches(
+        data, batch_size, steps, seed, device
     ):
-        extra = () if weights is None else (weights[:, index],)
-        members, states, loss = step(members, states, grid, x, y, *extra)
-        losses.append(loss)
-        if number == 0 and compiling:
-            # The rate and ETA count from here: compiling is not a step.
-            bar.set_postfix_str("")
-            bar.reset()
-            bar.initial = bar.n = bar.last_print_n = 1
-            bar.refresh()
+        if per_member is None:
+            yield inputs, targets, None
         else:
-            bar.update(1)
-    bar.close()
-    return members, losses
+            assert index is not None  # tensor data: weights need positions
+            yield inputs, targets, per_member[:, index]
 
 
-def _evaluate(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    members: Params,
-    data: sweep_data.Data,
-    device: torch.device,
-    classification: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Mean validation loss (and accuracy) per member over all batches, weighted by size."""
-    total, loss_sum, correct = 0, None, None
-    for x, y in data.epoch(device):
-
-        def evaluate(params: Params, x: Tensor = x, y: Tensor = y) -> tuple[Tensor, Tensor]:
-            outputs = functional_call(model, params, (x,))
-            return loss_fn(outputs, y), outputs
-
-        loss, outputs = vmap(evaluate)(members)
-        total += len(y)
-        loss_sum = loss * len(y) if loss_sum is None else loss_sum + loss * len(y)
-        if classification:
-            hits = (outputs.argmax(-1) == y).sum(-1)
-            correct = hits if correct is None else correct + hits
-    assert loss_sum is not None
-    return loss_sum / total, None if correct is None else correct / total
-
-
-def _evaluate_folds(
-    model: nn.Module,
-    sample_losses: Callable[[Tensor, Tensor], Tensor],
-    members: Params,
-    data: tuple[Tensor, Tensor],
-    held_out: Tensor,
-    device: torch.device,
-    classification: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Each member's mean loss (and accuracy) over its held-out samples."""
-    x, y = (t.to(device) for t in data)
-
-    def evaluate(params: Params) -> tuple[Tensor, Tensor]:
-        outputs = functional_call(model, params, (x,))
-        return sample_losses(outputs, y), outputs
-
-    losses, outputs = vmap(evaluate)(members)
-    count = held_out.sum(1)
-    loss = (losses * held_out).sum(1) / count
-    accuracy = None
-    if classification:
-        accuracy = ((outputs.argmax(-1) == y) * held_out).sum(1) / count
-    return loss, accuracy
+def _fold_rows(train_mask: Tensor, mixing: Sequence[str], batch_size: int | None) -> Tensor:
+    """Each fold's training rows, ``(folds, m)``: folds must train on equally many."""
+    sizes = train_mask.sum(1)
+    why = f"{list(mixing)} in train mode" if mixing else "the model's forward updates buffers and"
+    if (sizes != sizes[0]).any():
+        raise ValueError(
+            f"sweep: {why} mix the samples of a batch, so with folds each member trains on "
+            f"its own training fold, and those must be of equal size; got {sizes.tolist()}. "
+            "Make len(train) a multiple of folds, give cv= equal-size splits, or put those "
+            "modules in eval mode"
+        )
+    if batch_size is not None and batch_size > int(sizes[0]):
+        raise ValueError(
+            f"sweep: batch_size={batch_size} is more than the {int(sizes[0])} samples of a "
+            "training fold"
+        )
+    return torch.stack([mask.nonzero().squeeze(1) for mask in train_mask])
 
 
 def first_member_dtype(params: Params) -> torch.dtype:
@@ -668,7 +741,9 @@ def _grid(
             "sweep: a penalty axis and penalty= go together: give both or neither "
             f"(penalties without an axis: {missing})"
         )
-    axes = {axis: as_strengths(values) for axis, values in strengths.items()}
+    axes = {
+        axis: as_strengths(values, f"strengths[{axis!r}]") for axis, values in strengths.items()
+    }
     mesh = torch.meshgrid(*axes.values(), indexing="ij")
     return {axis: values.reshape(-1) for axis, values in zip(axes, mesh, strict=True)}
 
@@ -698,25 +773,6 @@ def _check_batch_size(batch_size: Any, data: sweep_data.Data) -> None:
         or not 0 < batch_size <= size
     ):
         raise ValueError(f"sweep: batch_size must be an int in [1, {size}], got {batch_size!r}")
-
-
-def _probe(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    member: Params,
-    data: sweep_data.Data,
-    device: torch.device,
-) -> tuple[bool, Callable[[Tensor, Tensor], Tensor]]:
-    """Run two samples through the model and loss: whether it is classification, and
-    the per-sample loss that fold weights need."""
-    x, y = next(data.epoch(device))
-    with torch.no_grad():
-        outputs = functional_call(model, member, (x[:2],))
-        loss = loss_fn(outputs, y[:2])
-    if not isinstance(loss, Tensor) or loss.ndim != 0:
-        raise ValueError(f"sweep: loss_fn must return a 0-d tensor (a mean), got {loss!r}")
-    classification = not y.is_floating_point() and outputs.ndim == 2 and y.ndim == 1
-    return classification, sweep_data.per_sample(loss_fn, outputs, y[:2])
 
 
 def _positions(grid_positions: Tensor | Sequence[int] | None, count: int) -> Tensor:
@@ -765,18 +821,20 @@ def _check_strength_target(
 
 
 def _initial_members(
-    model: nn.Module,
+    parts: sweep_step.ModelParts,
     init: Literal["shared", "independent"] | Params,
     count: int,
     seed: int,
     positions: Tensor,
 ) -> Params:
-    own = {name: p.detach() for name, p in model.named_parameters()}
+    """The members' starting trainable parameters, stacked (new memory)."""
+    own = parts.params
     if isinstance(init, str):
         if init == "shared":
             return stack([own] * count)
         if init == "independent":
-            return init_ensemble(model, count, seed, positions=positions)
+            members = init_ensemble(parts.module, count, seed, positions=positions)
+            return {name: members[name] for name in own}
         raise ValueError(
             f"sweep: init must be 'shared', 'independent' or stacked params, got {init!r}"
         )
@@ -784,9 +842,11 @@ def _initial_members(
         raise TypeError(f"sweep: stacked init must be a dict of tensors, got {type(init).__name__}")
     missing, extra = sorted(set(own) - set(init)), sorted(set(init) - set(own))
     if missing or extra:
+        frozen = sorted(set(extra) & set(parts.frozen))
+        hint = f"; {frozen} are frozen (requires_grad=False) and never trained" if frozen else ""
         raise ValueError(
-            f"sweep: stacked init must hold exactly the model's parameters; missing {missing}, "
-            f"unknown {extra}"
+            f"sweep: stacked init must hold exactly the model's trainable parameters; "
+            f"missing {missing}, unknown {extra}{hint}"
         )
     sizes = {leaf.shape[0] for leaf in init.values() if isinstance(leaf, Tensor) and leaf.ndim}
     if sizes != {count}:

@@ -280,6 +280,10 @@ def leafwise(
             )
         views: dict[str, Tensor] = {}
         pieces: dict[str, tuple[Tensor, ...]] = {}
+        # A per-coordinate threshold shaped like the (one) buffer (an optimizer's
+        # prox_metric="preconditioned"), split into the leaves' thresholds.
+        per_leaf = isinstance(threshold, Tensor) and threshold.ndim > 0 and len(buffers) == 1
+        thresholds: dict[str, Tensor] = {}
         for group, buffer in buffers.items():
             if group not in flat._pieces:
                 raise ValueError(
@@ -294,10 +298,21 @@ def leafwise(
                 )
             batch = buffer.shape[:-1]
             pieces[group] = torch.split(buffer, sizes, dim=-1)
-            for name, piece in zip(names, pieces[group], strict=True):
+            cuts = (
+                torch.split(threshold.expand_as(buffer), sizes, dim=-1)
+                if per_leaf
+                else pieces[group]
+            )
+            for name, piece, cut in zip(names, pieces[group], cuts, strict=True):
                 if name is not None:
                     views[name] = piece.view(*batch, *flat.slots[name].shape)
-        result = prox(views, threshold, **kwargs)
+                    thresholds[name] = cut.reshape(views[name].shape)
+        if per_leaf:
+            result = {}
+            for name, view in views.items():
+                result.update(prox({name: view}, thresholds[name], **kwargs))
+        else:
+            result = prox(views, threshold, **kwargs)
         return {
             group: torch.cat(
                 [

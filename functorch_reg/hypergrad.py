@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from . import _plot
 from .optim import Optimizer, adam
-from .tree import Params, flatten, is_float
+from .tree import Params, flatten, is_float, spec_names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -79,6 +79,10 @@ def implicit(
     ``train_loss`` is then the smooth part only. ``prox(params, threshold)`` gets
     ``threshold = step_size * strengths``; for a vector of strengths, write a prox that
     applies ``threshold[i]`` to its own leaves (``fr.prox.l1(p, threshold[i], where=...)``).
+    The optimizers built with ``prox_metric="preconditioned"`` (Adam, SGD with momentum)
+    converge to these same fixed points, the solutions of ``train_loss + lam * P``, so
+    params they trained take the same ``prox`` here; with the Euclidean prox, Adam's and
+    momentum's fixed points are not :math:`T`'s.
 
     Solvers, all on matrix-free products with a fixed number of iterations (``maxiter``),
     frozen once converged, keeping the best iterate (an indefinite Hessian makes the
@@ -99,9 +103,14 @@ def implicit(
     ``max(tol, 64 * eps)`` of the dtype; otherwise a ``RuntimeWarning`` reports the
     residual. A ``RuntimeWarning`` also reports a stationarity residual
     (:math:`\|\nabla_w L\|`, or :math:`\|T(w) - w\| / \eta` with a prox) above
-    ``stationary_tol``. Under ``torch.compile`` the loop runs all ``maxiter`` iterations
-    and nothing is read back: no warnings, and no check of the prox's Jacobian for
-    ``"cg"`` (run it once eagerly first).
+    ``stationary_tol``. CG stopped by non-positive curvature (the Hessian is not positive
+    definite: params are a saddle point or a maximum) warns so, and names the ways out:
+    ``damping=``, or ``solver="normal_cg"``, which solves :math:`H^2 u = H v` and is exact
+    for any nonsingular :math:`H`. A NaN in the solve (the gradient of ``val_loss`` or a
+    Hessian-vector product) gives a NaN hypergradient, with a warning. Under
+    ``torch.compile`` the loop runs all ``maxiter`` iterations and nothing is read back: no
+    warnings or value checks, and no check of the prox's Jacobian for ``"cg"`` (run it
+    once eagerly first).
 
     Args:
         train_loss: ``train_loss(params, strengths) -> 0-d tensor``.
@@ -120,6 +129,12 @@ def implicit(
 
     Returns:
         The hypergradient, shaped like ``strengths``.
+
+    Raises:
+        TypeError: ``strengths`` is not a floating tensor.
+        ValueError: ``strengths`` or a params leaf is non-finite or on the meta device,
+            they are on different devices, ``step_size`` is not positive and finite, or
+            a solver setting is bad; the message names the leaf or argument.
 
     Example:
         Ridge regression, ``L = |Xw - y|^2 / n + lam |w|^2``:
@@ -188,7 +203,8 @@ def unrolled(
         val_loss: ``val_loss(params) -> 0-d tensor``.
         params: initial parameters.
         strengths: floating 0-d tensor or vector.
-        optimizer: a functional optimizer, e.g. ``fr.sgd(lr=0.1, momentum=0.9)``.
+        optimizer: a functional optimizer, e.g. ``fr.sgd(lr=0.1, momentum=0.9)`` (not a
+            ``torch.optim`` one, whose in-place update cannot be differentiated).
         steps: number of optimizer steps (a positive int).
         checkpoint: recompute each step in the backward pass instead of storing it.
 
@@ -209,7 +225,9 @@ def unrolled(
     """
     _check_strengths("unrolled", strengths)
     _check_positive_int("unrolled", "steps", steps)
+    _check_optimizer("unrolled", optimizer)
     split = _Split(params)
+    _check_params("unrolled", split, strengths, finite=True)
     hypergradient, trained, _ = _unroll(
         train_loss, val_loss, split, strengths, optimizer, None, steps, checkpoint
     )
@@ -308,12 +326,18 @@ def tune(
       starting point and optimizer state): exact for the round, but greedy, which
       favours small strengths (short-horizon bias).
 
+    Non-finite values stop the run: when a round's training diverges (a params leaf or
+    the validation loss becomes NaN or inf) or its hypergradient is not finite, ``tune``
+    warns (``RuntimeWarning``, saying which) and returns the state before that round:
+    its params, strengths and history, and ``train_steps`` counts the steps kept.
+
     Args:
         train_loss: ``train_loss(params, strengths) -> 0-d tensor``.
         val_loss: ``val_loss(params) -> 0-d tensor``.
         params: initial parameters.
-        strengths: initial strengths, positive (0-d or a vector).
-        optimizer: the functional optimizer that trains ``params``.
+        strengths: initial strengths, positive and finite (0-d or a vector).
+        optimizer: the functional optimizer that trains ``params`` (``fr.sgd(...)``,
+            ``fr.adam(...)``; a ``torch.optim`` optimizer is refused).
         rounds: number of hypergradient steps.
         steps_per_round: optimizer steps between hypergradient steps.
         hyper_lr: Adam learning rate on :math:`\log\lambda`.
@@ -344,11 +368,15 @@ def tune(
     _check_strengths("tune", strengths)
     _check_positive_int("tune", "rounds", rounds)
     _check_positive_int("tune", "steps_per_round", steps_per_round)
+    _check_optimizer("tune", optimizer)
     if method not in ("implicit", "unrolled"):
         raise ValueError(f"tune: method must be 'implicit' or 'unrolled', got {method!r}")
     if not bool((strengths > 0).all()):
         raise ValueError(f"tune: strengths must be positive (tuned in log space), got {strengths}")
+    if not _positive_finite(hyper_lr):
+        raise ValueError(f"tune: hyper_lr must be a positive, finite float, got {hyper_lr!r}")
     split = _Split(params)
+    _check_params("tune", split, strengths, finite=True)
     hyper_optimizer = adam(lr=hyper_lr)
     log_strengths = strengths.detach().log()
     hyper_state = hyper_optimizer.init(log_strengths)
@@ -357,8 +385,9 @@ def tune(
     record_steps, record_strengths, record_val, record_hyper = [0], [strengths.detach()], [], []
     record_val.append(_value(val_loss, split.tree(split.floats)).detach())
     bar = tqdm(range(rounds), desc="tune strengths", disable=not progress)
-    for _ in bar:
+    for round_index in bar:
         current = log_strengths.exp()
+        previous = split
         if method == "unrolled":
             hyper, trained, state = _unroll(
                 train_loss, val_loss, split, current, optimizer, state, steps_per_round, False
@@ -373,26 +402,25 @@ def tune(
                 )
                 floats = split.float_leaves(new_params)
             split = _Split(split.tree(floats))
-            hyper, _ = _implicit(
-                train_loss,
-                val_loss,
-                split.tree(split.floats),
-                current,
-                prox=None,
-                step_size=None,
-                solver="cg",
-                maxiter=maxiter,
-                tol=1e-10,
-                damping=damping,
-                stationary_tol=math.inf,
-                warn=False,
+            hyper, _ = _implicit_unchecked(split, current, train_loss, val_loss, maxiter, damping)
+        hyper = hyper.detach()
+        val = _value(val_loss, split.tree(split.floats)).detach()
+        problem = _nonfinite_round(split, val, hyper, method)
+        if problem is not None:
+            warnings.warn(
+                f"hypergrad.tune: stopped at round {round_index + 1} of {rounds} (after "
+                f"{done + steps_per_round} training steps): {problem}. The result keeps the "
+                f"last finite state, after {done} steps; lower the optimizer's lr or "
+                "hyper_lr, or bound the strengths",
+                RuntimeWarning,
+                stacklevel=2,
             )
+            split = previous
+            break
         done += steps_per_round
-        hyper = torch.nan_to_num(hyper.detach(), nan=0.0, posinf=0.0, neginf=0.0)
         log_strengths, hyper_state = hyper_optimizer.step(
             log_strengths, hyper * current, hyper_state
         )
-        val = _value(val_loss, split.tree(split.floats)).detach()
         record_steps.append(done)
         record_strengths.append(log_strengths.exp())
         record_val.append(val)
@@ -402,7 +430,11 @@ def tune(
         train_steps=torch.tensor(record_steps),
         strengths=torch.stack(record_strengths),
         val_loss=torch.stack(record_val),
-        hypergradient=torch.stack(record_hyper),
+        hypergradient=(
+            torch.stack(record_hyper)
+            if record_hyper
+            else strengths.detach().new_empty((0, *strengths.shape))
+        ),
     )
     return TuneResult(
         params=split.tree(split.floats),
@@ -410,6 +442,52 @@ def tune(
         train_steps=done,
         history=history,
     )
+
+
+def _implicit_unchecked(
+    split: _Split,
+    strengths: Tensor,
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    maxiter: int,
+    damping: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`implicit` as :func:`tune` calls it: silent, on params that may be non-finite
+    (the caller checks the result)."""
+    return _implicit(
+        train_loss,
+        val_loss,
+        split.tree(split.floats),
+        strengths,
+        prox=None,
+        step_size=None,
+        solver="cg",
+        maxiter=maxiter,
+        tol=1e-10,
+        damping=damping,
+        stationary_tol=math.inf,
+        warn=False,
+        check_params=False,
+    )
+
+
+def _nonfinite_round(split: _Split, val: Tensor, hyper: Tensor, method: str) -> str | None:
+    """What went non-finite in a round of :func:`tune`, in words, or ``None``."""
+    names = spec_names(split.spec)
+    for position, leaf in zip(split.positions, split.floats, strict=True):
+        if not bool(torch.isfinite(leaf).all()):
+            return f"training diverged: params leaf {names[position]!r} holds NaN or inf"
+    if not bool(torch.isfinite(val)):
+        return f"the validation loss is {float(val)}"
+    if not bool(torch.isfinite(hyper).all()):
+        reason = (
+            " (with Adam: sqrt(v) at v = 0, a gradient entry exactly zero, has an infinite "
+            "derivative; use SGD or method='implicit')"
+            if method == "unrolled"
+            else ""
+        )
+        return f"the hypergradient is not finite ({hyper.tolist()}){reason}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -474,6 +552,66 @@ def _check_strengths(owner: str, strengths: Any) -> None:
             f"hypergrad.{owner}: strengths must be a floating-point tensor (0-d or a "
             f"vector), got {kind}"
         )
+    if strengths.is_meta:
+        raise ValueError(
+            f"hypergrad.{owner}: strengths is on the meta device (it holds no values); "
+            "create it on the params' device, e.g. torch.tensor(0.1, device=device)"
+        )
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(strengths).all()):
+        raise ValueError(
+            f"hypergrad.{owner}: strengths must be finite, got {strengths.tolist()}; "
+            "a NaN or inf strength has no derivative"
+        )
+
+
+def _check_params(owner: str, split: _Split, strengths: Tensor, *, finite: bool) -> None:
+    """Every differentiated leaf holds values on the strengths' device (and, with
+    ``finite``, only finite ones: NaN params would give a NaN hypergradient)."""
+    names = spec_names(split.spec)
+    for position, leaf in zip(split.positions, split.floats, strict=True):
+        name = names[position]
+        if leaf.is_meta:
+            raise ValueError(
+                f"hypergrad.{owner}: params leaf {name!r} is on the meta device (it holds "
+                "no values); materialize the model first (model.to_empty(device=...) and "
+                "initialize it)"
+            )
+        if leaf.device != strengths.device and not (
+            strengths.ndim == 0 and strengths.device.type == "cpu"  # torch mixes these
+        ):
+            raise ValueError(
+                f"hypergrad.{owner}: params leaf {name!r} is on {leaf.device}, strengths "
+                f"on {strengths.device}; move strengths with strengths.to({str(leaf.device)!r})"
+            )
+        if finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(leaf).all()):
+            raise ValueError(
+                f"hypergrad.{owner}: params leaf {name!r} holds NaN or inf values (did "
+                "training diverge? lower the learning rate); the hypergradient at such "
+                "params is not finite"
+            )
+
+
+def _check_optimizer(owner: str, optimizer: Any) -> None:
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"hypergrad.{owner}: optimizer must be a functorch_reg Optimizer, got "
+            f"{type(optimizer).__module__}.{type(optimizer).__name__}; a torch.optim "
+            "optimizer updates .grad in place and cannot be differentiated through: pass "
+            "the same rule from functorch_reg, e.g. fr.sgd(lr=0.1, momentum=0.9) or "
+            "fr.adam(lr=1e-3)"
+        )
+
+
+def _positive_finite(value: Any) -> bool:
+    """Whether ``value`` (a number or a one-element tensor) is finite and positive; a
+    tensor is taken on trust under ``torch.compile``."""
+    if isinstance(value, Tensor):
+        if torch.compiler.is_compiling():
+            return True
+        return value.numel() == 1 and not value.is_meta and 0 < float(value) < math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 < value < math.inf
 
 
 def _check_positive_int(owner: str, name: str, value: Any) -> None:
@@ -499,7 +637,11 @@ def _select(keep: Tensor, old: Leaves, new: Leaves) -> Leaves:
 
 
 def _conjugate_gradients(
-    matvec: Callable[[Leaves], Leaves], rhs: Leaves, maxiter: int, tolerance: float
+    matvec: Callable[[Leaves], Leaves],
+    rhs: Leaves,
+    maxiter: int,
+    tolerance: float,
+    report: dict[str, float] | None = None,
 ) -> Leaves:
     """CG for a symmetric positive (semi-)definite ``matvec``, at most ``maxiter`` products.
 
@@ -508,10 +650,11 @@ def _conjugate_gradients(
     the smallest recursive residual (not the last: that residual is not monotone). Under
     ``torch.compile`` the loop runs all ``maxiter`` iterations and stopping freezes the
     state with ``torch.where`` (no data-dependent exit); eager mode leaves the loop
-    instead, with the same iterates.
+    instead, with the same iterates, and records in ``report`` (when given) the
+    iteration and value of a non-positive curvature that stopped it.
     """
     if not torch.compiler.is_compiling():
-        return _conjugate_gradients_eager(matvec, rhs, maxiter, tolerance)
+        return _conjugate_gradients_eager(matvec, rhs, maxiter, tolerance, report)
     x = tuple(torch.zeros_like(b) for b in rhs)
     residual = rhs
     direction = rhs
@@ -540,7 +683,11 @@ def _conjugate_gradients(
 
 
 def _conjugate_gradients_eager(
-    matvec: Callable[[Leaves], Leaves], rhs: Leaves, maxiter: int, tolerance: float
+    matvec: Callable[[Leaves], Leaves],
+    rhs: Leaves,
+    maxiter: int,
+    tolerance: float,
+    report: dict[str, float] | None = None,
 ) -> Leaves:
     """:func:`_conjugate_gradients` with early exits and foreach updates, no masking."""
     x = tuple(torch.zeros_like(b) for b in rhs)
@@ -550,10 +697,12 @@ def _conjugate_gradients_eager(
     if squared <= threshold:
         return x
     residual, direction = rhs, rhs
-    for _ in range(maxiter):
+    for iteration in range(maxiter):
         product = matvec(direction)
         curvature = float(_dot(direction, product))
         if not curvature > 0:
+            if report is not None:
+                report.update(iteration=iteration, curvature=curvature)
             break
         alpha = squared / curvature
         x = tuple(torch._foreach_add(list(x), list(direction), alpha=alpha))
@@ -583,6 +732,7 @@ def _implicit(
     damping: float,
     stationary_tol: float,
     warn: bool,
+    check_params: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The hypergradient and the relative residual of the linear solve."""
     _check_strengths("implicit", strengths)
@@ -598,11 +748,13 @@ def _implicit(
             "hypergrad.implicit: prox needs step_size, the step of the proximal-gradient "
             "map w -> prox(w - step_size * grad, step_size * strengths)"
         )
-    if step_size is not None and not (
-        isinstance(step_size, Tensor) or (math.isfinite(step_size) and step_size > 0)
-    ):
-        raise ValueError(f"hypergrad.implicit: step_size must be positive, got {step_size!r}")
+    if step_size is not None and not _positive_finite(step_size):
+        raise ValueError(
+            f"hypergrad.implicit: step_size must be a positive, finite number (the "
+            f"learning rate of the proximal-gradient map), got {step_size!r}"
+        )
     split = _Split(params)
+    _check_params("implicit", split, strengths, finite=check_params)
     w = split.floats
     strengths = strengths.detach()
 
@@ -667,17 +819,24 @@ def _implicit(
             return tuple(m * a for m, a in zip(mask, transpose_matvec(masked), strict=True))
 
         system, rhs = restricted, tuple(m * v for m, v in zip(mask, val_grad, strict=True))
+    report: dict[str, float] = {}
     if solver == "normal_cg":
         u = _conjugate_gradients(
-            lambda x: matvec(transpose_matvec(x)), matvec(val_grad), maxiter, tolerance
+            lambda x: matvec(transpose_matvec(x)), matvec(val_grad), maxiter, tolerance, report
         )
     else:
-        u = _conjugate_gradients(system, rhs, maxiter, tolerance)
+        u = _conjugate_gradients(system, rhs, maxiter, tolerance, report)
     hypergradient = strength_vjp(u)
     mismatch = tuple(a - b for a, b in zip(system(u), rhs, strict=True))
     residual = _norm(mismatch) / _norm(rhs).clamp_min(torch.finfo(w[0].dtype).tiny)
+    # A NaN in the solve stops CG at its first step with the zero iterate: say NaN.
+    broken = not torch.compiler.is_compiling() and not (
+        math.isfinite(report.get("curvature", 0.0)) and bool(_norm(rhs).isfinite())
+    )
+    if broken:
+        hypergradient = torch.full_like(hypergradient, math.nan)
     if warn and not torch.compiler.is_compiling():
-        if float(stationarity) > stationary_tol:
+        if not float(stationarity) <= stationary_tol:  # NaN included
             what = "the gradient norm" if prox is None else "|T(w) - w| / step_size"
             warnings.warn(
                 f"hypergrad.implicit: params are not a stationary point of train_loss: "
@@ -686,10 +845,38 @@ def _implicit(
                 RuntimeWarning,
                 stacklevel=3,
             )
-        if float(residual) > tolerance:
+        if broken:
+            warnings.warn(
+                "hypergrad.implicit: the hypergradient is NaN: the gradient of val_loss or "
+                "a Hessian-vector product of train_loss at params is not finite",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        elif "curvature" in report and not float(residual) <= tolerance:
+            where = "the Hessian" if prox is None else "I - dT on the support"
+            warnings.warn(
+                f"hypergrad.implicit: {solver} did not converge: it stopped at negative "
+                f"curvature (p.Ap = {report['curvature']:.3g} after "
+                f"{int(report['iteration'])} CG iteration(s)), so {where} is not positive "
+                "definite at params: a saddle point or a maximum of train_loss, not a "
+                f"minimum; the result (relative residual {float(residual):.3g}) is not "
+                "the hypergradient. Train to a minimum, pass damping= larger than the "
+                "magnitude of the most negative eigenvalue (a regularized answer), or "
+                "solver='normal_cg' (exact for a nonsingular indefinite matrix, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        elif not float(residual) <= tolerance:
             warnings.warn(
                 f"hypergrad.implicit: {solver} did not converge in maxiter={maxiter} "
                 f"iterations: relative residual {float(residual):.3g} > {tolerance:.3g}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if not broken and not bool(torch.isfinite(hypergradient).all()):
+            warnings.warn(
+                f"hypergrad.implicit: the hypergradient is not finite ({hypergradient}): "
+                "val_loss, train_loss or one of their derivatives is NaN or inf at params",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -771,14 +958,21 @@ def _unroll(
 
     start_floats = tuple(state_leaves[i] for i in state_positions)
     if not checkpoint:
+        final: list[Any] = []
 
-        def run(lam: Tensor) -> tuple[Tensor, tuple[Leaves, list[Any]]]:
+        def run(lam: Tensor) -> tuple[Tensor, tuple[Leaves, Leaves]]:
             floats, state_floats, constants = split.floats, start_floats, state_leaves
             for _ in range(steps):
                 (floats, state_floats), constants = one_step(floats, state_floats, lam, constants)
-            return val_objective(floats), (floats, constants)
+            # grad's aux takes tensors only: the state's other leaves (None for a
+            # non-floating param's slot, Python numbers) go around it.
+            final[:] = constants
+            tensors = tuple(leaf for leaf in constants if isinstance(leaf, Tensor))
+            return val_objective(floats), (floats, tensors)
 
-        hypergradient, (floats, final_leaves) = grad(run, has_aux=True)(strengths)
+        hypergradient, (floats, tensors) = grad(run, has_aux=True)(strengths)
+        returned = iter(tensors)
+        final_leaves = [next(returned) if isinstance(leaf, Tensor) else leaf for leaf in final]
     else:
         trajectory = []
         floats, state_floats, constants = split.floats, start_floats, state_leaves

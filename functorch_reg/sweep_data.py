@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 __all__ = ["Data", "as_data", "as_strengths", "fold_masks", "kfold_masks", "training_batches"]
@@ -35,20 +36,48 @@ class Data:
         tensors: ``(x, y)`` when given as tensors, else ``None``.
         batches: the re-iterable of ``(x, y)`` batches, else ``None``.
         name: the argument's name, for messages.
+        first: the first batch, read when the data was checked (batches only).
+        resume: the check's own iterator and the batches it read, which the first
+            :meth:`epoch` continues, so that checking consumes nothing (empty once used,
+            or when the check read the whole pass).
     """
 
     tensors: Batch | None
     batches: Iterable[Any] | None
     name: str
+    first: Batch | None = None
+    resume: list[tuple[list[Any], Iterator[Any]]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+
+    def first_batch(self, device: torch.device) -> Batch:
+        """The first ``(x, y)`` batch on ``device``, without starting a pass."""
+        batch = self.tensors if self.tensors is not None else self.first
+        if batch is None:
+            return next(self.epoch(device))
+        return tuple(t.to(device) for t in batch)  # type: ignore[return-value]
 
     def epoch(self, device: torch.device) -> Iterator[Batch]:
-        """One pass over the data as checked ``(x, y)`` batches on ``device``."""
+        """One pass over the data as checked ``(x, y)`` batches on ``device``.
+
+        Raises:
+            ValueError: a pass of ``batches`` after the check yields nothing: it is a
+                one-shot iterable.
+        """
         if self.tensors is not None:
             yield tuple(t.to(device) for t in self.tensors)  # type: ignore[misc]
             return
         assert self.batches is not None
-        for index, batch in enumerate(self.batches):
+        if self.resume:
+            read, rest = self.resume.pop()
+            source: Iterator[Any] = itertools.chain(read, rest)
+        else:
+            source = iter(self.batches)
+        index = -1
+        for index, batch in enumerate(source):
             yield tuple(t.to(device) for t in check_batch(batch, f"{self.name} batch {index}"))  # type: ignore[misc]
+        if index < 0:
+            raise ValueError(one_shot_message(self.name, self.batches))
 
 
 def check_batch(batch: Any, where: str) -> Batch:
@@ -79,7 +108,11 @@ def as_data(data: Any, name: str, *, check_all: bool = False) -> Data:
     A loader or iterable is iterated here to check its first batch (every batch with
     ``check_all``, for validation data, so that a bad batch fails before training), and
     must give a fresh iterator each time (``iter(data) is not data``) since it is
-    re-iterated per epoch.
+    re-iterated per epoch. The first batch is not lost: the first epoch continues the
+    checking iterator. Validation data is read again after training, so with
+    ``check_all`` an iterable not known to restart (anything but a list, a tuple or a
+    DataLoader over a map-style Dataset) is probed for a second pass, and one that
+    yields nothing (an IterableDataset over a stream) is refused before training.
 
     Example:
         >>> data = as_data((torch.zeros(4, 2), torch.zeros(4)), "train")
@@ -99,14 +132,46 @@ def as_data(data: Any, name: str, *, check_all: bool = False) -> Data:
             f"{name} is a one-shot iterator ({type(data).__name__}), which cannot be "
             "re-iterated each epoch; pass a list of batches or a DataLoader"
         )
-    count = 0
-    for count, batch in enumerate(data, start=1):
-        check_batch(batch, f"{name} batch {count - 1}")
+    iterator = iter(data)
+    read: list[Any] = []
+    for batch in iterator:
+        check_batch(batch, f"{name} batch {len(read)}")
+        read.append(batch)
         if not check_all:
             break
-    if count == 0:
+    if not read:
         raise ValueError(f"{name} is empty: it yields no batches")
-    return Data(tensors=None, batches=data, name=name)
+    first = check_batch(read[0], f"{name} batch 0")
+    if not check_all:
+        # The first epoch continues this iterator: a stream's first batch is not lost.
+        return Data(tensors=None, batches=data, name=name, first=first, resume=[(read, iterator)])
+    if not _reiterable(data) and next(iter(data), _END) is _END:
+        raise TypeError(one_shot_message(name, data))
+    return Data(tensors=None, batches=data, name=name, first=first)
+
+
+_END = object()
+
+
+def _reiterable(data: Any) -> bool:
+    """Whether ``data`` is known to give every pass afresh (a list, a DataLoader over a
+    map-style Dataset), so that no probe pass is needed."""
+    if isinstance(data, (list, tuple)):
+        return True
+    return isinstance(data, torch.utils.data.DataLoader) and not isinstance(
+        data.dataset, torch.utils.data.IterableDataset
+    )
+
+
+def one_shot_message(name: str, data: Any) -> str:
+    """Why a second pass over ``name`` found nothing, and what to pass instead."""
+    return (
+        f"{name} ({type(data).__name__}) yields nothing when iterated again: it is a one-shot "
+        "iterable (e.g. an IterableDataset over a stream, whose __iter__ continues one "
+        "iterator), but sweep reads val once to check it and once to evaluate, and train "
+        "once per epoch (and again to refit); pass a list of batches, a DataLoader over a "
+        "map-style Dataset, or an IterableDataset whose __iter__ starts the data afresh"
+    )
 
 
 def training_batches(
@@ -242,14 +307,15 @@ def _as_batches(data: Data, batch_size: int | None) -> Iterable[Any]:
 
 
 def per_sample(
-    loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor
-) -> Callable[[Tensor, Tensor], Tensor]:
+    loss_fn: Callable[[Any, Tensor], Tensor], outputs: Any, targets: Tensor
+) -> Callable[[Any, Tensor], Tensor]:
     """Per-sample losses from a mean-reduced ``loss_fn``, checked on example outputs.
 
     ``loss_fn(outputs, targets, reduction="none")`` (the torch losses), averaged over
     each sample's other dims, when it exists and its mean is ``loss_fn``'s value on the
     example; otherwise each sample as a batch of one (a vmap, about 1.6x slower in a
-    compiled CPU step).
+    compiled CPU step). ``outputs`` may be a dict, tuple or ``ModelOutput`` whose
+    tensors all have the samples along their first dim.
 
     Example:
         >>> outputs, targets = torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
@@ -259,7 +325,7 @@ def per_sample(
         True
     """
 
-    def unreduced(output: Tensor, target: Tensor) -> Tensor:
+    def unreduced(output: Any, target: Tensor) -> Tensor:
         losses = loss_fn(output, target, reduction="none")  # type: ignore[call-arg]
         return losses.reshape(len(target), -1).mean(1)
 
@@ -273,7 +339,12 @@ def per_sample(
         works = False
     if works:
         return unreduced
-    return torch.func.vmap(lambda output, target: loss_fn(output[None], target[None]))
+
+    def one_sample(output: Any, target: Tensor) -> Tensor:
+        # A dict, tuple or ModelOutput of per-sample tensors: each leaf as a batch of one.
+        return loss_fn(pytree.tree_map(lambda t: t[None], output), target[None])
+
+    return torch.func.vmap(one_sample)
 
 
 def _describe(value: Any) -> str:
@@ -284,15 +355,26 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def as_strengths(strengths: Tensor | Sequence[float]) -> Tensor:
-    """``strengths`` as a non-empty 1-d floating tensor of finite, non-negative values."""
+def as_strengths(strengths: Tensor | Sequence[float], name: str = "strengths") -> Tensor:
+    """``strengths`` as a non-empty 1-d floating tensor of finite, non-negative values.
+
+    Raises:
+        TypeError: complex strengths (a cast would drop the imaginary part).
+        ValueError: not a non-empty 1-d sequence, or a value negative or non-finite.
+    """
     strengths = torch.as_tensor(strengths)
+    if strengths.is_complex():
+        raise TypeError(
+            f"{name} must be real, got complex values {strengths.tolist()}; a "
+            "regularization strength is a non-negative real number: pass the real parts "
+            f"({name}.real) if that is what you meant"
+        )
     if not strengths.is_floating_point():
         strengths = strengths.to(torch.get_default_dtype())
     if strengths.ndim != 1 or len(strengths) == 0:
         raise ValueError(
-            f"strengths must be a non-empty 1-d tensor, got shape {tuple(strengths.shape)}"
+            f"{name} must be a non-empty 1-d tensor, got shape {tuple(strengths.shape)}"
         )
     if not (torch.isfinite(strengths).all() and (strengths >= 0).all()):
-        raise ValueError(f"strengths must be finite and non-negative, got {strengths.tolist()}")
+        raise ValueError(f"{name} must be finite and non-negative, got {strengths.tolist()}")
     return strengths

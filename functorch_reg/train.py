@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -97,6 +98,7 @@ class TrainStep:
         self.compiled = compile
         self.mode = mode
         self._captures_cuda_graphs = mode in _CUDA_GRAPH_MODES
+        self._floats = _FloatWatch()
         self._compiled_step = (
             Announced(
                 torch.compile(
@@ -117,11 +119,19 @@ class TrainStep:
         """
         if self._compiled_step is None:
             return self._step_in_place(params, state, args, overrides)
+        self._floats.watch(args, overrides)
         if self._captures_cuda_graphs:
             _mark_static(params, state)
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]  # untyped in torch
         try:
             out = self._compiled_step(params, state, args, overrides)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as limit_error:
+            changing = self._floats.advice()
+            if changing:
+                raise RuntimeError(
+                    f"train_step: the compiled step hit torch's recompile limit; {changing}"
+                ) from limit_error
+            raise
         except torch._dynamo.exc.TorchDynamoException as compile_error:
             # Raised while tracing, before the graph ran: nothing has been written. The
             # same step in eager mode, pure, names the problem as eager code would.
@@ -151,6 +161,7 @@ class TrainStep:
         self, params: Params, state: State, args: tuple[Any, ...], overrides: dict[str, Any]
     ) -> Any:
         grads, value = self._grad_and_value(params, args)
+        value = _as_before_update(value, params)
         self.optimizer.step_(params, grads, state, **overrides)
         return value
 
@@ -207,12 +218,14 @@ def train_step(
     With ``compile=True`` the whole step is one ``torch.compile(fullgraph=True)`` graph,
     compiled on the first call. It does not recompile when the *values* of tensor
     arguments change (pass lr and lambda as 0-d float tensors on the params' device; a
-    Python float that changes recompiles). A new batch shape recompiles once, after
-    which Dynamo marks the changed dims dynamic. Each ``train_step`` compiles its own
-    code, so many of them in one process do not share Dynamo's recompile limit. The
-    compile adds one Inductor graph pass, which keeps an element-wise penalty's gradient
-    (l1, l2, elastic net, l2_sp) out of matmul biases on CPU and in the flat layout, so
-    that it is added inside the update's loop rather than written out and read back.
+    Python float that changes recompiles, and the second recompile it causes warns,
+    naming the argument, as does torch's recompile-limit error). A new batch shape
+    recompiles once, after which Dynamo marks the changed dims dynamic. Each
+    ``train_step`` compiles its own code, so many of them in one process do not share
+    Dynamo's recompile limit. The compile adds one Inductor graph pass, which keeps an
+    element-wise penalty's gradient (l1, l2, elastic net, l2_sp) out of matmul biases on
+    CPU and in the flat layout, so that it is added inside the update's loop rather than
+    written out and read back.
 
     ``mode="reduce-overhead"`` captures CUDA graphs: the params and state tensors are
     marked as static inputs (``torch._dynamo.mark_static_address``), so the graph
@@ -232,7 +245,10 @@ def train_step(
             as ``params`` (and the state of ``optimizer.init(flat.buffers)``), ``loss``
             receives the leaf views ``flat.unpack(buffers)``, and the gradient is taken
             with respect to the buffers.
-        has_aux: ``loss`` returns ``(value, aux)``; the step returns them both.
+        has_aux: ``loss`` returns ``(value, aux)``; the step returns them both, as
+            they were before the update: an aux leaf that is a param (or a view of one)
+            is copied (compiled, every aux leaf is), and both are detached, so that
+            ``nn.Parameter`` params that require grad leave no autograd graph alive.
         compile: compile the step (``fullgraph=True``); ``False`` runs it eagerly.
         mode: the ``torch.compile`` mode, e.g. ``"reduce-overhead"``.
 
@@ -265,6 +281,66 @@ def train_step(
     return TrainStep(loss, optimizer, flat=flat, has_aux=has_aux, compile=compile, mode=mode)
 
 
+class _FloatWatch:
+    """Python floats among a compiled step's arguments whose value changes between calls.
+
+    Dynamo specializes the graph on each float's value, so every new value recompiles
+    (seconds each) and, past ``torch._dynamo.config.recompile_limit``, a
+    ``fullgraph=True`` step fails. The second recompile caused by one argument warns,
+    naming it; :meth:`advice` is what the recompile-limit error adds.
+    """
+
+    KEPT = 3  # distinct values remembered per argument: the third is the 2nd recompile
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[float]] = {}
+        self.warned: set[str] = set()
+
+    def watch(self, args: tuple[Any, ...], overrides: dict[str, Any]) -> None:
+        """Record this call's floats; warn at an argument's second recompile."""
+        for label, value in _float_arguments(args, overrides):
+            values = self.seen.setdefault(label, [])
+            if value not in values and len(values) < self.KEPT:
+                values.append(value)
+            if len(values) == self.KEPT and label not in self.warned:
+                self.warned.add(label)
+                warnings.warn(
+                    f"train_step: {self._advice(label)}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+    def advice(self) -> str:
+        """What to do about each float that has changed, or ``""``."""
+        changed = [label for label, values in self.seen.items() if len(values) > 1]
+        return "; ".join(self._advice(label) for label in changed)
+
+    def _advice(self, label: str) -> str:
+        values = ", ".join(repr(v) for v in self.seen[label])
+        return (
+            f"{label} of step(params, state, *args, **overrides) is a Python float that "
+            f"changes between calls ({values}, ...), and "
+            "every new value compiles the step again, until torch's recompile limit "
+            f"({torch._dynamo.config.recompile_limit}) stops it; pass it as a 0-d tensor "
+            f"on the params' device, e.g. torch.tensor({self.seen[label][-1]!r}, "
+            "device=device), whose value changes without recompiling"
+        )
+
+
+def _float_arguments(args: tuple[Any, ...], overrides: dict[str, Any]) -> list[tuple[str, float]]:
+    """``(label, value)`` of each Python float in ``args`` (at any depth) and ``overrides``."""
+    found = []
+    trees: tuple[tuple[str, Any], ...] = (("args", args), ("", overrides))
+    for root, tree in trees:
+        paths, leaves, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True)
+        for path, leaf in zip(paths, leaves, strict=True):
+            if isinstance(leaf, float):
+                label = f"args[{path[0]}]" if root else f"override {path[0]}="
+                label += "".join(f"[{key!r}]" for key in path[1:])
+                found.append((label, float(leaf)))
+    return found
+
+
 def _inductor_options(mode: str | None) -> dict[str, Any]:
     options = dict(torch._inductor.list_mode_options(mode or "default"))
     from ._graph_pass import UnfuseGradientAddmm  # Inductor loads with the first compile
@@ -289,6 +365,35 @@ def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
         function.__closure__,
     )
     return types.MethodType(fresh, method.__self__)  # type: ignore[attr-defined]
+
+
+def _as_before_update(value: Any, params: Params) -> Any:
+    """The loss (and aux) as the in-place update will not change them: detached, so
+    that a stored loss does not keep the step's autograd graph alive (``nn.Parameter``
+    params that require grad), and an aux leaf that is a param, or a view (of one),
+    copied, so that it reports the value that produced the loss. Under
+    ``torch.compile`` views are not visible, so every aux leaf is copied (in-graph)."""
+    compiling = torch.compiler.is_compiling()
+    leaves, spec = optree.tree_flatten(value, none_is_leaf=True)
+    targets = None
+    kept = []
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            if compiling:
+                leaf = leaf.detach().clone()
+            else:
+                if targets is None:
+                    targets = _tensor_ids(params)
+                copy = id(leaf) in targets or leaf._is_view()
+                leaf = leaf.detach().clone() if copy else leaf.detach()
+        kept.append(leaf)
+    return optree.tree_unflatten(spec, kept)
+
+
+def _tensor_ids(params: Params) -> set[int]:
+    """The ids of the tensors in ``params`` (a flat dict without flattening: cheaper)."""
+    leaves = params.values() if type(params) is dict else flatten(params)[0]
+    return {id(leaf) for leaf in leaves if isinstance(leaf, Tensor)}
 
 
 def _mark_static(params: Params, state: State) -> None:

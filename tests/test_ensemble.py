@@ -532,22 +532,19 @@ def test_grid_runs_the_product_of_its_axes():
 def test_progress_bar_says_compiling_and_counts_every_step(capsys):
     calls = []
 
-    def step(members, states, grid, x, y):
+    def step(members, buffers, states, grid, x, y, extra):
         calls.append(len(x))
-        return members, states, torch.zeros(2)
+        return members, buffers, states, torch.zeros(2)
 
-    data = fr.sweep_data.as_data((torch.zeros(4, 1), torch.zeros(4)), "train")
-    fr.ensemble._train(
+    batches = [(torch.zeros(4, 1), torch.zeros(4), None)] * 5
+    fr.sweep_step.train(
         step,
+        {},
         {},
         (),
         {},
-        data,
-        None,
+        batches,
         5,
-        0,
-        torch.device("cpu"),
-        None,
         progress=True,
         compiling=True,
         desc="sweep",

@@ -92,3 +92,17 @@ def test_learn_lambda_example_runs(tmp_path):
     assert "grid, best shared strength" in out and "hypergradient, per layer" in out
     assert plot.stat().st_size > 10_000
     assert "python examples/learn_lambda.py" in load("learn_lambda").__doc__
+
+
+@pytest.mark.slow  # a subprocess: imports torch, scikit-learn and the library
+def test_cnn_sweep_example_runs():
+    out = run_example("cnn_sweep", "--members", "2", "--steps", "3")
+    assert "<- best" in out and "test accuracy" in out and "(2, 8)" in out
+    assert "python examples/cnn_sweep.py" in load("cnn_sweep").__doc__
+
+
+def test_decay_diagnostics_example_runs(tmp_path):
+    plot = tmp_path / "decay.png"
+    out = run_example("decay_diagnostics", "--steps", "40", "--every", "10", "--output", str(plot))
+    assert "decay_timescale=60" in out and "predicted" in out and "0.weight" in out
+    assert plot.stat().st_size > 10_000

@@ -92,6 +92,13 @@ CONFIGS: dict[str, Callable[[], fr.Optimizer]] = {
     "adamw_prox_skip": lambda: fr.adamw(
         lr=1e-2, prox=fr.prox.l1, prox_strength=0.1, skip_nonfinite=True
     ),
+    "adam_prox_preconditioned": lambda: fr.adam(
+        lr=1e-2, prox=fr.prox.l1, prox_strength=0.1, prox_metric="preconditioned"
+    ),
+    "sgd_prox_preconditioned": lambda: fr.sgd(
+        lr=0.1, momentum=0.9, prox=fr.prox.l1, prox_strength=0.5, prox_metric="preconditioned"
+    ),
+    "adamw_corrected": lambda: fr.adamw(lr=1e-2, weight_decay=0.1, decay_scaling="corrected"),
     # The rules written on another branch in the same per-leaf style, unchanged.
     "lion": lambda: fr.lion(lr=1e-3, weight_decay=0.1),
     "schedule_free_adamw": lambda: fr.schedule_free_adamw(lr=1e-2, weight_decay=0.1),

@@ -3,6 +3,7 @@
 from . import schedules
 from .adam import AdamState, adam, adamw
 from .base import Optimizer, Prox, load_state_dict, state_dict
+from .decay import convert_timescale
 from .lion import LionState, lion
 from .muon import MuonState, muon
 from .schedule_free import (
@@ -27,6 +28,7 @@ __all__ = [
     "ScheduleFreeState",
     "adam",
     "adamw",
+    "convert_timescale",
     "lion",
     "load_state_dict",
     "muon",

@@ -12,10 +12,20 @@ from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
 from ..select import Where
 from ..tree import Params
 from ._fused import adam_kernel
-from .base import LEAF_TABLES, LeafTable, Optimizer, Prox, build, is_zero
+from .base import (
+    LEAF_TABLES,
+    LeafTable,
+    Optimizer,
+    Prox,
+    ProxMetric,
+    RuleOutput,
+    build,
+    check_prox_metric,
+    is_zero,
+)
 from .clipping import with_clipping
 from .decay import INTERVALS as DECAY_INTERVALS
-from .decay import DecayScaling, decay_coefficient, decay_options, decayed
+from .decay import DecayScaling, decay_coefficient, decay_options, decay_rate, decayed
 
 __all__ = ["AdamState", "adam", "adamw"]
 
@@ -72,10 +82,12 @@ def adam(
     *,
     decay_scaling: DecayScaling = "lr",
     decay_reference_lr: Scalar | None = None,
+    decay_timescale: Scalar | None = None,
     cautious_decay: bool = False,
     decay_to: Params | None = None,
     clip_grad_norm: Scalar | None = None,
     fused: bool = False,
+    prox_metric: ProxMetric = "euclidean",
 ) -> Optimizer:
     r"""Adam, matching ``torch.optim.Adam`` (and ``AdamW`` when ``decoupled``) step for step.
 
@@ -92,6 +104,18 @@ def adam(
             \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon} \\
         w_t &\leftarrow \operatorname{prox}(w_t, \eta \rho) \quad \text{(prox, on mask)}
 
+    The prox step has two metrics (``prox_metric``). ``"euclidean"`` (default) applies
+    ``prox(w, lr * rho)`` after the preconditioned step: a heuristic, whose fixed points
+    solve a reweighted problem, not ``loss + rho * P``. ``"preconditioned"`` takes the
+    prox in the step's own metric :math:`D = \sqrt{\hat v_t} + \epsilon`, i.e.
+    :math:`\arg\min_x \langle \hat m_t, x \rangle + \frac{1}{2\eta}\|x - w\|_D^2 +
+    \rho P(x)`, which for a separable penalty is the per-coordinate threshold
+    :math:`\eta \rho / D_i` (``prox(w, lr * rho / D)``; ``fr.prox.group_lasso`` solves
+    its groups' 1-D problems). Its fixed points (:math:`\hat m = \nabla L`) are
+    exactly the solutions of ``loss + rho * P``: Adam trained this way reaches
+    scikit-learn's ``Lasso`` solution, exact zeros included. The prox must accept a
+    threshold tensor shaped like the leaf, as every ``fr.prox`` operator does.
+
     Coupled decay (the default here, as ``torch.optim.Adam``) is an L2 penalty seen
     through the preconditioner; decoupled decay (``adamw``) shrinks the weights
     directly. Decoupled decay has three options (coupled decay takes none of them):
@@ -101,7 +125,16 @@ def adam(
       :math:`c = \eta\lambda` (``torch.optim.AdamW``), ``"schedule"`` gives
       :math:`c = (\eta / \eta_0)\lambda` with :math:`\eta_0` = ``decay_reference_lr``
       (default: the constructed ``lr``), the AdamW paper's form, where the decay
-      follows the schedule but not the peak lr; ``"none"`` gives :math:`c = \lambda`.
+      follows the schedule but not the peak lr; ``"corrected"`` gives
+      :math:`c = (\eta^2 / \eta_0)\lambda` (AdamC, Defazio et al. 2025, arXiv
+      2506.02285), equal to ``"lr"`` at :math:`\eta = \eta_0` and weaker as the
+      schedule decays; ``"none"`` gives :math:`c = \lambda`.
+    * ``decay_timescale``: the decay as its timescale :math:`\tau` in steps instead of
+      ``weight_decay``: :math:`\lambda = 1 / (\eta_0 \tau)` (``"lr"``,
+      ``"corrected"``) or :math:`1 / \tau` (``"schedule"``, ``"none"``), so a step at
+      the peak lr shrinks by :math:`1/\tau` whatever that lr (Wang & Aitchison, arXiv
+      2405.13698); see :func:`functorch_reg.convert_timescale` and
+      :mod:`functorch_reg.optim.decay`.
     * ``cautious_decay`` (Chen et al., 2025, "Cautious Weight Decay"): decay a
       coordinate only where :math:`\operatorname{sign}(u) \operatorname{sign}(w -
       w_\text{ref}) \ge 0`, with :math:`u = \hat m_t / (\sqrt{\hat v_t} + \epsilon)`
@@ -141,8 +174,12 @@ def adam(
         prox_strength: :math:`\rho`, the strength of the proximal penalty.
         skip_nonfinite: leave params and state untouched on a step whose gradients
             hold a NaN or an infinity, and count it in ``state.skipped``.
-        decay_scaling: ``"lr"`` (default), ``"schedule"`` or ``"none"``, see above.
-        decay_reference_lr: :math:`\eta_0` for ``"schedule"``; overridable per call.
+        decay_scaling: ``"lr"`` (default), ``"schedule"``, ``"corrected"`` or
+            ``"none"``, see above.
+        decay_reference_lr: :math:`\eta_0` for ``"schedule"``, ``"corrected"`` and
+            ``decay_timescale``; overridable per call.
+        decay_timescale: :math:`\tau` in steps (>= 1), instead of ``weight_decay``;
+            overridable per call (and sweepable).
         cautious_decay: apply the decoupled decay only where it agrees with the step.
         decay_to: reference weights the decoupled decay pulls toward.
         clip_grad_norm: clip the gradients to this global norm first, as
@@ -155,6 +192,7 @@ def adam(
             in the last place of the default path (which equals the per-leaf rule
             bit for bit). Groups with a prox, tensor hyperparameters off the CPU
             or betas changed by a schedule take the default path.
+        prox_metric: ``"euclidean"`` (default) or ``"preconditioned"``, see above.
 
     Example:
         >>> import functorch_reg as fr
@@ -172,6 +210,7 @@ def adam(
             f"{name}: fused=True runs torch's fused kernel, which implements "
             "decay_scaling='lr' without cautious_decay or decay_to; drop fused=True"
         )
+    in_metric = check_prox_metric(name, prox_metric, prox)
     decay_hyperparams, references = decay_options(
         name,
         lr=lr,
@@ -180,6 +219,8 @@ def adam(
         decay_reference_lr=decay_reference_lr,
         cautious_decay=cautious_decay,
         decay_to=decay_to,
+        weight_decay=weight_decay,
+        decay_timescale=decay_timescale,
     )
 
     def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
@@ -209,13 +250,13 @@ def adam(
         h: Mapping[str, Scalar],
         decay: bool,
         reference: Tensor | None,
-    ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    ) -> RuleOutput:
         exp_avg, exp_avg_sq, max_exp_avg_sq = slots
         assert exp_avg is not None and exp_avg_sq is not None and row is not None
         beta1, beta2 = h["beta1"], h["beta2"]
         if maximize:
             g = -g
-        weight_decay = h["weight_decay"] if decay else 0.0
+        weight_decay = decay_rate(h, decay_scaling) if decay else 0.0
         if not is_zero(weight_decay) and not decoupled:
             g = g + weight_decay * p
         exp_avg = exp_avg + (g - exp_avg) * (1 - beta1)
@@ -230,6 +271,8 @@ def adam(
             coefficient = decay_coefficient(h, weight_decay, decay_scaling)
             p = decayed(p, coefficient, direction, reference=reference, cautious=cautious_decay)
         new_p = p - step_size * direction
+        if in_metric:
+            return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq), denom
         return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq)
 
     optimizer = build(
@@ -241,7 +284,7 @@ def adam(
             "lr": lr,
             "betas": betas,
             "eps": eps,
-            "weight_decay": weight_decay,
+            **({} if decay_timescale is not None else {"weight_decay": weight_decay}),
             "prox_strength": prox_strength,
             **decay_hyperparams,
         },
@@ -262,7 +305,7 @@ def adamw(
     lr: Scalar = 1e-3,
     betas: tuple[Scalar, Scalar] = (0.9, 0.999),
     eps: Scalar = 1e-8,
-    weight_decay: Scalar = 1e-2,
+    weight_decay: Scalar | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
     mask: Where = None,
@@ -272,10 +315,12 @@ def adamw(
     *,
     decay_scaling: DecayScaling = "lr",
     decay_reference_lr: Scalar | None = None,
+    decay_timescale: Scalar | None = None,
     cautious_decay: bool = False,
     decay_to: Params | None = None,
     clip_grad_norm: Scalar | None = None,
     fused: bool = False,
+    prox_metric: ProxMetric = "euclidean",
 ) -> Optimizer:
     r"""AdamW: :func:`adam` with decoupled weight decay, matching ``torch.optim.AdamW``.
 
@@ -288,6 +333,8 @@ def adamw(
         >>> import functorch_reg as fr
         >>> opt = fr.adamw(lr=1e-3, weight_decay=1e-2, mask=fr.select.weights())
     """
+    if weight_decay is None:
+        weight_decay = 0.0 if decay_timescale is not None else 1e-2
     return adam(
         lr=lr,
         betas=betas,
@@ -302,8 +349,10 @@ def adamw(
         skip_nonfinite=skip_nonfinite,
         decay_scaling=decay_scaling,
         decay_reference_lr=decay_reference_lr,
+        decay_timescale=decay_timescale,
         cautious_decay=cautious_decay,
         decay_to=decay_to,
         clip_grad_norm=clip_grad_norm,
         fused=fused,
+        prox_metric=prox_metric,
     )

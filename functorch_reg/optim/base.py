@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -57,9 +57,32 @@ class Prox(Protocol):
     must hold the same keys. So a ``where=`` inside the prox sees leaf names, as it
     does on a params tree (``functools.partial(fr.prox.l1, where="0.*")``), and
     :func:`functorch_reg.hypergrad.implicit` calls the same prox the same way.
+
+    With ``prox_metric="preconditioned"`` the threshold is ``lr * prox_strength / D``, a
+    tensor shaped like the leaf (the rule's metric :math:`D`), and the prox is called
+    once per leaf, ``prox({leaf_name: leaf}, threshold)``; every ``fr.prox`` operator
+    takes such a per-coordinate threshold.
     """
 
     def __call__(self, params: Params, threshold: Scalar) -> Params: ...
+
+
+ProxMetric = Literal["euclidean", "preconditioned"]
+"""The metric of an optimizer's prox step (see :func:`functorch_reg.adam`)."""
+
+
+def check_prox_metric(name: str, prox_metric: str, prox: Prox | None) -> bool:
+    """Whether the prox is taken in the rule's metric; raises on a bad ``prox_metric``."""
+    if prox_metric not in ("euclidean", "preconditioned"):
+        raise ValueError(
+            f"{name}: prox_metric must be 'euclidean' or 'preconditioned', got {prox_metric!r}"
+        )
+    if prox_metric == "preconditioned" and prox is None:
+        raise ValueError(
+            f"{name}: prox_metric='preconditioned' sets the metric of the prox step; pass "
+            "prox= (e.g. fr.prox.l1) and prox_strength="
+        )
+    return prox_metric == "preconditioned"
 
 
 class Optimizer(NamedTuple):
@@ -97,6 +120,12 @@ class Optimizer(NamedTuple):
     validate: Callable[..., None] | None = None
 
 
+RuleOutput = (
+    tuple[Tensor, tuple[Tensor | None, ...]] | tuple[Tensor, tuple[Tensor | None, ...], Scalar]
+)
+"""A rule's ``(new_param, new_slots)``, or ``(new_param, new_slots, metric)``."""
+
+
 class LeafRule(Protocol):
     """The per-array math of an update rule.
 
@@ -105,6 +134,10 @@ class LeafRule(Protocol):
     :attr:`LeafTable.advance` derives (``None`` without a table); ``decay`` says whether
     ``mask`` selects the leaf; ``reference`` is the leaf's ``decay_to`` reference
     (``None`` without one).
+
+    A rule may return a third value, its metric :math:`D` (a tensor shaped like the
+    leaf, or a scalar): the prox is then taken in that metric, with the threshold
+    ``lr * prox_strength / D`` (``prox_metric="preconditioned"``).
     """
 
     def __call__(
@@ -116,7 +149,7 @@ class LeafRule(Protocol):
         h: Mapping[str, Scalar],
         decay: bool,
         reference: Tensor | None,
-    ) -> tuple[Tensor, tuple[Tensor | None, ...]]: ...
+    ) -> RuleOutput: ...
 
 
 class LeafTable(NamedTuple):
@@ -305,7 +338,7 @@ def build(
         new_leaves = list(leaves)
         new_columns = [list(column) for column in columns]
         new_values = [new_leaves, *new_columns]
-        stepped: dict[int, tuple[Tensor, tuple[Tensor | None, ...]]] = {}
+        stepped: dict[int, RuleOutput] = {}
 
         def per_leaf(i: int) -> None:
             slots = tuple(column[i] for column in columns)
@@ -355,11 +388,21 @@ def build(
             stepped.update(zip(indices, results, strict=True))
         if prox is not None and prox_threshold is not None:
             proxed = [i for i in stepped if decays[i]]
-            if proxed:
-                new_ps = _apply_prox(name, prox, spec_names(spec), proxed, stepped, prox_threshold)
+            names = spec_names(spec)
+            if proxed and all(len(stepped[i]) == 2 for i in proxed):
+                new_ps = _apply_prox(name, prox, names, proxed, stepped, prox_threshold)
+            else:
+                # In each rule's metric D (prox_metric="preconditioned"): the threshold
+                # lr * rho / D is shaped like its leaf, so each leaf is its own call.
+                new_ps = {}
                 for i in proxed:
-                    stepped[i] = (new_ps[i], stepped[i][1])
-        for i, (new_p, new_slots) in stepped.items():
+                    result = stepped[i]
+                    threshold = prox_threshold if len(result) == 2 else prox_threshold / result[2]
+                    new_ps.update(_apply_prox(name, prox, names, [i], stepped, threshold))
+            for i in proxed:
+                stepped[i] = (new_ps[i], stepped[i][1])
+        for i, result in stepped.items():
+            new_p, new_slots = result[0], result[1]
             p = leaves[i]
             slots = tuple(column[i] for column in columns)
             # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
@@ -502,7 +545,7 @@ def _apply_prox(
     prox: Prox,
     names: Sequence[str],
     proxed: Sequence[int],
-    stepped: Mapping[int, tuple[Tensor, Any]],
+    stepped: Mapping[int, tuple[Any, ...]],
     threshold: Scalar,
 ) -> dict[int, Tensor]:
     """The prox of the selected leaves' new values, called once on ``{leaf name: leaf}``."""
@@ -586,7 +629,7 @@ def _grouped_rule(
     refs: Sequence[Tensor | None],
     h: Mapping[str, Scalar],
     decay: bool,
-) -> list[tuple[Tensor, tuple[Tensor | None, ...]]]:
+) -> list[Any]:
     """``rule`` over the group's leaves at once, as TensorLists: per leaf,
     what ``rule`` gives on that leaf alone. Raises :class:`NotElementwiseError` when the
     rule needs a leaf's own shape (then each leaf steps alone)."""
@@ -614,7 +657,7 @@ def _grouped_rule(
             row = Rows(derived[start:stop])
         else:
             row = Rows(derived[torch.tensor(indices, device=derived.device)])
-    new_p, new_slots = rule(
+    output = rule(
         cast(Tensor, group(leaves)),
         cast(Tensor, group(grad_leaves)),
         tuple(cast(Tensor | None, group(column)) for column in columns),
@@ -623,19 +666,25 @@ def _grouped_rule(
         decay,
         cast(Tensor | None, group(refs)),
     )
+    new_p, new_slots = output[0], output[1]
     outputs = [new_p, *new_slots]
     if not all(x is None or isinstance(x, TensorList) for x in outputs) or not isinstance(
         new_p, TensorList
     ):
         raise NotElementwiseError("the rule gave a tensor for a group of leaves")
     lists = [None if x is None else cast(TensorList, x).tensors for x in outputs]
-    return [
+    results: list[Any] = [
         (
             cast(list[Tensor], lists[0])[j],
             tuple(None if column is None else column[j] for column in lists[1:]),
         )
         for j in range(len(indices))
     ]
+    if len(output) == 3:  # the rule's metric D (prox_metric="preconditioned")
+        metric: Any = output[2]
+        per_leaf = metric.tensors if isinstance(metric, TensorList) else [metric] * len(indices)
+        results = [(*result, m) for result, m in zip(results, per_leaf, strict=True)]
+    return results
 
 
 def _contiguous(indices: Sequence[int], columns: Sequence[Sequence[Any]]) -> bool:

@@ -12,10 +12,20 @@ from .._checks import NON_NEGATIVE, UNIT, Scalar
 from ..select import Where
 from ..tree import Params
 from ._fused import sgd_kernel
-from .base import LEAF_TABLES, LeafTable, Optimizer, Prox, build, is_zero
+from .base import (
+    LEAF_TABLES,
+    LeafTable,
+    Optimizer,
+    Prox,
+    ProxMetric,
+    RuleOutput,
+    build,
+    check_prox_metric,
+    is_zero,
+)
 from .clipping import with_clipping
 from .decay import INTERVALS as DECAY_INTERVALS
-from .decay import DecayScaling, decay_coefficient, decay_options, decayed
+from .decay import DecayScaling, decay_coefficient, decay_options, decay_rate, decayed
 
 __all__ = ["SGDState", "sgd"]
 
@@ -66,10 +76,12 @@ def sgd(
     *,
     decay_scaling: DecayScaling = "lr",
     decay_reference_lr: Scalar | None = None,
+    decay_timescale: Scalar | None = None,
     cautious_decay: bool = False,
     decay_to: Params | None = None,
     clip_grad_norm: Scalar | None = None,
     fused: bool = False,
+    prox_metric: ProxMetric = "euclidean",
 ) -> Optimizer:
     r"""SGD with momentum, matching ``torch.optim.SGD`` step for step.
 
@@ -91,6 +103,15 @@ def sgd(
     ``lam * penalties.l2(params)`` to the loss. With ``clip_grad_norm`` the gradients
     are first clipped to that global norm, as ``torch.nn.utils.clip_grad_norm_``.
 
+    With momentum, the Euclidean prox (``prox_metric="euclidean"``, the default) has
+    fixed points that solve ``loss + (1 - mu) / (1 - tau) * rho * P`` (at ``mu = 0.9``,
+    a tenth of the strength asked for): in steady state the buffer is
+    :math:`(1 - \tau) g / (1 - \mu)`. ``prox_metric="preconditioned"`` takes the prox in
+    the metric of that steady-state step, :math:`D = (1 - \mu) / (1 - \tau)`, i.e. the
+    threshold ``lr * rho * (1 - tau) / (1 - mu)`` (Nesterov's step has the same steady
+    state), so that the fixed points solve ``loss + rho * P``. Without momentum both
+    metrics are the same.
+
     Every scalar hyperparameter is a float or a 0-d tensor and can be overridden per
     call: ``opt.step(params, grads, state, lr=lr_t)``. A literal ``0`` switches a term
     off; pass a tensor (``torch.tensor(0.9)``) to sweep or schedule ``momentum``.
@@ -111,10 +132,12 @@ def sgd(
         prox_strength: :math:`\rho`, the strength of the proximal penalty.
         skip_nonfinite: leave params and state untouched on a step whose gradients
             hold a NaN or an infinity, and count it in ``state.skipped``.
-        decay_scaling: ``"lr"``, ``"schedule"`` or ``"none"`` (decoupled only), as in
-            :func:`functorch_reg.adam`.
-        decay_reference_lr: :math:`\eta_0` for ``decay_scaling="schedule"``
-            (default: ``lr`` as constructed).
+        decay_scaling: ``"lr"``, ``"schedule"``, ``"corrected"`` or ``"none"``
+            (decoupled only), as in :func:`functorch_reg.adam`.
+        decay_reference_lr: :math:`\eta_0` for ``"schedule"``, ``"corrected"`` and
+            ``decay_timescale`` (default: ``lr`` as constructed).
+        decay_timescale: the decoupled decay as a timescale in steps instead of
+            ``weight_decay``, as in :func:`functorch_reg.adam`.
         cautious_decay: decoupled decay only where the step direction and the weight
             agree in sign, as in :func:`functorch_reg.adam`.
         decay_to: decoupled decay toward these weights (matched by leaf name)
@@ -125,6 +148,8 @@ def sgd(
             ``torch.optim``'s ``fused=True``, within a few units in the last place
             of the default path. Groups with a prox or tensor hyperparameters off
             the CPU take the default path.
+        prox_metric: ``"euclidean"`` (default) or ``"preconditioned"``, see above
+            (needs ``dampening < 1``).
 
     Example:
         >>> import functorch_reg as fr
@@ -143,6 +168,12 @@ def sgd(
             "sgd: fused=True runs torch's fused kernel, which implements coupled decay "
             "only; drop fused=True or decoupled=True"
         )
+    in_metric = check_prox_metric("sgd", prox_metric, prox) and has_momentum
+    if in_metric and not isinstance(dampening, Tensor) and dampening >= 1:
+        raise ValueError(
+            "sgd: prox_metric='preconditioned' needs dampening < 1 (with dampening=1 the "
+            "momentum buffer never takes a gradient after the first step)"
+        )
     decay_hyperparams, references = decay_options(
         "sgd",
         lr=lr,
@@ -151,6 +182,8 @@ def sgd(
         decay_reference_lr=decay_reference_lr,
         cautious_decay=cautious_decay,
         decay_to=decay_to,
+        weight_decay=weight_decay,
+        decay_timescale=decay_timescale,
     )
 
     def init_slots(p: Tensor) -> tuple[Tensor | None]:
@@ -170,11 +203,11 @@ def sgd(
         h: Mapping[str, Scalar],
         decay: bool,
         reference: Tensor | None,
-    ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    ) -> RuleOutput:
         (buf,) = slots
         if maximize:
             g = -g
-        weight_decay = h["weight_decay"] if decay else 0.0
+        weight_decay = decay_rate(h, decay_scaling) if decay else 0.0
         if not is_zero(weight_decay) and not decoupled:
             g = g + weight_decay * p
         if has_momentum:
@@ -189,6 +222,9 @@ def sgd(
         if not is_zero(weight_decay) and decoupled:
             coefficient = decay_coefficient(h, weight_decay, decay_scaling)
             p = decayed(p, coefficient, g, reference=reference, cautious=cautious_decay)
+        if in_metric:
+            # The steady state of the buffer is (1 - tau) g / (1 - mu).
+            return p - h["lr"] * g, (buf,), (1 - h["momentum"]) / (1 - h["dampening"])
         return p - h["lr"] * g, (buf,)
 
     optimizer = build(
@@ -200,7 +236,7 @@ def sgd(
             "lr": lr,
             "momentum": momentum,
             "dampening": dampening,
-            "weight_decay": weight_decay,
+            **({} if decay_timescale is not None else {"weight_decay": weight_decay}),
             "prox_strength": prox_strength,
             **decay_hyperparams,
         },

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, StateDict
 
+from ._compile_log import Announced
 from .adapter_flat import FlatGroup
 from .optim.base import DISABLED, Optimizer, State, check_optimizer, enabled, leaf_table_field
 from .tree import flatten
@@ -177,7 +178,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._tables: dict[int, Tensor] = {}
         self._compiled = compile
         self._update: Callable[..., None] = (
-            torch.compile(_update_groups, **{"fullgraph": True, **(compile_options or {})})
+            Announced(
+                torch.compile(_update_groups, **{"fullgraph": True, **(compile_options or {})}),
+                "TorchOptimizer",
+            )
             if compile
             else _update_groups
         )

@@ -72,11 +72,47 @@ def elastic_net(params: Params, l1_ratio: float = 0.5, *, where: Where = None) -
 
 
 def group_lasso(params: Params, dim: int | None = 0, *, where: Where = None) -> Tensor:
-    r"""Group lasso :math:`\sum_g \sqrt{|g|}\, \|w_g\|_2`.
+    r"""Group lasso :math:`\sum_g \sqrt{|g|}\, \|w_g\|_2` (Yuan & Lin, 2006).
 
     The groups of a leaf are its slices along ``dim``: with the default ``dim=0`` the
-    rows of a ``Linear`` weight, i.e. the output units. ``|g|`` is the number of
-    entries in a group. ``dim=None`` makes each whole leaf one group.
+    rows of a ``Linear`` weight ``(out, in)``, i.e. the output units, and the filters of
+    a ``Conv2d`` weight ``(out, in, kh, kw)``. ``|g|`` is the number of entries in a
+    group, so that groups of different sizes are penalized alike (Yuan & Lin's
+    :math:`\sqrt{p_g}` weight). ``dim=None`` makes each whole leaf one group. The
+    matching proximal operator, which zeroes whole groups, is
+    :func:`functorch_reg.prox.group_lasso`.
+
+    A 1-D leaf (a bias, a norm scale) has groups of one entry along ``dim=0``, so its
+    term is plain L1, :math:`\sum_i |b_i|`, and not a group penalty. With the default
+    ``where=None`` every floating leaf is included, biases too: to penalize only the
+    weight matrices, pass ``where=fr.select.weights()``; to make each bias one group,
+    ``dim=None``. A 0-d leaf has no ``dim=0`` and is an error.
+
+    Args:
+        params: a pytree of tensors, e.g. ``dict(model.named_parameters())``.
+        dim: the dim whose slices are the groups (negative counts from the end), or
+            ``None`` for one group per leaf.
+        where: which leaves (a ``where=`` selection, see :mod:`functorch_reg.select`);
+            default all floating leaves.
+
+    Returns:
+        A 0-d tensor in the promoted dtype of the selected leaves, at unit strength
+        (multiply by :math:`\lambda` yourself).
+
+    Raises:
+        ValueError: a selected leaf has no dim ``dim`` (e.g. a 0-d leaf with
+            ``dim=0``); ``where`` is a glob that matches no leaf; no floating-point
+            leaf is selected.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> params = {"weight": torch.tensor([[3.0, 4.0], [0.0, 0.0]]),
+        ...           "bias": torch.tensor([1.0, -2.0])}
+        >>> fr.penalties.group_lasso(params, where="weight")  # sqrt(2) * (5 + 0)
+        tensor(7.0711)
+        >>> fr.penalties.group_lasso(params)  # the bias adds |1| + |-2|, as L1
+        tensor(10.0711)
     """
     return _total("group_lasso", params, where, functools.partial(_group_lasso_leaf, dim=dim))
 

@@ -7,6 +7,7 @@ training loop, LR scheduler and checkpoint code use it unchanged.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast, overload
 
@@ -25,6 +26,16 @@ _SCHEDULER_KEYS = frozenset(
     {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
 )
 _GROUP_KEYS = frozenset({"params", "param_names"})
+# Hyperparameters of torch.optim's and functorch_reg's rules, and other libraries' names
+# for them: in a group of a rule that does not take them, they are a mistake, not a tag.
+_HYPERPARAMETER_NAMES = frozenset(
+    {
+        "lr", "learning_rate", "betas", "beta1", "beta2", "eps", "epsilon",
+        "weight_decay", "wd", "momentum", "dampening", "nesterov", "amsgrad",
+        "maximize", "alpha", "centered", "rho", "lr_decay", "momentum_decay",
+        "decoupled_weight_decay", "prox_strength",
+    }
+)  # fmt: skip
 
 
 class TorchOptimizer(torch.optim.Optimizer):
@@ -45,7 +56,16 @@ class TorchOptimizer(torch.optim.Optimizer):
     first gradient, as in ``torch.optim``, so ``state_dict``/``load_state_dict`` and
     ``torch.load(weights_only=True)`` work, and a resumed run is bit-identical.
 
-    A param whose ``.grad`` is ``None`` is frozen: neither it nor its state changes.
+    A param whose ``.grad`` is ``None`` is frozen: neither it nor its state changes. A
+    ``requires_grad=False`` param never gets a gradient, so it is never updated or
+    decayed and gets no state, with ``flat=True`` too, as with ``torch.optim``.
+
+    Group keys that are not hyperparameters (Lightning's ``"name"``, timm's
+    ``"lr_scale"``, a scheduler's ``"initial_lr"``) are kept in ``param_groups`` and
+    ``state_dict`` and not passed to the rule, as in ``torch.optim``. A key that is a
+    hyperparameter of another rule (``"momentum"`` for Adam), another library's name
+    for one (``"wd"``, ``"learning_rate"``) or a near-miss of one this rule takes
+    (``"weight_deacy"``) is refused.
     When params are given as ``model.named_parameters()``, the functional optimizer's
     ``mask`` globs see their names; otherwise a group's leaves are named ``"0"``,
     ``"1"``, ... by position, so prefer predicate masks (``fr.select.weights()``) or
@@ -73,9 +93,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             buffer each (see :mod:`functorch_reg.flat`), so a step is one kernel per
             group. Each ``p.data`` becomes a view of the group's buffer (module code is
             unchanged) and each ``p.grad`` a view of one gradient buffer that backward
-            accumulates into; ``zero_grad()`` zeroes that buffer. Every param of a
-            group then steps every time (a param without a gradient gets a zero one),
-            so freeze params by leaving them out of the optimizer. The functional
+            accumulates into; ``zero_grad()`` zeroes that buffer. Every trainable param
+            of a group then steps every time (a param without a gradient gets a zero
+            one); ``requires_grad=False`` params are left out of the buffer, never
+            updated, and get no ``.grad`` (freeze or unfreeze them before building the
+            optimizer: a change later raises at the next step). The functional
             optimizer's ``mask`` must select the group's buffer: choose decay per group
             with ``weight_decay`` instead. ``state_dict()`` has the same format as with
             ``flat=False``, so a checkpoint loads either way. Params that other code
@@ -86,8 +108,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             bucket views, which costs a copy per step here.
 
     Raises:
-        TypeError: ``optimizer`` is not a functional optimizer, a group has an unknown
-            key or a hyperparameter of the wrong type, or a param is not floating-point.
+        TypeError: ``optimizer`` is not a functional optimizer, a group has a
+            hyperparameter this rule does not take (or a near-miss of one it takes) or
+            one of the wrong type, or a param is not floating-point.
         ValueError: a hyperparameter is out of range, a ``mask`` glob matches no leaf
             of a group, a group lists a param twice, or ``compile_options`` comes
             without ``compile``.
@@ -132,7 +155,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         if flat:
             _check_mask_selects_a_buffer(optimizer)
         # Per group index, with flat=True: the packed group, and its functional state.
-        self._flat_groups: dict[int, FlatGroup] | None = {} if flat else None
+        # A group without trainable params has no FlatGroup (None).
+        self._flat_groups: dict[int, FlatGroup | None] | None = {} if flat else None
         self._flat_states: dict[int, tuple[State, list[dict[str, Tensor]]]] = {}
         self._functional = optimizer
         template = optimizer.init([torch.empty((), device="meta")])
@@ -177,8 +201,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             index = len(self.param_groups) - 1
             self._check_group(index)
             if self._flat_groups is not None:
-                self._flat_groups[index] = FlatGroup(
-                    self.param_groups[index]["params"], f"param group {index}"
+                trainable = _trainable(self.param_groups[index]["params"])
+                self._flat_groups[index] = (
+                    FlatGroup(trainable, f"param group {index}") if trainable else None
                 )
         except Exception:
             self.param_groups.pop()
@@ -218,6 +243,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                         "TorchOptimizer does not support sparse gradients; "
                         f"{self._label(index, position)} has one"
                     )
+            if self._flat_groups is not None:
+                self._check_trainable_unchanged(index)
             if any(p.grad is not None for p in group["params"]):
                 self._validate_hyperparams(f"param group {index}", group)
         created = [
@@ -285,7 +312,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 params = group["params"]
                 if self._flat_groups is not None:
                     packed = self._flat_groups[index]
-                    packed.refresh(params)
+                    if packed is None:
+                        continue
+                    packed.refresh(packed.members)
                     trees.append([packed.params])
                     grads.append([packed.grads])
                     states.append(self._flat_state(index))
@@ -324,9 +353,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         if self._flat_groups is None:
             super().zero_grad(set_to_none)
             return
-        for index, group in enumerate(self.param_groups):
-            self._flat_groups[index].refresh(group["params"])
-            self._flat_groups[index].grads.zero_()
+        for packed in self._flat_groups.values():
+            if packed is not None:
+                packed.refresh(packed.members)
+                packed.grads.zero_()
 
     def load_state_dict(self, state_dict: StateDict) -> None:
         """Load a :meth:`state_dict`, validated before anything changes.
@@ -350,15 +380,37 @@ class TorchOptimizer(torch.optim.Optimizer):
         for p, slots in saved.items():
             self.state[p] = {key: value.to(p.device, copy=True) for key, value in slots.items()}
 
+    def _check_trainable_unchanged(self, index: int) -> None:
+        """With ``flat=True``, raise unless the group's trainable params are the packed ones."""
+        assert self._flat_groups is not None
+        packed = self._flat_groups[index]
+        members = [] if packed is None else packed.members
+        params = self.param_groups[index]["params"]
+        if [id(p) for p in _trainable(params)] != [id(p) for p in members]:
+            packed_ids = {id(p) for p in members}
+            position = next(
+                i for i, p in enumerate(params) if p.requires_grad != (id(p) in packed_ids)
+            )
+            raise ValueError(
+                f"TorchOptimizer(flat=True): {self._label(index, position)} changed "
+                "requires_grad since the optimizer was built; a flat group's buffer holds "
+                "the params that were trainable then: build a new optimizer after "
+                "freezing or unfreezing, or use flat=False"
+            )
+
     def _check_group(self, index: int) -> None:
         group = self.param_groups[index]
-        unknown = sorted(set(group) - set(self.defaults) - _GROUP_KEYS - _SCHEDULER_KEYS)
-        if unknown:
-            raise TypeError(
-                f"TorchOptimizer: param group {index} has unknown hyperparameter "
-                f"{unknown[0]!r}; the functional optimizer accepts "
-                + ", ".join(sorted(self._hyperparam_names))
-            )
+        extra = set(group) - set(self.defaults) - _GROUP_KEYS - _SCHEDULER_KEYS
+        for key in sorted(extra, key=str):
+            close = difflib.get_close_matches(str(key), self._hyperparam_names, n=1, cutoff=0.75)
+            if close or key in _HYPERPARAMETER_NAMES:
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(
+                    f"TorchOptimizer: param group {index} has unknown hyperparameter "
+                    f"{key!r}; the functional optimizer accepts "
+                    + ", ".join(sorted(self._hyperparam_names))
+                    + hint
+                )
         params = group["params"]
         for position, p in enumerate(params):
             if not p.is_floating_point():
@@ -413,7 +465,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         from those entries when one was replaced: first step, or ``load_state_dict``.
         """
         assert self._flat_groups is not None
-        packed, params = self._flat_groups[index], self.param_groups[index]["params"]
+        packed = self._flat_groups[index]
+        assert packed is not None
+        params = packed.members
         state, entries = self._flat_states.get(index, (None, []))
         if state is not None and all(
             self.state.get(p) is entry for p, entry in zip(params, entries, strict=True)
@@ -443,7 +497,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         if all(s is None for s in slots):
             return fresh
         if any(s is None for s in slots):
-            position = next(i for i, s in enumerate(slots) if s is None)
+            missing = next(p for p, s in zip(params, slots, strict=True) if s is None)
+            group_params = self.param_groups[index]["params"]
+            position = next(i for i, p in enumerate(group_params) if p is missing)
             raise ValueError(
                 f"TorchOptimizer(flat=True): {self._label(index, position)} has no state while "
                 "others of its group do; with flat=True a group's params step together"
@@ -601,6 +657,10 @@ def _check_mask_selects_a_buffer(optimizer: Optimizer) -> None:
         raise ValueError(f"{hint} ({error})") from None
     if torch.equal(out[0], probe[0]):
         raise ValueError(f"{hint}: this mask leaves it out")
+
+
+def _trainable(params: Sequence[Tensor]) -> list[Tensor]:
+    return [p for p in params if p.requires_grad]
 
 
 def _tree(group: dict[str, Any], values: Sequence[Any]) -> dict[str, Any] | list[Any]:

@@ -42,6 +42,8 @@ class FlatGroup:
                     f"{params[0].device} with {p.dtype} on {p.device} (param {position}); "
                     "a flat group needs one dtype and device: split it into param groups"
                 )
+        self.members = list(params)
+        """The packed params, in order."""
         self.names = [f"{i:06d}" for i in range(len(params))]
         try:
             self.layout: FlatParams = pack(

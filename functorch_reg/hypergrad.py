@@ -26,19 +26,28 @@ per-layer strengths within one training run.
 ``val_loss(params)`` the validation loss; both return a 0-d tensor. ``strengths`` is a
 floating 0-d tensor or a vector (e.g. one strength per layer), and the hypergradient
 has its shape. Only floating-point leaves of ``params`` are differentiated.
+
+Second derivatives through attention: the fused kernels of
+``torch.nn.functional.scaled_dot_product_attention`` (flash, memory-efficient, cuDNN,
+and the CPU flash kernel) have no double backward, so the hypergradients' passes run
+under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``, the backend that has one
+(``transformers``' and timm's default attention go through it). This costs the math
+backend's memory for those passes only; training outside them is unaffected.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from . import _plot
@@ -54,6 +63,23 @@ Leaves = tuple[Tensor, ...]
 TrainLoss = Callable[[Params, Tensor], Tensor]
 ValLoss = Callable[[Params], Tensor]
 Solver = Literal["cg", "normal_cg"]
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _math_attention(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``function`` with SDPA restricted to the math backend (see the module doc)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if torch.compiler.is_compiling():  # compiled graphs take no double backward anyway
+            return function(*args, **kwargs)
+        with sdpa_kernel(SDPBackend.MATH):
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 def implicit(
@@ -718,6 +744,7 @@ def _conjugate_gradients_eager(
     return best
 
 
+@_math_attention
 def _implicit(
     train_loss: TrainLoss,
     val_loss: ValLoss,
@@ -919,6 +946,7 @@ def _identity_support(
     return mask
 
 
+@_math_attention
 def _unroll(
     train_loss: TrainLoss,
     val_loss: ValLoss,

@@ -6,7 +6,9 @@ A selection is one of
 * a glob string or a list of globs on dotted leaf names (``"*.weight"``,
   ``["encoder.*", "head.0.weight"]``); each glob must match a floating-point leaf;
 * a predicate ``(name, tensor) -> bool``, e.g. the presets :func:`weights`,
-  :func:`biases`, :func:`all`;
+  :func:`biases`, :func:`all`, or the decay rules of the ecosystem for one model,
+  :func:`transformers_decay` (``transformers.Trainer``) and :func:`timm_decay` (timm's
+  ``no_weight_decay()``);
 * a pytree of Python bools with the params' structure.
 
 Non-floating leaves are never selected by ``None``, globs or predicates; a bool
@@ -17,11 +19,12 @@ from __future__ import annotations
 
 import builtins
 import fnmatch
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeAlias
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .tree import Params, PyTree, check_structure, flatten, is_float, spec_names
 
@@ -29,7 +32,23 @@ Predicate: TypeAlias = Callable[[str, Tensor], bool]
 Where: TypeAlias = str | Sequence[str] | Predicate | PyTree | None
 """The forms ``where=`` (and an optimizer's ``mask=``) accepts."""
 
-__all__ = ["Predicate", "Where", "all", "biases", "mask", "weights"]
+__all__ = [
+    "Predicate",
+    "Where",
+    "all",
+    "biases",
+    "mask",
+    "timm_decay",
+    "transformers_decay",
+    "weights",
+]
+
+# transformers.Trainer.get_decay_parameter_names (transformers 4.50+ and 5.x): no decay
+# inside nn.LayerNorm modules, nor where the lower-cased name matches one of these.
+_TRANSFORMERS_NO_DECAY = tuple(
+    re.compile(pattern)
+    for pattern in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+)
 
 
 def weights() -> Predicate:
@@ -60,6 +79,118 @@ def all() -> Predicate:
         return True
 
     return any_leaf
+
+
+def transformers_decay(model: nn.Module) -> Predicate:
+    r"""The parameters ``transformers.Trainer`` decays, for ``mask=`` and ``where=``.
+
+    The same set as ``Trainer.get_decay_parameter_names(model)`` (transformers 4.50+
+    and 5.x): every parameter except those inside an ``nn.LayerNorm`` module and those
+    whose lower-cased dotted name matches ``bias``, ``layernorm``, ``rmsnorm``,
+    ``(^|\.)norm($|\.)`` or ``_norm($|\.)`` (so Llama's RMSNorm weights, T5's
+    ``relative_attention_bias`` and every bias are not decayed). Whatever the shape:
+    unlike :func:`weights`, embeddings are decayed as the Trainer decays them.
+
+    Args:
+        model: the model whose parameters the selection names (a ``torch.compile``\ d
+            module is unwrapped). Leaves are matched by their names in
+            ``model.named_parameters()`` (or ``fr.split_module(model)``).
+
+    Returns:
+        A predicate ``(name, leaf) -> bool``.
+
+    Raises:
+        ValueError: when applied, a leaf's name is not a parameter of ``model``.
+
+    Example:
+        >>> import functorch_reg as fr
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+        >>> params, _ = fr.split_module(net)
+        >>> fr.select.mask(params, fr.select.transformers_decay(net))
+        {'0.weight': True, '0.bias': False, '1.weight': False, '1.bias': False}
+    """
+    from .modules import unwrap
+
+    model = unwrap(model)
+    inside_layernorm = {
+        f"{path}.{name}" if path else name
+        for path, module in model.named_modules(remove_duplicate=False)
+        if path and isinstance(module, nn.LayerNorm)
+        for name, _ in module.named_parameters(remove_duplicate=False)
+    }
+    decayed = {
+        name
+        for name, _ in model.named_parameters(remove_duplicate=False)
+        if name not in inside_layernorm
+        and not builtins.any(p.search(name.lower()) for p in _TRANSFORMERS_NO_DECAY)
+    }
+    return _named_selection(model, decayed, "transformers_decay")
+
+
+def timm_decay(model: nn.Module, no_weight_decay: Collection[str] | None = None) -> Predicate:
+    r"""The parameters timm's ``create_optimizer_v2`` decays, for ``mask=`` and ``where=``.
+
+    timm's ``param_groups_weight_decay`` decays a parameter unless it is 1-D or 0-D
+    (biases, norm scales), its name ends in ``.bias``, or it is named by the model's
+    ``no_weight_decay()`` (position embeddings, class tokens, ...); here a name there
+    may also be an ``fnmatch`` glob (``"blocks.*.rel_pos"``), as in recent timm.
+
+    Args:
+        model: the model whose parameters the selection names (a ``torch.compile``\ d
+            module is unwrapped).
+        no_weight_decay: the names not to decay; default ``model.no_weight_decay()``
+            if the model defines it, else none.
+
+    Returns:
+        A predicate ``(name, leaf) -> bool``.
+
+    Raises:
+        ValueError: when applied, a leaf's name is not a parameter of ``model``.
+
+    Example:
+        >>> import functorch_reg as fr
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.pos_embed = torch.nn.Parameter(torch.zeros(1, 4, 2))
+        ...         self.proj = torch.nn.Linear(2, 2)
+        ...     def no_weight_decay(self):
+        ...         return {"pos_embed"}
+        >>> net = Net()
+        >>> fr.select.mask(fr.split_module(net)[0], fr.select.timm_decay(net))
+        {'pos_embed': False, 'proj.weight': True, 'proj.bias': False}
+    """
+    from .modules import unwrap
+
+    model = unwrap(model)
+    if no_weight_decay is None:
+        method = getattr(model, "no_weight_decay", None)
+        no_weight_decay = set(method()) if callable(method) else set()
+    patterns = tuple(no_weight_decay)
+    decayed = {
+        name
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if p.ndim > 1
+        and not name.endswith(".bias")
+        and not builtins.any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    }
+    return _named_selection(model, decayed, "timm_decay")
+
+
+def _named_selection(model: nn.Module, decayed: set[str], preset: str) -> Predicate:
+    known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+
+    def is_decayed(name: str, leaf: Tensor) -> bool:
+        if name not in known:
+            raise ValueError(
+                f"select.{preset}: leaf {name!r} is not a parameter of the "
+                f"{type(model).__name__} it was made for; name the params as "
+                "model.named_parameters() or fr.split_module(model) does, e.g. "
+                + _preview(sorted(known), limit=3)
+            )
+        return name in decayed
+
+    return is_decayed
 
 
 def mask(params: Params, where: Where = None) -> PyTree:

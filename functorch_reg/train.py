@@ -67,6 +67,8 @@ class TrainStep:
         has_aux: whether ``loss`` returns ``(value, aux)``.
         compiled: whether calls run the compiled graph.
         mode: the ``torch.compile`` mode.
+        consts: whether the step passes the module's constants and buffers through.
+        fullgraph: whether the compiled step must be one graph.
     """
 
     def __init__(
@@ -78,6 +80,8 @@ class TrainStep:
         has_aux: bool,
         compile: bool,
         mode: str | None,
+        consts: bool = False,
+        fullgraph: bool = True,
     ) -> None:
         if not callable(loss):
             raise TypeError(f"train_step: loss must be callable, got {type(loss).__name__}")
@@ -93,17 +97,25 @@ class TrainStep:
             )
         if mode is not None and not compile:
             raise ValueError(f"train_step: mode={mode!r} needs compile=True")
+        _refuse_compiled_modules(loss)
         self.loss = loss
         self.optimizer = optimizer
         self.flat = flat
         self.has_aux = has_aux
         self.compiled = compile
         self.mode = mode
+        self.consts = consts
+        self.fullgraph = fullgraph
         self._captures_cuda_graphs = mode in _CUDA_GRAPH_MODES
         self._floats = _FloatWatch()
+        # Positions (in the flattened consts) of the tensors that a forward has updated,
+        # which an eager step copies first; None until the first eager step.
+        self._mutated: set[int] | None = None
         self._compiled_step = (
             torch.compile(
-                _own_code(self._step_in_place), fullgraph=True, options=_inductor_options(mode)
+                _own_code(self._step_in_place),
+                fullgraph=fullgraph,
+                options=_inductor_options(mode),
             )
             if compile
             else None
@@ -111,6 +123,9 @@ class TrainStep:
 
     def __call__(self, params: Params, state: State, *args: Any, **overrides: Any) -> Any:
         """One step in place: ``params`` and ``state`` are updated, the loss is returned.
+
+        With ``consts=True`` the first of ``args`` is the module's constants (frozen
+        params and buffers), whose buffers the forward updates in place too.
 
         Returns:
             The loss value, a 0-d tensor on the params' device (no host sync), or
@@ -120,7 +135,7 @@ class TrainStep:
             return self._step_in_place(params, state, args, overrides)
         self._floats.watch(args, overrides)
         if self._captures_cuda_graphs:
-            _mark_static(params, state)
+            _mark_static(params, state, args[0] if self.consts and args else None)
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]  # untyped in torch
         try:
             out = self._compiled_step(params, state, args, overrides)
@@ -136,36 +151,96 @@ class TrainStep:
             # same step in eager mode, pure, names the problem as eager code would.
             try:
                 self.pure(params, state, *args, **overrides)
+            except _CapturedBufferError as eager_error:
+                raise eager_error from None  # the compile error says nothing more
             except Exception as eager_error:
                 raise eager_error from compile_error
+            add_note = getattr(compile_error, "add_note", None)  # Python 3.11+
+            if isinstance(compile_error, torch._dynamo.exc.Unsupported) and add_note:
+                add_note(
+                    "train_step: the step does not compile as one graph; pass "
+                    "fullgraph=False to let it break (the parts around a break run eagerly)"
+                )
             raise
         if self._captures_cuda_graphs:
             # The next replay overwrites the graph's outputs; the caller may keep these.
             out = optree.tree_map(_clone, out, none_is_leaf=True)
         return out
 
-    def pure(
-        self, params: Params, state: State, *args: Any, **overrides: Any
-    ) -> tuple[Params, State, Any]:
+    def pure(self, params: Params, state: State, *args: Any, **overrides: Any) -> tuple[Any, ...]:
         """The same step without side effects, for ``vmap``: ``(params, state, value)``.
 
-        ``value`` is ``(value, aux)`` with ``has_aux``. Never compiled here: compile the
-        vmapped function, ``torch.compile(vmap(step.pure), fullgraph=True)``.
+        ``value`` is ``(value, aux)`` with ``has_aux``. With ``consts=True`` the first
+        of ``args`` is the module's constants, which stay as they were: the step runs
+        the forward on a copy and returns ``(params, state, consts, value)`` with the
+        updated copy. Never compiled here: compile the vmapped function,
+        ``torch.compile(vmap(step.pure), fullgraph=True)``.
         """
-        grads, value = self._grad_and_value(params, args)
+        if not self.consts:
+            grads, value = self._grad_and_value(params, args)
+            new_params, new_state = self.optimizer.step(params, grads, state, **overrides)
+            return new_params, new_state, value
+        consts, rest = self._split_consts(args)
+        new_consts = optree.tree_map(_clone, consts, none_is_leaf=True)
+        grads, value = self._grad_and_value(params, (new_consts, *rest))
         new_params, new_state = self.optimizer.step(params, grads, state, **overrides)
-        return new_params, new_state, value
+        return new_params, new_state, new_consts, value
 
     def _step_in_place(
         self, params: Params, state: State, args: tuple[Any, ...], overrides: dict[str, Any]
     ) -> Any:
-        grads, value = self._grad_and_value(params, args)
+        if not self.consts or torch.compiler.is_compiling():
+            # Compiled, a graph writes its mutated inputs (consts) back at its end, after
+            # the update went through (an error stops the trace before anything runs).
+            grads, value = self._grad_and_value(params, args)
+            value = _as_before_update(value, params)
+            self.optimizer.step_(params, grads, state, **overrides)
+            return value
+        consts, rest = self._split_consts(args)
+        # Eager: the forward updates copies of the tensors it updated before (all of
+        # them the first time), written back once the update has gone through, so a
+        # failing call leaves the module's buffers as they were. A big frozen backbone
+        # in consts is copied on the first call only.
+        leaves, treespec = optree.tree_flatten(consts, none_is_leaf=True)
+        copied = {
+            i: leaf.clone()
+            for i, leaf in enumerate(leaves)
+            if isinstance(leaf, Tensor) and (self._mutated is None or i in self._mutated)
+        }
+        versions = [leaf._version if isinstance(leaf, Tensor) else 0 for leaf in leaves]
+        work = [copied.get(i, leaf) for i, leaf in enumerate(leaves)]
+        grads, value = self._grad_and_value(params, (optree.tree_unflatten(treespec, work), *rest))
         value = _as_before_update(value, params)
         self.optimizer.step_(params, grads, state, **overrides)
+        # A kernel that updates a tensor under torch.func (batch_norm's running
+        # statistics) need not bump its version counter: compare values too.
+        mutated = {i for i, copy in copied.items() if not torch.equal(copy, leaves[i])}
+        mutated |= {
+            i
+            for i, leaf in enumerate(leaves)
+            if isinstance(leaf, Tensor) and leaf._version != versions[i]
+        }
+        with torch.no_grad():
+            for i in mutated & copied.keys():
+                leaves[i].copy_(copied[i])
+        self._mutated = mutated | (self._mutated or set())
         return value
 
+    def _split_consts(self, args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+        if not args:
+            raise TypeError(
+                "train_step(consts=True): call step(params, state, consts, *args), with "
+                "consts from fr.split_module(model)"
+            )
+        return args[0], args[1:]
+
     def _grad_and_value(self, params: Params, args: tuple[Any, ...]) -> tuple[Params, Any]:
-        grads, (value, aux) = grad_and_value(self._objective, has_aux=True)(params, *args)
+        try:
+            grads, (value, aux) = grad_and_value(self._objective, has_aux=True)(params, *args)
+        except RuntimeError as error:
+            if "would mutate a captured Tensor" not in str(error):
+                raise
+            raise _CapturedBufferError(_captured_buffer_message(self.loss)) from None
         return grads, ((value, aux) if self.has_aux else value)
 
     def _objective(self, params: Params, *args: Any) -> tuple[Tensor, Any]:
@@ -200,6 +275,8 @@ def train_step(
     has_aux: bool = False,
     compile: bool = True,
     mode: str | None = None,
+    consts: bool = False,
+    fullgraph: bool = True,
 ) -> TrainStep:
     r"""Forward, gradient and update of ``loss`` as one call, compiled as one graph.
 
@@ -236,6 +313,27 @@ def train_step(
     ``torch._dynamo.mark_static_address`` or every replay copies them. On CPU the mode
     compiles as the default one.
 
+    **Models with buffers and frozen params.** ``params, consts = fr.split_module(model)``
+    splits a module into what trains and what does not (frozen params, and buffers such
+    as BatchNorm's running statistics). With ``consts=True`` the step takes the consts
+    after the optimizer state, ``step(params, state, consts, *args)``, and passes them
+    to ``loss(params, consts, *args)``, which runs the model with
+    ``functional_call(model, (params, consts), args)``. A forward in train mode then
+    updates the buffers in place (the module's own, as ``split_module`` returns views),
+    exactly as ``model(x)`` would: eager, compiled, and under ``"reduce-overhead"``
+    (the consts are marked static like the params). An eager step runs the forward on
+    copies of the tensors that forward updates, written back after the update went
+    through; a compiled graph writes its inputs back at its end. So a call that raises
+    leaves params, state and buffers bit-identical. A loss that runs
+    ``functional_call(model, params, x)`` on a model whose forward updates its buffers
+    raises an error that names the module and shows this pattern.
+
+    ``fullgraph=False`` compiles the step without requiring one graph, for models whose
+    forward breaks the graph (``transformers``' built-in loss with ``labels=`` logs a
+    warning inside forward); the parts around a break run eagerly. A
+    ``torch.compile``\ d module in ``loss`` is refused: give it the module itself,
+    ``fr.unwrap(model)``, and let the step compile.
+
     Args:
         loss: ``loss(params, *args)`` returning a 0-d floating-point tensor, or
             ``(value, aux)`` with ``has_aux`` (``aux`` a pytree of tensors).
@@ -250,6 +348,11 @@ def train_step(
             ``nn.Parameter`` params that require grad leave no autograd graph alive.
         compile: compile the step (``fullgraph=True``); ``False`` runs it eagerly.
         mode: the ``torch.compile`` mode, e.g. ``"reduce-overhead"``.
+        consts: the step takes the module's constants (a pytree of tensors, e.g.
+            ``fr.split_module(model)[1]``) after ``state`` and passes them to ``loss``
+            after ``params``; buffers that the forward updates are updated in place.
+        fullgraph: with ``compile=True``, require one graph (``torch.compile``'s
+            ``fullgraph``); ``False`` lets the step's graph break.
 
     Returns:
         A :class:`TrainStep`: call it for the in-place step; ``step.pure(params, state,
@@ -263,6 +366,11 @@ def train_step(
             leaf), or for a bad hyperparameter. In compiled mode such an error stops
             the trace; the step is then rerun eagerly and purely to raise the error
             eager code gives.
+        RuntimeError: the loss's forward updates a buffer it does not receive as an
+            argument (BatchNorm in train mode): the message names the module and shows
+            ``consts=True``. Nothing has changed.
+        TypeError: ``loss`` runs a ``torch.compile``\ d module (found by its global or
+            closure name), at construction.
 
     Example:
         >>> import functorch_reg as fr
@@ -276,8 +384,30 @@ def train_step(
         tensor(3.)
         >>> params["w"]
         tensor([0.5000, 0.5000, 0.5000])
+
+        A model with BatchNorm, its running statistics updated by each step:
+
+        >>> from torch.func import functional_call
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> params, consts = fr.split_module(net)
+        >>> def loss(params, consts, x):
+        ...     return functional_call(net, (params, consts), (x,)).square().mean()
+        >>> state = opt.init(params)
+        >>> step = fr.train_step(loss, opt, consts=True, compile=False)
+        >>> value = step(params, state, consts, torch.randn(8, 3))
+        >>> int(net[1].num_batches_tracked)
+        1
     """
-    return TrainStep(loss, optimizer, flat=flat, has_aux=has_aux, compile=compile, mode=mode)
+    return TrainStep(
+        loss,
+        optimizer,
+        flat=flat,
+        has_aux=has_aux,
+        compile=compile,
+        mode=mode,
+        consts=consts,
+        fullgraph=fullgraph,
+    )
 
 
 class _FloatWatch:
@@ -466,11 +596,89 @@ def _tensor_ids(params: Params) -> set[int]:
     return {id(leaf) for leaf in leaves if isinstance(leaf, Tensor)}
 
 
-def _mark_static(params: Params, state: State) -> None:
-    for tree in (params, state):
+def _mark_static(params: Params, state: State, consts: Any = None) -> None:
+    for tree in (params, state, consts):
         for leaf in flatten(tree)[0]:
             if isinstance(leaf, Tensor) and not hasattr(leaf, "_dynamo_static_input_type"):
                 torch._dynamo.mark_static_address(leaf)
+
+
+class _CapturedBufferError(RuntimeError):
+    """The loss's forward updated a buffer that it did not receive as an argument."""
+
+
+def _modules_of(loss: Loss) -> list[tuple[str, torch.nn.Module]]:
+    """The modules that ``loss`` refers to by a global or closure name, with the name."""
+    function = getattr(loss, "__func__", loss)
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return []
+    found: dict[int, tuple[str, torch.nn.Module]] = {}
+    cells = zip(code.co_freevars, getattr(function, "__closure__", None) or (), strict=False)
+    named = [(name, cell.cell_contents) for name, cell in cells if _has_contents(cell)]
+    module_globals = getattr(function, "__globals__", {})
+    named += [(name, module_globals[name]) for name in code.co_names if name in module_globals]
+    owner = getattr(loss, "__self__", None)  # a bound method of a module: self.loss
+    if isinstance(owner, torch.nn.Module):
+        named.insert(0, ("self", owner))
+    for name, value in named:
+        if isinstance(value, torch.nn.Module):
+            found.setdefault(id(value), (name, value))
+    return list(found.values())
+
+
+def _has_contents(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018  # an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+def _refuse_compiled_modules(loss: Loss) -> None:
+    compiled = [
+        f"{name}.{path}" if path else name
+        for name, model in _modules_of(loss)
+        for path, module in model.named_modules()
+        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+    ]
+    if compiled:
+        name = compiled[0]
+        raise TypeError(
+            f"train_step: loss runs {name!r}, a torch.compile'd module; train_step "
+            "compiles the whole step (forward, gradient and update) itself: give the "
+            f"loss the module inside ({name}._orig_mod, or fr.unwrap({name})) and "
+            "keep train_step(compile=True)"
+        )
+
+
+def _captured_buffer_message(loss: Loss) -> str:
+    what = "a module's forward updates a buffer (such as BatchNorm's running statistics)"
+    for name, model in _modules_of(loss):
+        found = [
+            (f"{name}.{path}" if path else name, module)
+            for path, module in model.named_modules()
+            if module.training and any(True for _ in module.named_buffers(recurse=False))
+        ]
+        if found:
+            path, module = found[0]
+            buffers = ", ".join(k for k, _ in module.named_buffers(recurse=False))
+            what = (
+                f"the forward of {type(module).__name__} {path!r} (in train mode) "
+                f"updates its buffers {buffers}"
+            )
+            break
+    return (
+        f"train_step: {what}, which the loss does not receive as arguments, and "
+        "torch.func cannot differentiate through that. Pass the buffers through the step:\n"
+        "    params, consts = fr.split_module(model)\n"
+        "    def loss(params, consts, x, y):\n"
+        "        out = functional_call(model, (params, consts), (x,))\n"
+        "        ...\n"
+        "    step = fr.train_step(loss, optimizer, consts=True)\n"
+        "    step(params, state, consts, x, y)\n"
+        "or call model.eval() if the buffers should not change."
+    )
 
 
 def _clone(leaf: Any) -> Any:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ from .tree import (
     check_structure,
     flatten,
     full_tensor,
+    leaf_names,
     reduce_partial,
     replicate_like,
     spec_names,
@@ -157,10 +159,39 @@ def group_norms(w: Tensor, dim: int | None) -> tuple[Tensor, int]:
 def l2_sp(params: Params, reference: Params, *, where: Where = None) -> Tensor:
     r""":math:`\sum_i (w_i - w^{ref}_i)^2`: pull toward reference (e.g. pretrained) weights.
 
-    ``reference`` must have the structure and shapes of ``params``.
+    ``reference`` must have the structure and shapes of ``params``, or, with
+    ``where=``, hold at least the leaves ``where`` selects (matched by leaf name, as
+    the optimizers' ``decay_to`` is): leaves that ``where`` excludes need no reference.
+
+    Raises:
+        ValueError: a selected leaf has no reference, or one of another shape.
     """
-    check_structure(params, reference, other_name="reference")
-    return _total("l2_sp", params, where, lambda w, w_ref: (w - w_ref).square().sum(), reference)
+    if where is None:
+        check_structure(params, reference, other_name="reference")
+        companion = reference
+    else:
+        companion = _references_by_name(params, reference, where)
+    return _total("l2_sp", params, where, lambda w, w_ref: (w - w_ref).square().sum(), companion)
+
+
+def _references_by_name(params: Params, reference: Params, where: Where) -> list[Any]:
+    """Per leaf of ``params``, its reference by name where ``where`` selects it."""
+    leaves, spec = flatten(params)
+    by_name = dict(zip(leaf_names(reference), flatten(reference)[0], strict=True))
+    found: list[Any] = []
+    for name, leaf, chosen in zip(spec_names(spec), leaves, selected(params, where), strict=True):
+        if not chosen:
+            found.append(None)
+            continue
+        ref = by_name.get(name)
+        if not isinstance(ref, Tensor) or ref.shape != leaf.shape:
+            got = f"shape {tuple(ref.shape)}" if isinstance(ref, Tensor) else "no such leaf"
+            raise ValueError(
+                f"l2_sp: reference leaf {name!r} (selected by where=) has {got}, the param "
+                f"has shape {tuple(leaf.shape)}; pass a reference with that leaf"
+            )
+        found.append(ref)
+    return found
 
 
 def orthogonal(params: Params, *, where: Where = None) -> Tensor:

@@ -98,6 +98,11 @@ class TrainStep:
         if mode is not None and not compile:
             raise ValueError(f"train_step: mode={mode!r} needs compile=True")
         _refuse_compiled_modules(loss)
+        from .flat import FlatParams
+
+        if isinstance(flat, FlatParams) and optimizer.for_flat is not None:
+            # A mask or prox written for leaves, translated to the buffers (or refused).
+            optimizer = optimizer.for_flat(flat)
         self.loss = loss
         self.optimizer = optimizer
         self.flat = flat

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -24,7 +25,14 @@ from .base import (
 )
 from .clipping import with_clipping
 from .decay import INTERVALS as DECAY_INTERVALS
-from .decay import DecayScaling, decay_coefficient, decay_options, decay_rate, decayed
+from .decay import (
+    DecayScaling,
+    check_decay_factor,
+    decay_coefficient,
+    decay_options,
+    decay_rate,
+    decayed,
+)
 
 __all__ = ["AdamState", "adam", "adamw"]
 
@@ -182,7 +190,8 @@ def adam(
         decay_timescale: :math:`\tau` in steps (>= 1), instead of ``weight_decay``;
             overridable per call (and sweepable).
         cautious_decay: apply the decoupled decay only where it agrees with the step.
-        decay_to: reference weights the decoupled decay pulls toward.
+        decay_to: reference weights the decoupled decay pulls toward, copied at
+            construction (the live params may be passed).
         clip_grad_norm: clip the gradients to this global norm first, as
             ``torch.nn.utils.clip_grad_norm_`` (see
             :func:`functorch_reg.clip_by_global_norm`); overridable per call.
@@ -278,6 +287,7 @@ def adam(
             **decay_hyperparams,
         },
         intervals={**_INTERVALS, **DECAY_INTERVALS},
+        check=functools.partial(check_decay_factor, name, scaling=decay_scaling),
         mask=mask,
         prox=prox,
         skip_nonfinite=skip_nonfinite,

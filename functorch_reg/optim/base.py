@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from .._checks import Interval, Scalar, as_scalar, check_scalars
+from .._memory import check_writable
 from ..select import Where, selected
 from ..tree import (
     Params,
-    address_span,
     flatten,
     full_tensor,
     is_dtensor,
@@ -108,6 +108,12 @@ class Optimizer(NamedTuple):
             meta device: no memory, no device work. Always set by this library's
             factories; :func:`check_optimizer` also serves an ``Optimizer`` built by hand
             without one.
+        for_flat: ``for_flat(flat) -> Optimizer``, the same rule for the buffers of
+            ``flat = fr.flat.pack(...)``: a ``mask`` written for leaves becomes the list
+            of groups it fills (a group it selects only partly is refused), and a prox
+            that needs leaves (a structured one, or one with ``where=``) is lifted with
+            :func:`functorch_reg.flat.leafwise`. ``fr.sweep(flat=...)`` and
+            ``fr.train_step(flat=...)`` call it, so flat results equal per-leaf ones.
     """
 
     init: Callable[[Params], State]
@@ -115,6 +121,7 @@ class Optimizer(NamedTuple):
     step_: Callable[..., None]
     hyperparams: Mapping[str, Any]
     validate: Callable[..., None] | None = None
+    for_flat: Callable[[Any], Optimizer] | None = None
 
 
 RuleOutput = (
@@ -210,6 +217,7 @@ def build(
     skip_nonfinite: bool,
     table: LeafTable | None = None,
     references: References | None = None,
+    check: Callable[[Mapping[str, Scalar]], None] | None = None,
 ) -> Optimizer:
     """Lift ``rule`` to an :class:`Optimizer` over pytrees.
 
@@ -218,10 +226,18 @@ def build(
     when ``table`` is ``None``. Its other fields are pytrees shaped like the params, one
     per slot of ``init_slots``, or :data:`DISABLED` when ``init_slots`` gives ``None``
     for them. ``references`` gives each leaf's decay reference (see :mod:`.decay`), checked
-    at every step before anything changes.
+    at every step before anything changes. ``check(h)`` raises for a combination of
+    resolved hyperparameters that no interval expresses (e.g. a decay factor <= 0).
     """
-    defaults = dict(hyperparams)
-    resolve(name, defaults, {}, intervals)
+    defaults = {key: _numbers_of(value) for key, value in hyperparams.items()}
+
+    def resolved(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
+        h = resolve(name, defaults, overrides, intervals)
+        if check is not None:
+            check(h)
+        return h
+
+    resolved({})
     table_field = leaf_table_field(state_type)
     slot_fields = [field for field in state_type._fields[:-1] if field != table_field]
 
@@ -253,7 +269,7 @@ def build(
 
     def update(params: Params, grads: Params, state: State, overrides: dict[str, Any]) -> _Update:
         """The new leaves and state columns; nothing is modified."""
-        h = resolve(name, defaults, overrides, intervals)
+        h = resolved(overrides)
         leaves, spec = flatten(params)
         grad_leaves = matching_leaves(leaves, spec, grads)
         _check_grads(name, spec, leaves, grad_leaves)
@@ -367,18 +383,36 @@ def build(
             for column, new_column in zip(new.columns, new.new_columns, strict=True):
                 for old, new_value in zip(column, new_column, strict=True):
                     if new_value is not old:
-                        old.copy_(new_value)
+                        _write(old, new_value)
             if new.table is not None and new.new_table is not None:
                 new.table.copy_(new.new_table)
-            state.skipped.copy_(new.skipped)
+            _write(state.skipped, new.skipped)
 
     def validate(params: Params | None = None, **overrides: Any) -> None:
-        resolve(name, defaults, overrides, intervals)
+        resolved(overrides)
         if params is not None:
             step_on_meta(init, step, params, overrides)
 
+    def for_flat(flat: Any) -> Optimizer:
+        from ..flat import mask_for, prox_for
+
+        return build(
+            name,
+            state_type=state_type,
+            init_slots=init_slots,
+            rule=rule,
+            hyperparams=defaults,
+            intervals=intervals,
+            mask=mask_for(flat, mask, name),
+            prox=None if prox is None else cast(Prox, prox_for(flat, prox)),
+            skip_nonfinite=skip_nonfinite,
+            table=table,
+            references=references,
+            check=check,
+        )
+
     step.__doc__ = step_.__doc__ = f"One {name} step; see ``functorch_reg.{name}``."
-    return Optimizer(init, step, step_, defaults, validate)
+    return Optimizer(init, step, step_, defaults, validate, for_flat)
 
 
 def check_optimizer(optimizer: Optimizer, params: Params | None = None, **overrides: Any) -> None:
@@ -441,8 +475,16 @@ def resolve(
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
         merged["beta1"], merged["beta2"] = betas
+    merged = {key: as_scalar(value) for key, value in merged.items()}
     check_scalars(name, merged, intervals)
-    return {key: as_scalar(value) for key, value in merged.items()}
+    return merged
+
+
+def _numbers_of(value: Any) -> Any:
+    """A hyperparameter (or a pair such as ``betas``) with NumPy scalars as Python numbers."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(as_scalar(v) for v in value)
+    return as_scalar(value)
 
 
 def _apply_prox(
@@ -470,6 +512,16 @@ def _apply_prox(
         got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
         raise TypeError(f"{hint}; given {sorted(tree)[:4]} it returned {got}")
     return {i: out[names[i]] for i in proxed}
+
+
+def _write(target: Tensor, value: Tensor) -> None:
+    """``target.copy_(value)``; a 0-d target is written through a 1-element view, since
+    torch.compile (Inductor, torch 2.13 on CPU) drops an in-place write into a 0-d
+    float64 input (a learned temperature kept its value)."""
+    if target.ndim == 0:
+        target.view(1).copy_(value.reshape(1))
+    else:
+        target.copy_(value)
 
 
 def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -554,20 +606,23 @@ def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped
         return
     # (column, leaf index) of each target, the table and skipped as column -1 and -2;
     # labels are only spelled out for an error.
-    targets: list[tuple[int, int, Tensor]] = []
+    places: list[tuple[int, int]] = []
+    targets: list[Tensor] = []
     for column_index, (column, new_column) in enumerate(
         zip(new.columns, new.new_columns, strict=True)
     ):
         for i, (old, new_value) in enumerate(zip(column, new_column, strict=True)):
             if new_value is not old:
-                targets.append((column_index, i, old))
+                places.append((column_index, i))
+                targets.append(old)
     if new.table is not None and new.new_table is not None:
-        targets.append((-1, 0, new.table))
-    targets.append((-2, 0, skipped))
-    if torch._C._functorch.is_functorch_wrapped_tensor(targets[0][2]):  # vmap or grad
-        return
+        places.append((-1, 0))
+        targets.append(new.table)
+    places.append((-2, 0))
+    targets.append(skipped)
 
-    def label(column_index: int, i: int) -> str:
+    def label(target: int) -> str:
+        column_index, i = places[target]
         if column_index == -1:
             return "the state's leaf table"
         if column_index == -2:
@@ -575,57 +630,7 @@ def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped
         column_name = "params" if column_index == 0 else f"state.{slot_fields[column_index - 1]}"
         return f"{column_name} {spec_names(new.spec)[i]!r}"
 
-    inference_mode = torch.is_inference_mode_enabled()
-    spans = []
-    for column_index, i, tensor in targets:
-        if is_dtensor(tensor):
-            tensor = cast(Any, tensor).to_local()
-        if tensor.is_inference() and not inference_mode:
-            raise ValueError(
-                f"{name}.step_: {label(column_index, i)} is an inference tensor (made under "
-                "torch.inference_mode()), which cannot be updated in place; clone it "
-                "outside inference mode, or use step()"
-            )
-        if not tensor.is_contiguous() and torch._debug_has_internal_overlap(tensor) == 1:
-            raise ValueError(
-                f"{name}.step_: {label(column_index, i)} has overlapping memory (e.g. made "
-                "by expand()), so an in-place update is ambiguous; pass a contiguous copy "
-                "(.contiguous()), or use step()"
-            )
-        if tensor.numel() and tensor.device.type != "meta":
-            start, end = address_span(tensor)
-            device = (tensor.device.type, tensor.device.index or 0)
-            spans.append((device, start, end, column_index, i, tensor))
-    # Memory that two tensors share lies in both of their address spans: sorted by
-    # start, a span can only meet the earlier spans that have not ended yet.
-    spans.sort(key=lambda span: (span[0], span[1]))
-    active: list[tuple[Any, ...]] = []
-    for span in spans:
-        device, start = span[0], span[1]
-        active = [other for other in active if other[0] == device and other[2] > start]
-        for other in active:
-            if _share_elements(other[5], span[5]):
-                first, second = sorted([other[3:5], span[3:5]])
-                raise ValueError(
-                    f"{name}.step_: {label(*first)} and {label(*second)} share memory "
-                    "(tied weights, or a view of another leaf), so one in-place update "
-                    "would overwrite the other; keep one of them, or use step()"
-                )
-        active.append(span)
-
-
-def _share_elements(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors whose address spans meet share an element."""
-    size = a.element_size()
-    base = min(a.data_ptr(), b.data_ptr())
-    offsets = [(t.data_ptr() - base) for t in (a, b)]
-    if b.element_size() != size or any(offset % size for offset in offsets):
-        return True
-    # Interleaved spans (the columns of a matrix): mark one tensor's elements.
-    end = max(address_span(a)[1], address_span(b)[1])
-    marks = torch.zeros((end - base) // size, dtype=torch.bool, device=a.device)
-    marks.as_strided(a.shape, a.stride(), offsets[0] // size).fill_(True)
-    return bool(marks.as_strided(b.shape, b.stride(), offsets[1] // size).any())
+    check_writable(f"{name}.step_", targets, label, "step()")
 
 
 def _all_finite(grads: list[Tensor]) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -24,7 +25,14 @@ from .base import (
 )
 from .clipping import with_clipping
 from .decay import INTERVALS as DECAY_INTERVALS
-from .decay import DecayScaling, decay_coefficient, decay_options, decay_rate, decayed
+from .decay import (
+    DecayScaling,
+    check_decay_factor,
+    decay_coefficient,
+    decay_options,
+    decay_rate,
+    decayed,
+)
 
 __all__ = ["SGDState", "sgd"]
 
@@ -229,6 +237,7 @@ def sgd(
             **decay_hyperparams,
         },
         intervals={**_INTERVALS, **DECAY_INTERVALS},
+        check=functools.partial(check_decay_factor, "sgd", scaling=decay_scaling),
         mask=mask,
         prox=prox,
         skip_nonfinite=skip_nonfinite,

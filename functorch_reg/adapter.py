@@ -116,11 +116,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             of a group, a group lists a param twice, or ``compile_options`` comes
             without ``compile``.
 
-    Example:
+    Examples:
         >>> import functorch_reg as fr
-        >>> from functorch_reg.adapter import TorchOptimizer
         >>> model = torch.nn.Linear(3, 1)
-        >>> optimizer = TorchOptimizer(
+        >>> optimizer = fr.TorchOptimizer(
         ...     [
         ...         {"params": [model.weight]},
         ...         {"params": [model.bias], "weight_decay": 0.0},
@@ -251,6 +250,9 @@ class TorchOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Update every param that has a gradient, in place.
 
+        Every group is checked before any is updated, and a step that raises leaves
+        params and state as they were (a first step creates no state).
+
         Args:
             closure: re-evaluates the model and returns the loss; called with
                 gradients enabled before the update.
@@ -261,9 +263,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         Raises:
             RuntimeError: a gradient is sparse.
             ValueError: a group's hyperparameter is out of range or not finite.
-
-            Every group is checked before any is updated, and a step that raises
-            leaves params and state as they were (a first step creates no state).
         """
         loss = None
         if closure is not None:

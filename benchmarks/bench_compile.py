@@ -1,0 +1,120 @@
+"""Compile time of a per-leaf ``step_``: the first call of ``torch.compile(opt.step_,
+fullgraph=True)`` over many tensors, and the steady-state step after it.
+
+One case per fresh process (run it several times, interleaving cases yourself), with
+``torch._dynamo.reset()`` and, unless ``TORCHINDUCTOR_CACHE_DIR`` is set, a cold
+Inductor cache in a fresh temporary directory. Prints one JSON line: the first call's
+seconds, the compile phases over 1 s (``torch._dynamo.utils.compilation_time_metrics``,
+nested, so they overlap) and the median steady-state step.
+
+    python benchmarks/bench_compile.py --layers 10 --d 256 --optimizer adamw
+    python benchmarks/bench_compile.py --backend eager        # Dynamo alone
+    python benchmarks/bench_compile.py --option max_fusion_buffer_group_pairwise_attempts=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import statistics
+import tempfile
+import time
+
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+
+import torch
+
+import functorch_reg as fr
+
+
+def tensors(layers: int, d: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A transformer's leaves, as in ``bench_step.py``: 16 tensors per layer of width
+    ``d`` (``--layers 10 --d 256``: 160 tensors, 8M elements)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(layers):
+        for name in ("q", "k", "v", "o"):
+            shapes[f"{layer}.attn.{name}.weight"] = (d, d)
+            shapes[f"{layer}.attn.{name}.bias"] = (d,)
+        shapes[f"{layer}.mlp.up.weight"] = (4 * d, d)
+        shapes[f"{layer}.mlp.up.bias"] = (4 * d,)
+        shapes[f"{layer}.mlp.down.weight"] = (d, 4 * d)
+        shapes[f"{layer}.mlp.down.bias"] = (d,)
+        for norm in ("norm1", "norm2"):
+            shapes[f"{layer}.{norm}.weight"] = (d,)
+            shapes[f"{layer}.{norm}.bias"] = (d,)
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(s, generator=gen, dtype=dtype) for k, s in shapes.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=10, help="16 tensors per layer")
+    parser.add_argument("--d", type=int, default=256, help="layer width")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--steps", type=int, default=20, help="timed steady-state steps")
+    parser.add_argument(
+        "--backend",
+        default="inductor",
+        help="torch.compile backend: 'eager' times Dynamo alone, 'aot_eager' adds AOTAutograd",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an Inductor option for torch.compile(options=...), e.g. "
+        "max_fusion_buffer_group_pairwise_attempts=8 (repeatable; VALUE is a Python literal)",
+    )
+    args = parser.parse_args()
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        options[key] = ast.literal_eval(value)
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    params = tensors(args.layers, args.d, dtype)
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    if args.optimizer == "adamw":
+        opt = fr.adamw(lr=1e-3, weight_decay=1e-2)
+        hyper = {"lr": torch.tensor(1e-3), "weight_decay": torch.tensor(1e-2)}
+    else:
+        opt = fr.sgd(lr=1e-2, momentum=0.9, weight_decay=1e-4)
+        hyper = {"lr": torch.tensor(1e-2), "weight_decay": torch.tensor(1e-4)}
+    state = opt.init(params)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step_, fullgraph=True, backend=args.backend, options=options or None)
+    start = time.perf_counter()
+    step(params, grads, state, **hyper)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step(params, grads, state, **hyper)
+        times.append(time.perf_counter() - start)
+    phases = {}
+    for key, values in torch._dynamo.utils.compilation_time_metrics.items():
+        phases[key] = round(sum(values), 2)
+    print(
+        json.dumps(
+            {
+                "tensors": len(params),
+                "numel": sum(p.numel() for p in params.values()),
+                "optimizer": args.optimizer,
+                "backend": args.backend,
+                "options": options,
+                "first_call_s": round(first, 2),
+                "step_ms_median": round(1000 * statistics.median(times), 3),
+                "phases_s": {k: v for k, v in phases.items() if v >= 1.0},
+                "loadavg": os.getloadavg()[0],
+                "torch": torch.__version__,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

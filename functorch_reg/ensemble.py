@@ -45,8 +45,26 @@ def init_ensemble(
     :func:`~functorch_reg.distributed.shard_grid` indices) gets the members it has in
     the whole grid.
 
+    Args:
+        model: the architecture; its modules' ``reset_parameters()`` (if any) draw the
+            members' values. ``model`` is deep-copied, never changed.
+        n: the number of members, a positive int.
+        seed: an int; the same seed gives the same members.
+        positions: the members' positions in a larger grid, ``n`` non-negative ints
+            (default ``range(n)``).
+
+    Returns:
+        A dict from the names of ``model.named_parameters()`` to detached tensors of
+        shape ``(n, *param.shape)`` and the parameters' dtypes and devices.
+
+    Raises:
+        ValueError: ``n`` is not a positive int; ``positions`` is not ``n``
+            non-negative ints.
+
     Example:
-        >>> members = init_ensemble(torch.nn.Linear(3, 2), n=4, seed=0)
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> members = fr.init_ensemble(torch.nn.Linear(3, 2), n=4, seed=0)
         >>> members["weight"].shape
         torch.Size([4, 2, 3])
     """
@@ -585,9 +603,31 @@ def ensemble_step(
         randomness: vmap's ``"different"`` (each member its own dropout masks),
             ``"same"`` or ``"error"``.
 
+    Returns:
+        ``step(members, states, strengths, x, y, buffers=None)``: ``strengths`` of shape
+        ``(K,)`` (absolute, the multiplier of ``penalty`` or the hyperparameter's
+        value); ``x``, ``y`` one batch shared by the members; ``losses`` of shape
+        ``(K,)``, each the mean over the batch as ``loss_fn`` returns it.
+
     Raises:
-        ValueError: bad arguments; at a call, buffers missing for a model with
+        ValueError: not exactly one of ``penalty`` and ``hyperparameter``;
+            ``hyperparameter`` is not a scalar hyperparameter of ``optimizer``;
+            ``randomness`` is not ``"different"``, ``"same"`` or ``"error"``; ``flat``
+            holds frozen parameters; at a call, buffers missing for a model with
             BatchNorm in train mode (naming the modules).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> net, opt = torch.nn.Linear(3, 1), fr.sgd(lr=0.1)
+        >>> step = fr.ensemble_step(net, torch.nn.functional.mse_loss, opt,
+        ...                         penalty=fr.penalties.l2)
+        >>> members = fr.init_ensemble(net, n=2)
+        >>> states = fr.stack([opt.init(m) for m in fr.unstack(members)])
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> members, states, losses = step(members, states, torch.tensor([0.0, 1.0]), x, y)
+        >>> losses.shape, members["weight"].shape
+        (torch.Size([2]), torch.Size([2, 1, 3]))
     """
     _check_strength_target(optimizer, penalty, hyperparameter)
     sweep_step.check_randomness(randomness, "ensemble_step")

@@ -45,8 +45,8 @@ class Data:
         >>> import torch
         >>> import functorch_reg as fr
         >>> data = fr.sweep_data.as_data([(torch.zeros(2, 3), torch.zeros(2))] * 2, "train")
-        >>> [x.shape for x, y in data.epoch(torch.device("cpu"))]
-        [torch.Size([2, 3]), torch.Size([2, 3])]
+        >>> sum(len(x) for x, y in data.epoch(torch.device("cpu")))  # samples in a pass
+        4
     """
 
     tensors: Batch | None
@@ -228,10 +228,11 @@ def training_batches(
         >>> import torch
         >>> import functorch_reg as fr
         >>> data = fr.sweep_data.as_data((torch.zeros(6, 2), torch.zeros(6)), "train")
-        >>> batches = fr.sweep_data.training_batches(data, 2, steps=4, seed=0,
-        ...                                          device=torch.device("cpu"))
-        >>> [tuple(x.shape) for (x, y), index in batches]
-        [(2, 2), (2, 2), (2, 2), (2, 2)]
+        >>> batches = list(fr.sweep_data.training_batches(data, 2, steps=4, seed=0,
+        ...                                               device=torch.device("cpu")))
+        >>> (x, y), index = batches[0]
+        >>> len(batches), x.shape, index.shape
+        (4, torch.Size([2, 2]), torch.Size([2]))
     """
     if data.tensors is not None:
         x, y = (t.to(device) for t in data.tensors)

@@ -969,8 +969,11 @@ def state_dict(state: State) -> dict[str, Any]:
         >>> opt = fr.adam(lr=1e-3)
         >>> params = {"w": torch.ones(2, 3)}
         >>> sd = fr.state_dict(opt.init(params))
-        >>> sorted(sd), sd["exp_avg"]["w"].shape
-        (['beta_powers', 'exp_avg', 'exp_avg_sq', 'skipped'], torch.Size([2, 3]))
+        >>> sorted(sd)
+        ['beta_powers', 'exp_avg', 'exp_avg_sq', 'skipped']
+        >>> exp_avg = sd["exp_avg"]  # keyed by leaf name
+        >>> exp_avg["w"].shape
+        torch.Size([2, 3])
         >>> state = fr.load_state_dict(opt, params, sd)
     """
     table_field = leaf_table_field(state)

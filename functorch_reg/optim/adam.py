@@ -206,6 +206,14 @@ def adam(
             or betas changed by a schedule take the default path.
         prox_metric: ``"euclidean"`` (default) or ``"preconditioned"``, see above.
 
+    Raises:
+        ValueError: a hyperparameter out of range or not finite (``lr``, ``eps``,
+            ``weight_decay`` negative; a beta outside ``[0, 1)``); ``decay_timescale``
+            or ``decay_to`` without ``decoupled=True``; an unknown ``prox_metric``; at
+            a step, ``grads`` or ``mask`` that do not fit the params (naming the leaf).
+        TypeError: a hyperparameter that is neither a float nor a tensor; an unknown
+            keyword at a step.
+
     Example:
         >>> import functorch_reg as fr
         >>> params = {"w": torch.ones(2)}

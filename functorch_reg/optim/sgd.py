@@ -159,6 +159,16 @@ def sgd(
         prox_metric: ``"euclidean"`` (default) or ``"preconditioned"``, see above
             (needs ``dampening < 1``).
 
+    Raises:
+        ValueError: a hyperparameter out of range or not finite (``lr``,
+            ``momentum``, ``weight_decay`` negative, ...); ``nesterov`` without
+            momentum or with dampening; ``fused=True`` with ``decoupled=True``; an
+            unknown ``prox_metric``, or ``"preconditioned"`` with ``dampening >= 1``;
+            at a step, ``grads`` or ``mask`` that do not fit the params (naming the
+            leaf).
+        TypeError: a hyperparameter that is neither a float nor a tensor; an unknown
+            keyword at a step.
+
     Example:
         >>> import functorch_reg as fr
         >>> params = {"w": torch.ones(3)}

@@ -48,14 +48,23 @@ class ScheduleFreeState(NamedTuple):
     """State of :func:`schedule_free_adamw`.
 
     Attributes:
-        z: per-leaf base sequence :math:`z` (the reference's ``state["z"]``).
-        exp_avg_sq: per-leaf second moment :math:`v`.
+        z: per-leaf base sequence :math:`z` (the reference's ``state["z"]``), a pytree like the params (same leaf names, shapes, dtypes and devices).
+        exp_avg_sq: per-leaf second moment :math:`v`, likewise (``()`` for
+            :func:`schedule_free_sgd`).
         schedule: per-leaf float64 ``[n_leaves, 4]`` table: the step count :math:`k`,
             the largest scheduled lr so far, the sum of the averaging weights (the
             reference's group-level ``k``, ``lr_max`` and ``weight_sum``), and which
             point the params hold: ``1`` for :math:`y` (training), ``0`` for :math:`x`
             (evaluation, after :func:`schedule_free_eval`).
-        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
+        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``), a
+            0-d int64 tensor.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> state = fr.schedule_free_adamw().init({"w": torch.ones(2, 3), "b": torch.zeros(3)})
+        >>> state.z["w"].shape, state.schedule.shape
+        (torch.Size([2, 3]), torch.Size([2, 4]))
     """
 
     z: Params

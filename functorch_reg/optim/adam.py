@@ -51,7 +51,8 @@ class AdamState(NamedTuple):
     """State of :func:`adam` and :func:`adamw`.
 
     Attributes:
-        exp_avg: per-leaf first moment :math:`m`, a pytree like the params (same leaf names, shapes, dtypes and devices).
+        exp_avg: per-leaf first moment :math:`m`, a pytree like the params (same leaf names, shapes,
+            dtypes and devices).
         exp_avg_sq: per-leaf second moment :math:`v`, likewise.
         max_exp_avg_sq: per-leaf running max of :math:`v` (``amsgrad``), else ``()``.
         beta_powers: per-leaf products of the betas over the leaf's updates, as one

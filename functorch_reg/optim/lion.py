@@ -31,7 +31,8 @@ class LionState(NamedTuple):
     """State of :func:`lion`.
 
     Attributes:
-        exp_avg: per-leaf momentum :math:`m` (``lion_pytorch``'s ``exp_avg``), a pytree like the params (same leaf names, shapes, dtypes and devices).
+        exp_avg: per-leaf momentum :math:`m` (``lion_pytorch``'s ``exp_avg``), a pytree like the
+            params (same leaf names, shapes, dtypes and devices).
         skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``), a
             0-d int64 tensor.
 

@@ -48,7 +48,8 @@ class ScheduleFreeState(NamedTuple):
     """State of :func:`schedule_free_adamw`.
 
     Attributes:
-        z: per-leaf base sequence :math:`z` (the reference's ``state["z"]``), a pytree like the params (same leaf names, shapes, dtypes and devices).
+        z: per-leaf base sequence :math:`z` (the reference's ``state["z"]``), a pytree like the
+            params (same leaf names, shapes, dtypes and devices).
         exp_avg_sq: per-leaf second moment :math:`v`, likewise (``()`` for
             :func:`schedule_free_sgd`).
         schedule: per-leaf float64 ``[n_leaves, 4]`` table: the step count :math:`k`,

@@ -50,7 +50,8 @@ class SGDState(NamedTuple):
     """State of :func:`sgd`.
 
     Attributes:
-        momentum_buffer: per-leaf momentum, a pytree like the params (same leaf names, shapes, dtypes and devices), or ``()`` when ``momentum`` is a
+        momentum_buffer: per-leaf momentum, a pytree like the params (same leaf names, shapes,
+            dtypes and devices), or ``()`` when ``momentum`` is a
             literal 0.
         count: per-leaf number of updates applied, as one int64 tensor of shape
             ``[n_leaves]`` (entry ``i`` for the ``i``-th leaf of the flattened params),

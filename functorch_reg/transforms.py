@@ -149,6 +149,13 @@ class EMAState(NamedTuple):
             devices of the params.
         n_averaged: updates averaged so far, a 0-d int64 tensor (as
             ``AveragedModel.n_averaged``).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> state = fr.ema(0.9).init({"w": torch.ones(2)})
+        >>> state.params["w"], state.n_averaged
+        (tensor([1., 1.]), tensor(0))
     """
 
     params: Params

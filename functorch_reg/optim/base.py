@@ -117,6 +117,23 @@ class Optimizer(NamedTuple):
             that needs leaves (a structured one, or one with ``where=``) is lifted with
             :func:`functorch_reg.flat.leafwise`. ``fr.sweep(flat=...)`` and
             ``fr.train_step(flat=...)`` call it, so flat results equal per-leaf ones.
+
+    The shape is optax's ``GradientTransformation`` (``init``/``update``) with the
+    update applied; ``step`` is the ``torch.optim`` rule named by the factory
+    (:func:`~functorch_reg.sgd`, :func:`~functorch_reg.adam`, ...).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> opt = fr.sgd(lr=0.5)
+        >>> params = {"w": torch.ones(2)}
+        >>> state = opt.init(params)
+        >>> new, state = opt.step(params, {"w": torch.ones(2)}, state, lr=0.25)  # override
+        >>> new["w"], params["w"]  # step is pure
+        (tensor([0.7500, 0.7500]), tensor([1., 1.]))
+        >>> opt.step_(params, {"w": torch.ones(2)}, state)  # in place
+        >>> params["w"]
+        tensor([0.5000, 0.5000])
     """
 
     init: Callable[[Params], State]

@@ -121,6 +121,22 @@ class SweepResult:
             float rounding of a mean over batches or folds does not settle a tie.
         buffers: each member's buffers after training (BatchNorm running statistics),
             stacked like :attr:`params`; ``{}`` for a model without buffers.
+
+    Losses are means over the samples (as ``loss_fn`` returns them), unregularized;
+    ``best_index``, ``best`` (the chosen grid point), ``best_params``,
+    ``best_state_dict``, ``refit()``, ``table()`` and ``plot()`` read the result.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> X, y = torch.randn(16, 2), torch.randn(16)
+        >>> def mse(out, target):
+        ...     return torch.nn.functional.mse_loss(out.squeeze(-1), target)
+        >>> result = fr.sweep(torch.nn.Linear(2, 1), mse, fr.sgd(lr=0.1), [0.0, 1.0],
+        ...                   train=(X, y), val=(X, y), penalty=fr.penalties.l1, steps=5,
+        ...                   compile=False, progress=False)
+        >>> result.val_loss.shape, result.param_norm.shape, sorted(result.grid)
+        (torch.Size([2]), torch.Size([2]), ['penalty'])
     """
 
     ACCURACY_TIE_TOLERANCE: ClassVar[float] = 1e-6
@@ -366,7 +382,26 @@ def sweep(
         A :class:`SweepResult`.
 
     Raises:
-        ValueError, TypeError: bad input, before any training.
+        ValueError: before any training: not exactly one of ``penalty`` and
+            ``hyperparameter``; strengths not finite and >= 0; ``steps`` not a positive
+            int; an unknown ``select``, ``init`` or ``randomness``; neither ``val`` nor
+            ``folds``/``cv``, or both; bad ``folds``; data whose ``x`` and ``y`` differ
+            in length.
+        TypeError: before any training: ``train`` or ``val`` is not tensors, a loader
+            or a re-iterable of ``(x, y)`` batches (e.g. a one-shot iterator).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> X = torch.randn(32, 4)
+        >>> y = X @ torch.tensor([1.0, 0.0, 0.0, 0.0])
+        >>> def mse(out, target):
+        ...     return torch.nn.functional.mse_loss(out.squeeze(-1), target)
+        >>> result = fr.sweep(torch.nn.Linear(4, 1), mse, fr.sgd(lr=0.1), [0.0, 0.1, 1.0],
+        ...                   train=(X, y), val=(X, y), penalty=fr.penalties.l2,
+        ...                   steps=50, compile=False, progress=False)
+        >>> result.best_index, result.params["weight"].shape, result.train_loss.shape
+        (0, torch.Size([3, 1, 4]), torch.Size([50, 3]))
     """
     sweep_step.check_randomness(randomness, "sweep")
     penalties = _penalties(penalty, strengths, optimizer)

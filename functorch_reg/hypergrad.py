@@ -238,6 +238,12 @@ def unrolled(
         ``(hypergradient, trained_params)``; the hypergradient is shaped like
         ``strengths``, and ``trained_params`` are detached.
 
+    Raises:
+        TypeError: ``strengths`` is not a floating tensor; ``optimizer`` is not a
+            functorch_reg ``Optimizer`` (e.g. a ``torch.optim`` one).
+        ValueError: ``strengths`` or a params leaf is not finite; ``steps`` is not a
+            positive int.
+
     Example:
         >>> from functorch_reg import sgd
         >>> w0 = torch.zeros(2, dtype=torch.float64)
@@ -288,6 +294,17 @@ class TuneResult:
         strengths: the final strengths.
         train_steps: training steps run in all (optimizer steps on the parameters).
         history: per-round record, see :class:`TuneHistory`.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> def train(w, lam):
+        ...     return (w - 1).square().sum() + lam * w.square().sum()
+        >>> result = fr.hypergrad.tune(train, lambda w: (w - 1).square().sum(),
+        ...                            torch.zeros(2), torch.tensor(1.0), fr.sgd(lr=0.1),
+        ...                            rounds=3, steps_per_round=2, progress=False)
+        >>> result.train_steps, result.history.val_loss.shape
+        (6, torch.Size([4]))
     """
 
     params: Params
@@ -375,6 +392,15 @@ def tune(
     Returns:
         A :class:`TuneResult` with the trained parameters, the final strengths and the
         history to plot.
+
+    Raises:
+        TypeError: ``strengths`` is not a floating tensor; ``optimizer`` is not a
+            functorch_reg ``Optimizer``.
+        ValueError: before training, ``strengths`` not positive and finite, a params
+            leaf not finite, ``rounds`` or ``steps_per_round`` not a positive int, an
+            unknown ``method``, ``hyper_lr`` not positive and finite; at the first
+            implicit hypergradient (after the first round's training steps),
+            ``maxiter`` not a positive int or ``damping`` negative.
 
     Example:
         Noise-free targets: less regularization is better, and the strength falls.

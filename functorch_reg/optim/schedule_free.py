@@ -212,6 +212,13 @@ def schedule_free_sgd(
     those of :func:`schedule_free_adamw` and of the reference (``lr=1.0`` by default).
     The method is Defazio et al., "The Road Less Scheduled" (NeurIPS 2024).
 
+    Args:
+        lr: :math:`\gamma`, the step size per step (absolute), finite and >= 0.
+        momentum: the interpolation :math:`\beta_1` in ``[0, 1)``.
+        weight_decay: :math:`\lambda`, coupled into the direction at ``decay_at``.
+
+    The other arguments are :func:`schedule_free_adamw`'s.
+
     Raises:
         ValueError: a hyperparameter out of range (``lr``, ``weight_decay`` negative,
             ``momentum`` outside ``[0, 1)``, ...), an unknown ``decay_at``, a

@@ -156,16 +156,18 @@ def counted_products(train_loss, val_loss, params, strengths, maxiter: int, damp
         residuals.append(norm(mismatch) / norm(rhs))
         return u
 
-    fr.hypergrad.implicit(
-        train_loss,
-        val_loss,
-        params,
-        strengths,
-        solver=counting_cg,
-        tol=0.0,
-        damping=damping,
-        stationary_tol=float("inf"),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained params, unconverged CG: expected
+        fr.hypergrad.implicit(
+            train_loss,
+            val_loss,
+            params,
+            strengths,
+            solver=counting_cg,
+            tol=0.0,
+            damping=damping,
+            stationary_tol=float("inf"),
+        )
     return calls + 1, residuals[0].item()  # + the residual check
 
 

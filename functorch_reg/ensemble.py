@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -30,7 +31,7 @@ from .tree import Params, flatten, is_float, stack, unstack
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["SweepResult", "ensemble_step", "init_ensemble", "sweep"]
+__all__ = ["SweepPlan", "SweepResult", "ensemble_step", "init_ensemble", "refit", "sweep"]
 
 
 def init_ensemble(
@@ -73,6 +74,128 @@ def init_ensemble(
 
 Strengths = Tensor | Sequence[float] | Mapping[str, Tensor | Sequence[float]]
 Select = Literal["val_loss", "val_accuracy"] | Callable[["SweepResult"], int]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The resolved inputs of one :func:`sweep` that :func:`refit` trains again from.
+
+    Made by :func:`sweep` after its checks, stored as :attr:`SweepResult.plan`. It holds
+    the optimizer (a NamedTuple of closures) and the data, so it does not pickle: a
+    pickled :class:`SweepResult` leaves it behind.
+
+    Attributes:
+        parts: the model, split into trainable, frozen and buffer tensors.
+        loss_fn: the sweep's ``loss_fn``.
+        optimizer: the sweep's functional optimizer.
+        penalties: ``{axis: penalty}`` scaled by the strength axes (``{}`` if none).
+        layout: the flat layout the members train in, or ``None`` (per leaf).
+        randomness: vmap's randomness for dropout.
+        train: the checked training data.
+        val: the checked validation data, or ``None`` (cross-validation).
+        batch_size: the minibatch size for tensor data, or ``None``.
+        seed: the seed of the batch order and of the random draws.
+        device: where the members train.
+        grid: each axis's value per grid point, in the params' dtype on ``device``.
+        initial: every member's initial parameters, stacked (``K * folds`` members,
+            fold-major per grid point).
+        initial_buffers: the members' initial buffers, stacked like ``initial``.
+        folds: members per grid point (1 without cross-validation).
+        steps: the sweep's optimizer steps.
+        compile: whether the sweep compiled its step.
+    """
+
+    parts: sweep_step.ModelParts
+    loss_fn: Callable[[Any, Tensor], Tensor]
+    optimizer: Optimizer
+    penalties: Mapping[str, Callable[[Params], Tensor]]
+    layout: FlatParams | None
+    randomness: Randomness
+    train: sweep_data.Data
+    val: sweep_data.Data | None
+    batch_size: int | None
+    seed: int
+    device: torch.device
+    grid: Mapping[str, Tensor]
+    initial: Params
+    initial_buffers: Params
+    folds: int
+    steps: int
+    compile: bool
+
+
+def refit(
+    plan: SweepPlan,
+    index: int,
+    *,
+    steps: int | None = None,
+    compile: bool | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Train grid point ``index`` of ``plan`` again on all the data, as one model.
+
+    See :meth:`SweepResult.refit`, which calls it with the chosen member. Returns the
+    trained model as ``model.state_dict()`` keys (params, buffers, frozen params).
+    """
+    compile = plan.compile if compile is None else compile
+    data = (
+        plan.train
+        if plan.val is None
+        else sweep_data.concatenated(plan.train, plan.val, plan.batch_size)
+    )
+    start = _packed(plan.layout, stack([unstack(plan.initial)[index * plan.folds]]))
+    one = {axis: values[index : index + 1] for axis, values in plan.grid.items()}
+    refit_step = sweep_step.vmapped_step(
+        plan.parts,
+        plan.loss_fn,
+        plan.optimizer,
+        plan.penalties,
+        flat=plan.layout,
+        randomness=plan.randomness,
+    )
+    steps = steps or plan.steps
+    with sweep_step.seeded(plan.seed, plan.device):
+        trained, buffers, _ = sweep_step.train(
+            torch.compile(refit_step, fullgraph=True) if compile else refit_step,
+            start,
+            optree.tree_map(lambda t: t[:1], plan.initial_buffers),
+            stack([plan.optimizer.init(unstack(start)[0])]),
+            one,
+            _batches(data, plan.batch_size, steps, plan.seed, plan.device, "shared", None),
+            steps,
+            progress=progress,
+            compiling=compile,
+            desc="refit",
+        )
+    params, buffers = (
+        optree.tree_map(lambda t: t[0], t) for t in (_unpacked(plan.layout, trained), buffers)
+    )
+    return plan.parts.state_dict(params, buffers)
+
+
+def _packed(layout: FlatParams | None, members: Params) -> Params:
+    """Stacked members as the trees the step trains: stacked buffers when flat."""
+    if layout is None:
+        return members
+    return stack([layout.pack_like(member) for member in unstack(members)])
+
+
+def _unpacked(layout: FlatParams | None, trained: Params) -> Params:
+    return trained if layout is None else layout.unpack(trained)
+
+
+@dataclass(frozen=True)
+class _MemberStateDict:
+    """``ModelParts.state_dict`` without the module: what a result keeps to name one
+    member's tensors as ``model.state_dict()`` keys (plain tensors and strings, so it
+    pickles)."""
+
+    frozen: dict[str, Tensor]
+    keys: tuple[tuple[str, str], ...]
+
+    def __call__(self, params: Params, buffers: Params) -> dict[str, Tensor]:
+        values = {**self.frozen, **dict(buffers), **dict(params)}
+        return {key: values[name] for key, name in self.keys}
 
 
 @dataclass(frozen=True)
@@ -120,10 +243,19 @@ class SweepResult:
     select: Select = "val_loss"
     buffers: Params = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
-    _refit: Callable[..., Params] | None = field(default=None, repr=False, compare=False)
+    plan: SweepPlan | None = field(default=None, repr=False, compare=False)
     _state_dict: Callable[[Params, Params], dict[str, Tensor]] | None = field(
         default=None, repr=False, compare=False
     )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (and ``torch.save``, ``copy.deepcopy``) keeps every measured field
+        and drops :attr:`plan`, which holds the optimizer's closures and the data;
+        :meth:`refit` on the copy then says so."""
+        state = dict(self.__dict__)
+        state["_unpickled"] = state["plan"] is not None or state.get("_unpickled", False)
+        state["plan"] = None
+        return state
 
     @property
     def finite(self) -> Tensor:
@@ -163,10 +295,29 @@ class SweepResult:
         return {axis: values[self.best_index].item() for axis, values in self.grid.items()}
 
     @property
-    def best_params(self) -> Params:
-        """Parameters of :attr:`best_index` (with folds: its members, stacked per fold;
-        :meth:`refit` gives one model)."""
+    def best_member_params(self) -> Params:
+        """The trained parameters (weights, not hyperparameters: those are :attr:`best`)
+        of the member :attr:`best_index`, trainable ones only; with folds, its members
+        stacked per fold (:meth:`refit` gives one model). :attr:`best_state_dict` has
+        the whole model."""
         return unstack(self.params)[self.best_index]
+
+    @property
+    def best_params(self) -> Params:
+        """Deprecated alias of :attr:`best_member_params` (the chosen member's trained
+        weights; scikit-learn's ``best_params_`` are hyperparameters, here :attr:`best`).
+
+        Warns:
+            DeprecationWarning: always; use ``best_member_params``.
+        """
+        warnings.warn(
+            "SweepResult.best_params is deprecated: it holds the chosen member's trained "
+            "weights, not hyperparameters; use best_member_params (or best for the "
+            "chosen hyperparameters, best_state_dict for the whole model)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.best_member_params
 
     @property
     def best_state_dict(self) -> dict[str, Tensor]:
@@ -179,11 +330,11 @@ class SweepResult:
                 :meth:`refit`), or for a result not made by :func:`sweep`.
         """
         if self._state_dict is None:
-            raise ValueError("this SweepResult was not made by fr.sweep; use best_params")
+            raise ValueError("this SweepResult was not made by fr.sweep; use best_member_params")
         if self.fold_val_loss is not None:
             raise ValueError(
                 "with folds, the chosen grid point is one model per fold; refit() trains "
-                "one model on all the data (best_params holds the fold members)"
+                "one model on all the data (best_member_params holds the fold members)"
             )
         index = self.best_index
         params, buffers = (
@@ -204,9 +355,15 @@ class SweepResult:
         dict: its parameters and buffers and the frozen parameters, keyed as
         ``model.state_dict()``: ``model.load_state_dict(result.refit())``.
         """
-        if self._refit is None:
+        if self.plan is None:
+            if self.__dict__.get("_unpickled", False):
+                raise ValueError(
+                    "this SweepResult was unpickled (or copied): refit needs the sweep's "
+                    "inputs (the optimizer's closures and the data do not pickle); call "
+                    "fr.sweep again, or refit before saving and save the returned state dict"
+                )
             raise ValueError("this SweepResult was not made by fr.sweep and cannot refit")
-        return self._refit(self.best_index, steps=steps, compile=compile, progress=progress)
+        return refit(self.plan, self.best_index, steps=steps, compile=compile, progress=progress)
 
     def table(self) -> str:
         """A text table: grid values (3 significant digits), validation loss and accuracy,
@@ -389,15 +546,6 @@ def sweep(
     if flat is not False:
         layout = pack(first_member, None if flat is True else flat)
 
-    def packed(members: Params) -> Params:
-        """Stacked members as the trees the step trains: stacked buffers when flat."""
-        if layout is None:
-            return members
-        return stack([layout.pack_like(member) for member in unstack(members)])
-
-    def unpacked(trained: Params) -> Params:
-        return trained if layout is None else layout.unpack(trained)
-
     _check_hyperparameters(
         optimizer, first_member if layout is None else layout.buffers, grid, penalties
     )
@@ -423,7 +571,7 @@ def sweep(
             per_member = train_mask.to(device, dtype).repeat(count, 1)
         members = _repeat_members(members, n_folds)
     member_grid = {axis: values.repeat_interleave(n_folds) for axis, values in grid.items()}
-    trained = packed(members)
+    trained = _packed(layout, members)
     states = stack([optimizer.init(member) for member in unstack(trained)])
     initial, initial_buffers = members, sweep_step.stacked(parts.buffers, count * n_folds)
     step = sweep_step.vmapped_step(
@@ -453,7 +601,7 @@ def sweep(
             if cross_validate
             else f"sweep over {count} members",
         )
-    members = unpacked(trained)
+    members = _unpacked(layout, trained)
     logits_at = logits if probe.classification else False
     with torch.no_grad():
         if cross_validate:
@@ -481,38 +629,25 @@ def sweep(
     def fold_view(tree: Any) -> Any:
         return optree.tree_map(lambda t: t.reshape(count, n_folds, *t.shape[1:]), tree)
 
-    def refit(
-        index: int, *, steps: int | None, compile: bool | None, progress: bool
-    ) -> dict[str, Tensor]:
-        compile = compile_sweep if compile is None else compile
-        data = (
-            train_data
-            if val_data is None
-            else sweep_data.concatenated(train_data, val_data, batch_size)
-        )
-        start = packed(stack([unstack(initial)[index * n_folds]]))
-        one = {axis: values[index : index + 1] for axis, values in grid.items()}
-        refit_step = sweep_step.vmapped_step(
-            parts, loss_fn, optimizer, penalties, flat=layout, randomness=randomness
-        )
-        steps = steps or sweep_steps
-        with sweep_step.seeded(seed, device):
-            trained, buffers, _ = sweep_step.train(
-                torch.compile(refit_step, fullgraph=True) if compile else refit_step,
-                start,
-                optree.tree_map(lambda t: t[:1], initial_buffers),
-                stack([optimizer.init(unstack(start)[0])]),
-                one,
-                _batches(data, batch_size, steps, seed, device, "shared", None),
-                steps,
-                progress=progress,
-                compiling=compile,
-                desc="refit",
-            )
-        params, buffers = (optree.tree_map(lambda t: t[0], t) for t in (unpacked(trained), buffers))
-        return parts.state_dict(params, buffers)
-
-    sweep_steps, compile_sweep = steps, compile
+    plan = SweepPlan(
+        parts=parts,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        penalties=penalties,
+        layout=layout,
+        randomness=randomness,
+        train=train_data,
+        val=val_data,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        grid=grid,
+        initial=initial,
+        initial_buffers=initial_buffers,
+        folds=n_folds,
+        steps=steps,
+        compile=compile,
+    )
     train_loss = torch.stack(losses).cpu()
     return SweepResult(
         strengths=next(iter(grid.values())).cpu(),
@@ -530,8 +665,8 @@ def sweep(
         select=select,
         buffers=fold_view(buffers) if cross_validate else buffers,
         labels=_layer_labels(parts.module),
-        _refit=refit,
-        _state_dict=parts.state_dict,
+        plan=plan,
+        _state_dict=_MemberStateDict(parts.frozen, parts.keys),
     )
 
 

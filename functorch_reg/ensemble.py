@@ -103,6 +103,10 @@ class SweepPlan:
         folds: members per grid point (1 without cross-validation).
         steps: the sweep's optimizer steps.
         compile: whether the sweep compiled its step.
+        folding: how members see their folds, or ``None`` (a ``val`` set).
+        sample_losses: the per-sample loss that fold weights and evaluation use.
+        logits: where accuracy finds the logits, or ``False`` (no accuracy).
+        select: the rule that chooses a member.
     """
 
     parts: sweep_step.ModelParts
@@ -122,6 +126,28 @@ class SweepPlan:
     folds: int
     steps: int
     compile: bool
+    folding: Folding | None
+    sample_losses: Callable[[Any, Tensor], Tensor]
+    logits: Logits | Literal[False]
+    select: Select
+
+
+@dataclass(frozen=True)
+class Folding:
+    """How the members of a cross-validated sweep see their folds.
+
+    Attributes:
+        folds: members per grid point.
+        samples: ``"weighted"`` (the shared batch, held-out rows weighted 0) or
+            ``"gathered"`` (each member its own training fold's rows, for BatchNorm).
+        per_member: the weights or rows per member, ``(K * folds, n)``.
+        held_out: each member's held-out weights, ``(K * folds, n)``.
+    """
+
+    folds: int
+    samples: Literal["weighted", "gathered"]
+    per_member: Tensor
+    held_out: Tensor
 
 
 def refit(
@@ -505,6 +531,57 @@ def sweep(
     Raises:
         ValueError, TypeError: bad input, before any training.
     """
+    plan = _plan(
+        model,
+        loss_fn,
+        optimizer,
+        strengths,
+        train=train,
+        val=val,
+        penalty=penalty,
+        hyperparameter=hyperparameter,
+        steps=steps,
+        batch_size=batch_size,
+        folds=folds,
+        cv=cv,
+        select=select,
+        init=init,
+        seed=seed,
+        grid_positions=grid_positions,
+        flat=flat,
+        randomness=randomness,
+        logits=logits,
+        compile=compile,
+    )
+    members, buffers, losses = _run(plan, progress)
+    return _result(plan, members, buffers, losses)
+
+
+def _plan(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    optimizer: Optimizer,
+    strengths: Strengths,
+    *,
+    train: Any,
+    val: Any,
+    penalty: Callable[[Params], Tensor] | Mapping[str, Callable[[Params], Tensor]] | None,
+    hyperparameter: str | None,
+    steps: int,
+    batch_size: int | None,
+    folds: int | None,
+    cv: Any,
+    select: Select,
+    init: Literal["shared", "independent"] | Params,
+    seed: int,
+    grid_positions: Tensor | Sequence[int] | None,
+    flat: bool | Mapping[str, Where],
+    randomness: Randomness,
+    logits: Logits,
+    compile: bool,
+) -> SweepPlan:
+    """:func:`sweep`'s arguments, checked and resolved; nothing is trained, the model is
+    read only (its first batch runs once, in a probe, on a copy of the members)."""
     sweep_step.check_randomness(randomness, "sweep")
     penalties = _penalties(penalty, strengths, optimizer)
     grid = _grid(strengths, optimizer, penalties, hyperparameter)
@@ -515,18 +592,7 @@ def sweep(
         raise ValueError(
             f"sweep: select must be 'val_loss', 'val_accuracy' or a callable, got {select!r}"
         )
-    train_data = sweep_data.as_data(train, "train")
-    cross_validate = folds is not None or cv is not None
-    if folds is not None and cv is not None:
-        raise ValueError("sweep: give folds= or cv=, not both")
-    if cross_validate and val is not None:
-        raise ValueError("sweep: folds=/cv= cross-validate within train; pass val=None")
-    if not cross_validate and val is None:
-        raise ValueError("sweep: give val= data, or folds=k to cross-validate on train")
-    if cross_validate and train_data.tensors is None:
-        raise ValueError("sweep: folds=/cv= need train as a pair of tensors (folds are positions)")
-    val_data = None if val is None else sweep_data.as_data(val, "val", check_all=True)
-    _check_batch_size(batch_size, train_data)
+    train_data, val_data = _sweep_data(train, val, folds, cv, batch_size)
     parts = sweep_step.model_parts(model, "sweep")
     device = next(iter(parts.params.values())).device
     positions = _positions(grid_positions, count)
@@ -553,83 +619,11 @@ def sweep(
     # float64 model's 0.05.
     dtype = first_member_dtype(first_member)
     grid = {axis: values.to(device, dtype) for axis, values in grid.items()}
-
-    n_folds, samples, per_member, held_out = 1, "shared", None, None
-    if cross_validate:
-        assert train_data.tensors is not None
-        train_mask, held_mask = sweep_data.fold_masks(len(train_data.tensors[0]), folds, cv)
-        n_folds = len(train_mask)
-        held_out = held_mask.to(device, dtype).repeat(count, 1)
-        mixing = parts.batch_norms_in_training()
-        if mixing or probe.updates_buffers:
-            # Batch statistics would mix a held-out fold into its member: each member
-            # trains on the rows of its own training fold instead.
-            samples = "gathered"
-            per_member = _fold_rows(train_mask, mixing, batch_size).repeat(count, 1)
-        else:
-            samples = "weighted"
-            per_member = train_mask.to(device, dtype).repeat(count, 1)
-        members = _repeat_members(members, n_folds)
-    member_grid = {axis: values.repeat_interleave(n_folds) for axis, values in grid.items()}
-    trained = _packed(layout, members)
-    states = stack([optimizer.init(member) for member in unstack(trained)])
-    initial, initial_buffers = members, sweep_step.stacked(parts.buffers, count * n_folds)
-    step = sweep_step.vmapped_step(
-        parts,
-        loss_fn,
-        optimizer,
-        penalties,
-        samples=samples,  # type: ignore[arg-type]
-        sample_losses=probe.sample_losses,
-        flat=layout,
-        randomness=randomness,
-    )
-    if compile:
-        step = torch.compile(step, fullgraph=True)
-    with sweep_step.seeded(seed, device):
-        trained, buffers, losses = sweep_step.train(
-            step,
-            trained,
-            initial_buffers,
-            states,
-            member_grid,
-            _batches(train_data, batch_size, steps, seed, device, samples, per_member),
-            steps,
-            progress=progress,
-            compiling=compile,
-            desc=f"sweep over {count} x {n_folds} members"
-            if cross_validate
-            else f"sweep over {count} members",
-        )
-    members = _unpacked(layout, trained)
-    logits_at = logits if probe.classification else False
-    with torch.no_grad():
-        if cross_validate:
-            assert train_data.tensors is not None and held_out is not None
-            loss, accuracy = sweep_step.evaluate_folds(
-                parts,
-                probe.sample_losses,
-                members,
-                buffers,
-                train_data.tensors,
-                held_out,
-                device,
-                logits_at,
-            )
-        else:
-            assert val_data is not None
-            loss, accuracy = sweep_step.evaluate(
-                parts, loss_fn, members, buffers, val_data, device, logits_at
-            )
-        leaves = [leaf.reshape(len(leaf), -1) for leaf in flatten(members)[0] if is_float(leaf)]
-        entries = torch.cat(leaves, dim=1)
-        sparsity = (entries == 0).float().mean(1).view(count, n_folds).mean(1)
-        norm = entries.norm(dim=1).view(count, n_folds).mean(1)
-
-    def fold_view(tree: Any) -> Any:
-        return optree.tree_map(lambda t: t.reshape(count, n_folds, *t.shape[1:]), tree)
-
-    plan = SweepPlan(
+    folding = None
+    if val_data is None:
+        folding = _folding(parts, probe, train_data, folds, cv, batch_size, count, dtype, device)
+        members = _repeat_members(members, folding.folds)
+    return SweepPlan(
         parts=parts,
         loss_fn=loss_fn,
         optimizer=optimizer,
@@ -642,17 +636,148 @@ def sweep(
         seed=seed,
         device=device,
         grid=grid,
-        initial=initial,
-        initial_buffers=initial_buffers,
-        folds=n_folds,
+        initial=members,
+        initial_buffers=sweep_step.stacked(
+            parts.buffers, count * (1 if folding is None else folding.folds)
+        ),
+        folds=1 if folding is None else folding.folds,
         steps=steps,
         compile=compile,
+        folding=folding,
+        sample_losses=probe.sample_losses,
+        logits=logits if probe.classification else False,
+        select=select,
     )
+
+
+def _sweep_data(
+    train: Any, val: Any, folds: int | None, cv: Any, batch_size: Any
+) -> tuple[sweep_data.Data, sweep_data.Data | None]:
+    """``train`` and ``val`` checked, and the choice between ``val`` and folds."""
+    train_data = sweep_data.as_data(train, "train")
+    cross_validate = folds is not None or cv is not None
+    if folds is not None and cv is not None:
+        raise ValueError("sweep: give folds= or cv=, not both")
+    if cross_validate and val is not None:
+        raise ValueError("sweep: folds=/cv= cross-validate within train; pass val=None")
+    if not cross_validate and val is None:
+        raise ValueError("sweep: give val= data, or folds=k to cross-validate on train")
+    if cross_validate and train_data.tensors is None:
+        raise ValueError("sweep: folds=/cv= need train as a pair of tensors (folds are positions)")
+    val_data = None if val is None else sweep_data.as_data(val, "val", check_all=True)
+    _check_batch_size(batch_size, train_data)
+    return train_data, val_data
+
+
+def _folding(
+    parts: sweep_step.ModelParts,
+    probe: sweep_step.Probe,
+    train_data: sweep_data.Data,
+    folds: int | None,
+    cv: Any,
+    batch_size: int | None,
+    count: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Folding:
+    """How each of the ``count * folds`` members sees its training fold."""
+    assert train_data.tensors is not None
+    train_mask, held_mask = sweep_data.fold_masks(len(train_data.tensors[0]), folds, cv)
+    n_folds = len(train_mask)
+    held_out = held_mask.to(device, dtype).repeat(count, 1)
+    mixing = parts.batch_norms_in_training()
+    samples: Literal["weighted", "gathered"]
+    if mixing or probe.updates_buffers:
+        # Batch statistics would mix a held-out fold into its member: each member
+        # trains on the rows of its own training fold instead.
+        samples = "gathered"
+        per_member = _fold_rows(train_mask, mixing, batch_size).repeat(count, 1)
+    else:
+        samples = "weighted"
+        per_member = train_mask.to(device, dtype).repeat(count, 1)
+    return Folding(n_folds, samples, per_member, held_out)
+
+
+def _run(plan: SweepPlan, progress: bool) -> tuple[Params, Params, list[Tensor]]:
+    """Train every member of ``plan``: the per-leaf members, their buffers, the losses."""
+    count = len(next(iter(plan.grid.values())))
+    folding = plan.folding
+    samples: Literal["shared", "weighted", "gathered"] = (
+        "shared" if folding is None else folding.samples
+    )
+    per_member = None if folding is None else folding.per_member
+    member_grid = {axis: values.repeat_interleave(plan.folds) for axis, values in plan.grid.items()}
+    trained = _packed(plan.layout, plan.initial)
+    states = stack([plan.optimizer.init(member) for member in unstack(trained)])
+    step = sweep_step.vmapped_step(
+        plan.parts,
+        plan.loss_fn,
+        plan.optimizer,
+        plan.penalties,
+        samples=samples,
+        sample_losses=plan.sample_losses,
+        flat=plan.layout,
+        randomness=plan.randomness,
+    )
+    if plan.compile:
+        step = torch.compile(step, fullgraph=True)
+    batches = _batches(
+        plan.train, plan.batch_size, plan.steps, plan.seed, plan.device, samples, per_member
+    )
+    with sweep_step.seeded(plan.seed, plan.device):
+        trained, buffers, losses = sweep_step.train(
+            step,
+            trained,
+            plan.initial_buffers,
+            states,
+            member_grid,
+            batches,
+            plan.steps,
+            progress=progress,
+            compiling=plan.compile,
+            desc=f"sweep over {count} x {plan.folds} members"
+            if folding is not None
+            else f"sweep over {count} members",
+        )
+    return _unpacked(plan.layout, trained), buffers, losses
+
+
+def _result(plan: SweepPlan, members: Params, buffers: Params, losses: list[Tensor]) -> SweepResult:
+    """Evaluate the trained members and gather what :func:`sweep` returns."""
+    count, n_folds = len(next(iter(plan.grid.values()))), plan.folds
+    folding = plan.folding
+    with torch.no_grad():
+        if folding is not None:
+            assert plan.train.tensors is not None
+            loss, accuracy = sweep_step.evaluate_folds(
+                plan.parts,
+                plan.sample_losses,
+                members,
+                buffers,
+                plan.train.tensors,
+                folding.held_out,
+                plan.device,
+                plan.logits,
+            )
+        else:
+            assert plan.val is not None
+            loss, accuracy = sweep_step.evaluate(
+                plan.parts, plan.loss_fn, members, buffers, plan.val, plan.device, plan.logits
+            )
+        leaves = [leaf.reshape(len(leaf), -1) for leaf in flatten(members)[0] if is_float(leaf)]
+        entries = torch.cat(leaves, dim=1)
+        sparsity = (entries == 0).float().mean(1).view(count, n_folds).mean(1)
+        norm = entries.norm(dim=1).view(count, n_folds).mean(1)
+
+    def fold_view(tree: Any) -> Any:
+        return optree.tree_map(lambda t: t.reshape(count, n_folds, *t.shape[1:]), tree)
+
+    cross_validate = folding is not None
     train_loss = torch.stack(losses).cpu()
     return SweepResult(
-        strengths=next(iter(grid.values())).cpu(),
+        strengths=next(iter(plan.grid.values())).cpu(),
         params=fold_view(members) if cross_validate else members,
-        train_loss=train_loss.view(steps, count, n_folds) if cross_validate else train_loss,
+        train_loss=train_loss.view(plan.steps, count, n_folds) if cross_validate else train_loss,
         val_loss=loss.view(count, n_folds).mean(1).cpu(),
         val_accuracy=None if accuracy is None else accuracy.view(count, n_folds).mean(1).cpu(),
         sparsity=sparsity.cpu(),
@@ -661,12 +786,12 @@ def sweep(
         fold_val_accuracy=(
             accuracy.view(count, n_folds).cpu() if cross_validate and accuracy is not None else None
         ),
-        grid={axis: values.cpu() for axis, values in grid.items()},
-        select=select,
+        grid={axis: values.cpu() for axis, values in plan.grid.items()},
+        select=plan.select,
         buffers=fold_view(buffers) if cross_validate else buffers,
-        labels=_layer_labels(parts.module),
+        labels=_layer_labels(plan.parts.module),
         plan=plan,
-        _state_dict=_MemberStateDict(parts.frozen, parts.keys),
+        _state_dict=_MemberStateDict(plan.parts.frozen, plan.parts.keys),
     )
 
 

@@ -586,12 +586,7 @@ def _plan(
     penalties = _penalties(penalty, strengths, optimizer)
     grid = _grid(strengths, optimizer, penalties, hyperparameter)
     count = len(next(iter(grid.values())))
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"sweep: steps must be a positive int, got {steps!r}")
-    if select not in ("val_loss", "val_accuracy") and not callable(select):
-        raise ValueError(
-            f"sweep: select must be 'val_loss', 'val_accuracy' or a callable, got {select!r}"
-        )
+    _check_steps_and_select(steps, select)
     train_data, val_data = _sweep_data(train, val, folds, cv, batch_size)
     parts = sweep_step.model_parts(model, "sweep")
     device = next(iter(parts.params.values())).device
@@ -619,10 +614,11 @@ def _plan(
     # float64 model's 0.05.
     dtype = first_member_dtype(first_member)
     grid = {axis: values.to(device, dtype) for axis, values in grid.items()}
-    folding = None
+    folding, n_folds = None, 1
     if val_data is None:
         folding = _folding(parts, probe, train_data, folds, cv, batch_size, count, dtype, device)
-        members = _repeat_members(members, folding.folds)
+        n_folds = folding.folds
+        members = _repeat_members(members, n_folds)
     return SweepPlan(
         parts=parts,
         loss_fn=loss_fn,
@@ -637,10 +633,8 @@ def _plan(
         device=device,
         grid=grid,
         initial=members,
-        initial_buffers=sweep_step.stacked(
-            parts.buffers, count * (1 if folding is None else folding.folds)
-        ),
-        folds=1 if folding is None else folding.folds,
+        initial_buffers=sweep_step.stacked(parts.buffers, count * n_folds),
+        folds=n_folds,
         steps=steps,
         compile=compile,
         folding=folding,
@@ -648,6 +642,15 @@ def _plan(
         logits=logits if probe.classification else False,
         select=select,
     )
+
+
+def _check_steps_and_select(steps: Any, select: Any) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"sweep: steps must be a positive int, got {steps!r}")
+    if select not in ("val_loss", "val_accuracy") and not callable(select):
+        raise ValueError(
+            f"sweep: select must be 'val_loss', 'val_accuracy' or a callable, got {select!r}"
+        )
 
 
 def _sweep_data(

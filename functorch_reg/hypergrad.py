@@ -762,7 +762,7 @@ def _implicit(
     report: dict[str, float] = {}
     if callable(solver):
         u = tuple(solver(system, rhs))
-    elif solver == "normal_cg":
+    elif solver == "normal_cg":  # M M^T u = M v
         u = normal_cg(
             transpose_matvec,
             val_grad,

@@ -5,8 +5,9 @@ attention matrices, a d×4d and a 4d×d MLP matrix, their biases and two LayerNo
 (12 d² + 13 d parameters in 16 tensors). One AdamW step (or SGD with momentum, 0.9) is
 timed for:
 
-* functorch_reg ``step`` (pure) and ``step_`` (in place): eager, ``torch.compile``
-  (``fullgraph=True``) and, on CUDA, ``mode="reduce-overhead"`` (CUDA graphs);
+* functorch_reg ``step`` (pure) and ``step_`` (in place): eager (the default grouped
+  path, and ``fused=True``), ``torch.compile`` (``fullgraph=True``) and, on CUDA,
+  ``mode="reduce-overhead"`` (CUDA graphs);
 * ``torch.optim.AdamW`` / ``SGD``: for-loop (``foreach=False``), foreach, fused;
 * torchopt's functional ``adamw`` / ``sgd``: ``update(..., inplace=True)`` then
   ``apply_updates(..., inplace=True)``, for AdamW also with ``use_accelerated_op=True``.
@@ -135,15 +136,15 @@ def cloned(tree: Params) -> Params:
     return {name: tensor.clone() for name, tensor in tree.items()}
 
 
-def functional(optimizer: str) -> fr.Optimizer:
+def functional(optimizer: str, fused: bool = False) -> fr.Optimizer:
     floats = HYPERPARAMS[optimizer]
     if optimizer == "adamw":
-        return fr.adamw(**floats)
+        return fr.adamw(**floats, fused=fused)
     if optimizer == "muon":
         return fr.muon(**floats, adam=fr.adamw(**MUON_ADAMW))
     if optimizer == "lion":
         return fr.lion(**floats)
-    return fr.sgd(**floats, momentum=MOMENTUM)
+    return fr.sgd(**floats, momentum=MOMENTUM, fused=fused)
 
 
 def torch_muon_case() -> Builder:
@@ -182,14 +183,19 @@ def lion_pytorch_case(foreach: bool) -> Builder:
     return build
 
 
-def functorch_reg_case(optimizer: str, in_place: bool, mode: str | None) -> Builder:
-    """``mode``: None for eager, else a ``torch.compile`` mode."""
+def functorch_reg_case(
+    optimizer: str, in_place: bool, mode: str | None, fused: bool = False
+) -> Builder:
+    """``mode``: None for eager, else a ``torch.compile`` mode; ``fused``: the rules'
+    ``fused=True`` (torch's fused kernels on the eager path; AdamW and SGD)."""
 
     def build(params: Params, grads: Params, device: str) -> Step:
         if mode == "reduce-overhead" and device != "cuda":
             raise UnavailableError("CUDA graphs need CUDA")
         floats = HYPERPARAMS[optimizer]
-        opt = functional(optimizer)
+        if fused and optimizer not in ("adamw", "sgd"):
+            raise UnavailableError("fused=True is for AdamW and SGD")
+        opt = functional(optimizer, fused)
         hyperparams = {k: torch.tensor(v, device=device) for k, v in floats.items()}
         params = cloned(params)
         state = opt.init(params)
@@ -330,6 +336,12 @@ def cases(optimizer: str) -> dict[str, Builder]:
     built = {
         "fr step eager": functorch_reg_case(optimizer, in_place=False, mode=None),
         "fr step_ eager": functorch_reg_case(optimizer, in_place=True, mode=None),
+        "fr step eager fused=True": functorch_reg_case(
+            optimizer, in_place=False, mode=None, fused=True
+        ),
+        "fr step_ eager fused=True": functorch_reg_case(
+            optimizer, in_place=True, mode=None, fused=True
+        ),
         "fr step compiled": functorch_reg_case(optimizer, in_place=False, mode="default"),
         COMPILED_INPLACE: functorch_reg_case(optimizer, in_place=True, mode="default"),
         "fr step compiled reduce-overhead": functorch_reg_case(
@@ -437,6 +449,28 @@ def print_table(
     print(flush=True)
 
 
+EAGER_GOALS = {
+    # case: (anchor, at most this many times the anchor)
+    "fr step_ eager": ("torch.optim foreach", 1.0),
+    "fr step eager": ("torch.optim foreach", 1.5),
+    "fr step_ eager fused=True": (FUSED, 1.25),
+}
+
+
+def report_eager_targets(results: dict[str, dict[str, Row]]) -> None:
+    """Issue 21's eager goals, at every size run: the default step_ at most torch.optim's
+    foreach, the pure step at most 1.5x foreach, step_ with fused=True at most 1.25x fused."""
+    print("## Eager targets (median of per-round ratios)")
+    for size, rows in results.items():
+        for name, (anchor, goal) in EAGER_GOALS.items():
+            row, base = rows.get(name), rows.get(anchor)
+            if row is None or row.times is None or base is None or base.times is None:
+                continue
+            ratio = median_ratio(row.times, base.times)
+            verdict = "holds" if ratio <= goal else "misses"
+            print(f"{size}, {name}: {ratio:.2f}x {anchor} (target <= {goal}) -> {verdict}")
+
+
 def report_targets(results: dict[str, dict[str, Row]], args: argparse.Namespace) -> None:
     """The design's goals: compiled per-leaf step_ within 1.1x of fused on CPU; the flat
     step_ at most 0.95x fused on CPU (32M) and 0.85x fused at >= 90% of the copy floor
@@ -499,6 +533,7 @@ def main() -> None:
         parser.error(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
     print_header(f"bench_step: one {args.optimizer} step", args.device)
     results = {size: bench_size(size, args) for size in sizes}
+    report_eager_targets(results)
     report_targets(results, args)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,6 +56,7 @@ def check_scalars(
     compiling = torch.compiler.is_compiling()
     tensors = {}
     for name, value in values.items():
+        value = as_scalar(value)
         interval = intervals[name]
         if isinstance(value, Tensor):
             if not value.is_floating_point():
@@ -103,7 +105,23 @@ def _all_hold(tensors: Mapping[str, Tensor], intervals: Mapping[str, Interval]) 
 
 def as_scalar(value: Any) -> Any:
     """A NumPy real scalar as the Python number it holds (which torch ops take as a
-    weak scalar, never promoting a tensor); anything else as it is."""
-    if isinstance(value, numbers.Real) and not isinstance(value, (int, float, Tensor)):
+    weak scalar, never promoting a tensor); anything else as it is.
+
+    ``np.float64`` subclasses ``float`` but ``torch.compile`` traces it as an array
+    (it failed with "repr() on tensor"), and under ``torch.compile`` a NumPy scalar
+    argument is seen as a 0-d ``np.ndarray``: both become a Python number here, so
+    ``lr=np.float64(0.1)`` works on every path, eager or compiled."""
+    if isinstance(value, (bool, Tensor)) or type(value) in (int, float):
+        return value
+    if isinstance(value, np.ndarray) and torch.compiler.is_compiling():
+        return float(value)  # the compiler reads no array attribute; a scalar is a float
+    if isinstance(value, (np.generic, np.ndarray)) and value.ndim == 0:
+        kind = value.dtype.kind
+        if kind == "f":
+            return float(value)
+        if kind in "iu":
+            return int(value)
+        return value
+    if isinstance(value, numbers.Real):
         return value.item() if hasattr(value, "item") else float(value)
     return value

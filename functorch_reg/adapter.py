@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, StateDict
 
+from ._compile_log import Announced
 from .adapter_flat import FlatGroup
 from .optim.base import DISABLED, Optimizer, State, check_optimizer, enabled, leaf_table_field
 from .tree import flatten
@@ -115,11 +116,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             of a group, a group lists a param twice, or ``compile_options`` comes
             without ``compile``.
 
-    Example:
+    Examples:
         >>> import functorch_reg as fr
-        >>> from functorch_reg.adapter import TorchOptimizer
         >>> model = torch.nn.Linear(3, 1)
-        >>> optimizer = TorchOptimizer(
+        >>> optimizer = fr.TorchOptimizer(
         ...     [
         ...         {"params": [model.weight]},
         ...         {"params": [model.bias], "weight_decay": 0.0},
@@ -153,8 +153,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
         if compile_options is not None and not compile:
             raise ValueError("TorchOptimizer: compile_options needs compile=True")
-        if flat:
+        if flat and optimizer.for_flat is None:
             _check_mask_selects_a_buffer(optimizer)
+        # Per group index, with flat=True: the functional optimizer for its buffer (a
+        # mask or prox written for params translated to it, or refused).
+        self._flat_optimizers: dict[int, Optimizer] = {}
         # Per group index, with flat=True: the packed group, and its functional state.
         # A group without trainable params has no FlatGroup (None).
         self._flat_groups: dict[int, FlatGroup | None] | None = {} if flat else None
@@ -174,7 +177,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._tables: dict[int, Tensor] = {}
         self._compiled = compile
         self._update: Callable[..., None] = (
-            torch.compile(_update_groups, **{"fullgraph": True, **(compile_options or {})})
+            Announced(
+                torch.compile(_update_groups, **{"fullgraph": True, **(compile_options or {})}),
+                "TorchOptimizer",
+            )
             if compile
             else _update_groups
         )
@@ -197,15 +203,40 @@ class TorchOptimizer(torch.optim.Optimizer):
         Args:
             param_group: ``{"params": [...], **hyperparameters}``.
         """
+        if (
+            "decay_reference_lr" in self.defaults
+            and "lr" in param_group
+            and "decay_reference_lr" not in param_group
+        ):
+            # decay_scaling="schedule" divides by the initial lr: a group that sets its
+            # own lr starts from that, as torch's schedulers record initial_lr per group.
+            lr = param_group["lr"]
+            param_group = {
+                **param_group,
+                "decay_reference_lr": lr.detach().clone() if isinstance(lr, Tensor) else lr,
+            }
         super().add_param_group(param_group)
         try:
             index = len(self.param_groups) - 1
             self._check_group(index)
             if self._flat_groups is not None:
-                trainable = _trainable(self.param_groups[index]["params"])
-                self._flat_groups[index] = (
-                    FlatGroup(trainable, f"param group {index}") if trainable else None
-                )
+                group = self.param_groups[index]
+                names = group.get("param_names")
+                if names is not None:
+                    names = [
+                        n for p, n in zip(group["params"], names, strict=True) if p.requires_grad
+                    ]
+                trainable = _trainable(group["params"])
+                packed = FlatGroup(trainable, f"param group {index}", names) if trainable else None
+                if packed is not None and self._functional.for_flat is not None:
+                    try:
+                        self._flat_optimizers[index] = self._functional.for_flat(packed.layout)
+                    except ValueError as error:
+                        raise ValueError(
+                            f"TorchOptimizer(flat=True), param group {index}: {error}; or "
+                            "split the param group by the mask"
+                        ) from None
+                self._flat_groups[index] = packed
         except Exception:
             self.param_groups.pop()
             raise
@@ -219,6 +250,9 @@ class TorchOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Update every param that has a gradient, in place.
 
+        Every group is checked before any is updated, and a step that raises leaves
+        params and state as they were (a first step creates no state).
+
         Args:
             closure: re-evaluates the model and returns the loss; called with
                 gradients enabled before the update.
@@ -229,9 +263,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         Raises:
             RuntimeError: a gradient is sparse.
             ValueError: a group's hyperparameter is out of range or not finite.
-
-            Every group is checked before any is updated, and a step that raises
-            leaves params and state as they were (a first step creates no state).
         """
         loss = None
         if closure is not None:
@@ -308,6 +339,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         grads: list[Any] = []
         states: list[State] = []
         hyperparams: list[dict[str, Any]] = []
+        steps: list[Callable[..., None]] = []
         with torch.no_grad():
             for index, group in enumerate(self.param_groups):
                 params = group["params"]
@@ -316,8 +348,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                     if packed is None:
                         continue
                     packed.refresh(packed.members)
-                    trees.append([packed.params])
-                    grads.append([packed.grads])
+                    trees.append({packed.key: packed.params})
+                    grads.append({packed.key: packed.grads})
+                    steps.append(self._flat_optimizers.get(index, self._functional).step_)
                     states.append(self._flat_state(index))
                     hyperparams.append(self._hyperparams(index, group))
                     continue
@@ -328,8 +361,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 grads.append(_tree(group, group_grads))
                 states.append(self._functional_state(index, group_grads))
                 hyperparams.append(self._hyperparams(index, group))
+                steps.append(self._functional.step_)
             if trees:
-                self._update(self._functional.step_, trees, grads, states, hyperparams)
+                self._update(steps, trees, grads, states, hyperparams)
 
     def _validate_hyperparams(self, label: str, group: Mapping[str, Any]) -> None:
         """Raise, naming the group, unless its hyperparameters suit the functional step.
@@ -369,11 +403,22 @@ class TorchOptimizer(torch.optim.Optimizer):
         Raises:
             ValueError: the groups, the params with state, or a state tensor's key,
                 shape or dtype do not match this optimizer, or a saved group's
-                hyperparameter is out of range or not finite.
+                hyperparameter is out of range or not finite; with ``flat=True``, a
+                checkpoint whose group has state for some params only, or params
+                stepped different numbers of times (from ``flat=False``), which a
+                flat group cannot step. Saved params are matched by ``param_names``
+                when both sides have them (a checkpoint may list them in another
+                order); names that differ are refused.
         """
+        state_dict = self._by_name(state_dict)
         saved = self._saved_slots(state_dict)
         for index, group in enumerate(state_dict["param_groups"]):
             self._validate_hyperparams(f"param group {index} of state_dict", group)
+        if self._flat_groups is not None:
+            for index, packed in self._flat_groups.items():
+                if packed is not None:  # a group of frozen params only has no buffer
+                    members = packed.members
+                    self._check_flat_slots(index, members, [saved.get(p) for p in members])
         super().load_state_dict(state_dict)
         # torch casts floating-point state to its param's dtype, but beta_powers is
         # float64 on purpose: put back exact copies, which also keep later in-place
@@ -424,11 +469,14 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"TorchOptimizer: param group {index} lists a param twice")
         # Masks, prox and decay_to are checked against the group's params now (on meta
         # copies: no memory, no device work), not at the first step.
-        check_optimizer(
-            self._functional,
-            _tree(group, params),
-            **{name: _to_cpu(group[name]) for name in self._hyperparam_names},
-        )
+        try:
+            check_optimizer(
+                self._functional,
+                _tree(group, params),
+                **{name: _to_cpu(group[name]) for name in self._hyperparam_names},
+            )
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"TorchOptimizer: param group {index}: {error}") from error
 
     def _functional_state(self, index: int, grads: Sequence[Tensor | None]) -> State:
         """Group ``index``'s functional state: views of ``self.state``, created where missing.
@@ -476,7 +524,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             return state
         state = self._packed_state(index, packed, params)
         views = {
-            field: packed.views(getattr(state, field)[0])
+            field: packed.views(getattr(state, field)[packed.key])
             for field in self._slot_names
             if field != self._table_field
         }
@@ -493,36 +541,84 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _packed_state(self, index: int, packed: FlatGroup, params: Sequence[Tensor]) -> State:
         """A fresh functional state, or one packed from the params' entries in ``self.state``."""
-        fresh = self._functional.init([packed.params])
+        fresh = self._functional.init({packed.key: packed.params})
         slots = [self.state.get(p) or None for p in params]
         if all(s is None for s in slots):
             return fresh
-        if any(s is None for s in slots):
-            missing = next(p for p, s in zip(params, slots, strict=True) if s is None)
-            group_params = self.param_groups[index]["params"]
-            position = next(i for i, p in enumerate(group_params) if p is missing)
-            raise ValueError(
-                f"TorchOptimizer(flat=True): {self._label(index, position)} has no state while "
-                "others of its group do; with flat=True a group's params step together"
-            )
+        self._check_flat_slots(index, params, slots)
         entries = cast("list[dict[str, Tensor]]", slots)  # none is None, as checked
         fields: list[Any] = []
         for field, tree in zip(fresh._fields[:-1], fresh[:-1], strict=True):
             if not enabled(tree):
                 fields.append(DISABLED)
             elif field == self._table_field:
-                rows = [s[field].to(tree.device) for s in entries]
-                if not all(torch.equal(row, rows[0]) for row in rows):
-                    raise ValueError(
-                        f"TorchOptimizer(flat=True): the params of param group {index} have "
-                        f"different {field} (they were updated different numbers of times); "
-                        "with flat=True a group's params step together"
-                    )
-                fields.append(rows[0].clone().unsqueeze(0))
+                fields.append(entries[0][field].to(tree.device).clone().unsqueeze(0))
             else:
-                fields.append([packed.pack([s[field] for s in entries])])
+                fields.append({packed.key: packed.pack([s[field] for s in entries])})
         skipped = entries[0]["skipped"].detach().clone().to(fresh.skipped.device)
         return self._state_type(*fields, skipped)
+
+    def _check_flat_slots(
+        self,
+        index: int,
+        params: Sequence[Tensor],
+        slots: Sequence[Mapping[str, Tensor] | None],
+    ) -> None:
+        """A flat group steps its (trainable) ``params`` together: all or none have
+        state, and the same per-leaf scalars (the leaf table: how often each was
+        updated)."""
+        if all(s is None for s in slots):
+            return
+        group_params = self.param_groups[index]["params"]
+
+        def position(member: int) -> int:  # in the param group, frozen params included
+            return next(i for i, p in enumerate(group_params) if p is params[member])
+
+        if any(s is None for s in slots):
+            missing = next(i for i, s in enumerate(slots) if s is None)
+            raise ValueError(
+                f"TorchOptimizer(flat=True): {self._label(index, position(missing))} has no "
+                "state while "
+                "others of its group do (e.g. a flat=False checkpoint where it never had a "
+                "gradient); with flat=True a group's params step together: load it with "
+                "flat=False, or put that param in a param group of its own"
+            )
+        field = self._table_field
+        if field is None:
+            return
+        rows = [cast("Mapping[str, Tensor]", s)[field].cpu() for s in slots]
+        for member, row in enumerate(rows):
+            if not torch.equal(row, rows[0]):
+                raise ValueError(
+                    f"TorchOptimizer(flat=True): the params of param group {index} have "
+                    f"different {field} ({self._label(index, position(member))} differs from the "
+                    "first: they were updated different numbers of times); with flat=True "
+                    "a group's params step together: load it with flat=False"
+                )
+
+    def _by_name(self, state_dict: StateDict) -> StateDict:
+        """``state_dict`` with each saved group's params in this optimizer's order, by
+        ``param_names`` where both have them (torch matches params by position)."""
+        groups = list(state_dict.get("param_groups", []))
+        for index, (group, saved) in enumerate(zip(self.param_groups, groups, strict=False)):
+            names, saved_names = group.get("param_names"), saved.get("param_names")
+            if names is None or saved_names is None or list(names) == list(saved_names):
+                continue
+            if sorted(names) != sorted(saved_names):
+                missing = sorted(set(names) - set(saved_names)) or ["-"]
+                extra = sorted(set(saved_names) - set(names)) or ["-"]
+                raise ValueError(
+                    f"param group {index} of state_dict names other params: missing "
+                    f"{missing[0]!r}, unexpected {extra[0]!r}; load a checkpoint of this model"
+                )
+            position = {name: i for i, name in enumerate(saved_names)}
+            order = [position[name] for name in names]
+            groups[index] = {
+                **saved,
+                "params": [saved["params"][i] for i in order],
+                "param_names": list(names),
+            }
+        return {**state_dict, "param_groups": groups}
 
     def _leaf_table(self, index: int, slots: Sequence[dict[str, Tensor] | None]) -> Tensor:
         """Group ``index``'s leaf table (e.g. Adam's ``beta_powers``).
@@ -684,11 +780,13 @@ def _to_cpu(value: Any) -> Any:
 
 
 def _update_groups(
-    step_: Callable[..., None],
+    steps: list[Callable[..., None]],
     trees: list[Any],
     grads: list[Any],
     states: list[State],
     hyperparams: list[dict[str, Any]],
 ) -> None:
-    for tree, group_grads, state, overrides in zip(trees, grads, states, hyperparams, strict=True):
+    for step_, tree, group_grads, state, overrides in zip(
+        steps, trees, grads, states, hyperparams, strict=True
+    ):
         step_(tree, group_grads, state, **overrides)

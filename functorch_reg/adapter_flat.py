@@ -25,11 +25,15 @@ class FlatGroup:
 
     Packing re-points every ``p.data`` at a view of ``params`` and every ``p.grad`` at a
     view of ``grads`` (an existing gradient is copied in). :meth:`refresh` repairs
-    params or gradients that were re-pointed since (``model.to()``, ``p.grad = ...``,
-    ``zero_grad(set_to_none=True)`` from other code), copying their values in.
+    params or gradients that were re-pointed since (``p.data = ...`` of the same dtype,
+    device and shape, ``p.grad = ...``, ``zero_grad(set_to_none=True)`` from other
+    code), copying their values in; a param whose dtype, device or shape changed
+    (``model.double()``, ``model.to("cuda")``) is refused, as torch.optim would fail.
     """
 
-    def __init__(self, params: Sequence[Tensor], label: str) -> None:
+    def __init__(
+        self, params: Sequence[Tensor], label: str, names: Sequence[str] | None = None
+    ) -> None:
         for position, p in enumerate(params):
             if is_dtensor(p):
                 raise ValueError(
@@ -44,7 +48,10 @@ class FlatGroup:
                 )
         self.members = list(params)
         """The packed params, in order."""
-        self.names = [f"{i:06d}" for i in range(len(params))]
+        self.label = label
+        # Leaf names for the optimizer's mask and prox: the param names when the group
+        # has them, else positions.
+        self.names = list(names) if names is not None else [f"{i:06d}" for i in range(len(params))]
         try:
             self.layout: FlatParams = pack(
                 dict(zip(self.names, (p.detach() for p in params), strict=True))
@@ -79,6 +86,17 @@ class FlatGroup:
             p.grad is grad for p, grad in zip(params, self._grad_views, strict=True)
         ):
             return  # the usual case, checked cheaply: a step of a big model runs in ~1 ms
+        for position, (p, view) in enumerate(zip(params, self._param_views, strict=True)):
+            if p.dtype != view.dtype or p.device != view.device or p.shape != view.shape:
+                # Copying the new values into the old buffer would silently undo
+                # model.double() or model.to(device).
+                raise ValueError(
+                    f"TorchOptimizer(flat=True): param {position} of {self.label} is now "
+                    f"{p.dtype} {tuple(p.shape)} on {p.device}, but was packed as "
+                    f"{view.dtype} {tuple(view.shape)} on {view.device} (model.to(), "
+                    ".double() or .half() after the optimizer was made); make the "
+                    "optimizer after moving or casting the model, as with torch.optim"
+                )
         with torch.no_grad():
             for p, view, grad in zip(params, self._param_views, self._grad_views, strict=True):
                 if not _same_view(p, view):

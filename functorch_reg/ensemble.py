@@ -511,8 +511,10 @@ def sweep(
             ``init="independent"`` gives each member the initialization it has in the
             whole grid.
         flat: train stacked flat buffers (see :mod:`functorch_reg.flat`): ``True`` packs
-            one group per dtype, a dict ``group -> where=`` names the groups, and the
-            optimizer's ``mask`` then names groups (``mask="decay"``). Each member's
+            one group per dtype, a dict ``group -> where=`` names the groups; the
+            optimizer's ``mask`` names groups (``mask="decay"``) or leaves, whose
+            selection must then fill whole groups, and a structured prox is lifted to
+            the leaves (``Optimizer.for_flat``). Each member's
             update is then one kernel per group rather than one per leaf; results equal
             the per-leaf sweep, and :attr:`SweepResult.params` is per-leaf either way.
         randomness: vmap's ``"different"`` (each member draws its own dropout masks),
@@ -606,6 +608,9 @@ def _plan(
     layout = None
     if flat is not False:
         layout = pack(first_member, None if flat is True else flat)
+        if optimizer.for_flat is not None:
+            # A mask or prox written for leaves, translated to the buffers (or refused).
+            optimizer = optimizer.for_flat(layout)
 
     _check_hyperparameters(
         optimizer, first_member if layout is None else layout.buffers, grid, penalties

@@ -109,7 +109,7 @@ class FlatParams:
             batch = buffer.shape[:-1]
             for name, piece in zip(names, torch.split(buffer, sizes, dim=-1), strict=True):
                 if name is not None:
-                    views[name] = piece.view(*batch, *self.slots[name].shape)
+                    views[name] = piece.view((*batch, *self.slots[name].shape))
         return {name: views[name] for name in self._names}
 
     def pack_like(self, tree: Mapping[str, Any] | Params) -> dict[str, Tensor | None]:
@@ -305,7 +305,7 @@ def leafwise(
             )
             for name, piece, cut in zip(names, pieces[group], cuts, strict=True):
                 if name is not None:
-                    views[name] = piece.view(*batch, *flat.slots[name].shape)
+                    views[name] = piece.view((*batch, *flat.slots[name].shape))
                     thresholds[name] = cut.reshape(views[name].shape)
         if per_leaf:
             result = {}
@@ -326,6 +326,74 @@ def leafwise(
 
     prox_on_buffers.__name__ = f"leafwise_{getattr(prox, '__name__', 'prox')}"
     return prox_on_buffers
+
+
+ELEMENTWISE_PROX = ("l1", "l2", "elastic_net")
+"""Prox operators of :mod:`functorch_reg.prox` that act element by element: on a buffer
+they equal the per-leaf prox (padding zeros stay zero), so they need no lifting."""
+
+
+def mask_for(flat: FlatParams, where: Where, owner: str) -> Where:
+    """An optimizer's ``mask`` written for the leaves, as a list of ``flat``'s groups.
+
+    A mask that already names groups (globs on group names, a bool tree over the
+    buffers) is kept. Otherwise the leaves it selects must fill whole groups: the
+    result names those groups.
+
+    Raises:
+        ValueError: a group holds leaves the mask selects and leaves it does not,
+            naming one of each and the group.
+    """
+    if where is None:
+        return None
+    globs = [where] if isinstance(where, str) else where
+    if isinstance(globs, Sequence) and globs and all(isinstance(g, str) for g in globs):
+        import fnmatch
+
+        if all(fnmatch.filter(list(flat.buffers), g) for g in globs):
+            return list(globs)
+    elif not callable(where):
+        try:
+            selected(flat.buffers, where)
+            return where
+        except (TypeError, ValueError):
+            pass
+    chosen = dict(zip(flat._names, selected(flat.params, where), strict=True))
+    groups: list[str] = []
+    for group in flat.buffers:
+        members = flat.leaves_of(group)
+        inside = [name for name in members if chosen[name]]
+        if inside and len(inside) != len(members):
+            outside = next(name for name in members if not chosen[name])
+            raise ValueError(
+                f"{owner}: the optimizer's mask selects leaf {inside[0]!r} but not "
+                f"{outside!r}, and both are packed into group {group!r}; a flat buffer is "
+                "decayed whole: pack groups that follow the mask (e.g. flat={'decay': "
+                "fr.select.weights(), 'no_decay': fr.select.biases()}), or use the "
+                "per-leaf layout"
+            )
+        if inside:
+            groups.append(group)
+    return groups if groups else (lambda name, leaf: False)
+
+
+def prox_for(flat: FlatParams, prox: Callable[..., Params]) -> Callable[..., Params]:
+    """An optimizer's ``prox`` for ``flat``'s buffers: an element-wise prox of
+    :mod:`functorch_reg.prox` (without ``where=``) as it is, any other lifted with
+    :func:`leafwise`, so that structured prox (group lasso) and ``where=`` act on leaves."""
+    import functools
+
+    from . import prox as prox_module
+
+    func, keywords = prox, {}
+    if isinstance(prox, functools.partial) and not prox.args:
+        func, keywords = prox.func, dict(prox.keywords)
+    elementwise = any(func is getattr(prox_module, name) for name in ELEMENTWISE_PROX)
+    if elementwise and "where" not in keywords:
+        return prox
+    if getattr(prox, "__name__", "").startswith("leafwise_"):
+        return prox
+    return leafwise(flat, prox)
 
 
 def _membership(
@@ -375,8 +443,8 @@ def _check_no_aliasing(leaves: Mapping[str, Tensor]) -> None:
     apart, they would silently untie."""
     spans: list[tuple[int, int, int, str]] = []
     for name, leaf in leaves.items():
-        if leaf.numel() == 0:
-            continue
+        if leaf.numel() == 0 or leaf.device.type == "meta":
+            continue  # meta tensors hold no memory (every one has data_ptr 0)
         start, end = address_span(leaf)
         spans.append((leaf.untyped_storage().data_ptr(), start, end, name))
     spans.sort()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import _plot, sweep_data
 from . import prox as prox_ops
-from .optim import sgd
+from .optim.sgd import sgd
 from .sweep_data import as_strengths
 from .tree import stack
 

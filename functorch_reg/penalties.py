@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ from .tree import (
     check_structure,
     flatten,
     full_tensor,
+    leaf_names,
     reduce_partial,
     replicate_like,
     spec_names,
@@ -44,7 +46,30 @@ __all__ = ["elastic_net", "group_lasso", "l1", "l2", "l2_sp", "orthogonal"]
 
 
 def l1(params: Params, *, where: Where = None) -> Tensor:
-    r"""Lasso penalty :math:`\sum_i |w_i|`."""
+    r"""Lasso penalty :math:`\sum_i |w_i|` (Tibshirani, 1996).
+
+    Its subgradient never gives exact zeros; :func:`functorch_reg.prox.l1` (soft
+    thresholding) does, in an optimizer's ``prox=``.
+
+    Args:
+        params: a pytree of tensors, e.g. the ``params`` of ``fr.split_module(model)``.
+        where: which leaves (a ``where=`` selection, see :mod:`functorch_reg.select`);
+            default all floating leaves, biases included.
+
+    Returns:
+        A 0-d tensor in the promoted dtype of the selected leaves, at unit strength
+        (multiply by :math:`\lambda` yourself).
+
+    Raises:
+        ValueError: ``where`` is a glob that matches no leaf, or no floating-point leaf
+            is selected.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.penalties.l1({"w": torch.tensor([1.0, -2.0]), "b": torch.tensor([3.0])})
+        tensor(6.)
+    """
     return _total("l1", params, where, lambda w: w.abs().sum())
 
 
@@ -53,13 +78,56 @@ def l2(params: Params, *, where: Where = None) -> Tensor:
 
     Adding ``lam * l2(params)`` to the loss gives the same SGD trajectory as
     ``torch.optim.SGD(weight_decay=2 * lam)``.
+
+    Args:
+        params: a pytree of tensors, e.g. the ``params`` of ``fr.split_module(model)``.
+        where: which leaves (a ``where=`` selection, see :mod:`functorch_reg.select`);
+            default all floating leaves, biases included.
+
+    Returns:
+        A 0-d tensor in the promoted dtype of the selected leaves, at unit strength
+        (multiply by :math:`\lambda` yourself).
+
+    Raises:
+        ValueError: ``where`` is a glob that matches no leaf, or no floating-point leaf
+            is selected.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.penalties.l2({"w": torch.tensor([1.0, -2.0])})
+        tensor(5.)
     """
     return _total("l2", params, where, lambda w: w.square().sum())
 
 
 def elastic_net(params: Params, l1_ratio: float = 0.5, *, where: Where = None) -> Tensor:
     r"""scikit-learn's elastic net, with ``r = l1_ratio``:
-    :math:`r \sum_i |w_i| + \frac{1 - r}{2} \sum_i w_i^2`."""
+    :math:`r \sum_i |w_i| + \frac{1 - r}{2} \sum_i w_i^2`.
+
+    The penalty term of ``sklearn.linear_model.ElasticNet(alpha, l1_ratio)`` divided by
+    ``alpha`` (Zou & Hastie, 2005, in scikit-learn's parametrization): ``l1_ratio=1`` is
+    :func:`l1`, ``l1_ratio=0`` is half of :func:`l2`.
+
+    Args:
+        params: a pytree of tensors, e.g. the ``params`` of ``fr.split_module(model)``.
+        l1_ratio: :math:`r`, in ``[0, 1]``.
+        where: which leaves (a ``where=`` selection, see :mod:`functorch_reg.select`);
+            default all floating leaves, biases included.
+
+    Returns:
+        A 0-d tensor in the promoted dtype of the selected leaves, at unit strength.
+
+    Raises:
+        ValueError: ``l1_ratio`` is outside ``[0, 1]``; ``where`` is a glob that
+            matches no leaf, or no floating-point leaf is selected.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.penalties.elastic_net({"w": torch.tensor([1.0, -2.0])}, l1_ratio=0.5)
+        tensor(2.7500)
+    """
     check_scalars("elastic_net", {"l1_ratio": l1_ratio}, {"l1_ratio": UNIT})
     ridge = (1 - l1_ratio) / 2
     # One reduction per leaf: each weight is read once, eager and compiled.
@@ -72,11 +140,47 @@ def elastic_net(params: Params, l1_ratio: float = 0.5, *, where: Where = None) -
 
 
 def group_lasso(params: Params, dim: int | None = 0, *, where: Where = None) -> Tensor:
-    r"""Group lasso :math:`\sum_g \sqrt{|g|}\, \|w_g\|_2`.
+    r"""Group lasso :math:`\sum_g \sqrt{|g|}\, \|w_g\|_2` (Yuan & Lin, 2006).
 
     The groups of a leaf are its slices along ``dim``: with the default ``dim=0`` the
-    rows of a ``Linear`` weight, i.e. the output units. ``|g|`` is the number of
-    entries in a group. ``dim=None`` makes each whole leaf one group.
+    rows of a ``Linear`` weight ``(out, in)``, i.e. the output units, and the filters of
+    a ``Conv2d`` weight ``(out, in, kh, kw)``. ``|g|`` is the number of entries in a
+    group, so that groups of different sizes are penalized alike (Yuan & Lin's
+    :math:`\sqrt{p_g}` weight). ``dim=None`` makes each whole leaf one group. The
+    matching proximal operator, which zeroes whole groups, is
+    :func:`functorch_reg.prox.group_lasso`.
+
+    A 1-D leaf (a bias, a norm scale) has groups of one entry along ``dim=0``, so its
+    term is plain L1, :math:`\sum_i |b_i|`, and not a group penalty. With the default
+    ``where=None`` every floating leaf is included, biases too: to penalize only the
+    weight matrices, pass ``where=fr.select.weights()``; to make each bias one group,
+    ``dim=None``. A 0-d leaf has no ``dim=0`` and is an error.
+
+    Args:
+        params: a pytree of tensors, e.g. ``dict(model.named_parameters())``.
+        dim: the dim whose slices are the groups (negative counts from the end), or
+            ``None`` for one group per leaf.
+        where: which leaves (a ``where=`` selection, see :mod:`functorch_reg.select`);
+            default all floating leaves.
+
+    Returns:
+        A 0-d tensor in the promoted dtype of the selected leaves, at unit strength
+        (multiply by :math:`\lambda` yourself).
+
+    Raises:
+        ValueError: a selected leaf has no dim ``dim`` (e.g. a 0-d leaf with
+            ``dim=0``); ``where`` is a glob that matches no leaf; no floating-point
+            leaf is selected.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> params = {"weight": torch.tensor([[3.0, 4.0], [0.0, 0.0]]),
+        ...           "bias": torch.tensor([1.0, -2.0])}
+        >>> fr.penalties.group_lasso(params, where="weight")  # sqrt(2) * (5 + 0)
+        tensor(7.0711)
+        >>> fr.penalties.group_lasso(params)  # the bias adds |1| + |-2|, as L1
+        tensor(10.0711)
     """
     return _total("group_lasso", params, where, functools.partial(_group_lasso_leaf, dim=dim))
 
@@ -121,10 +225,39 @@ def group_norms(w: Tensor, dim: int | None) -> tuple[Tensor, int]:
 def l2_sp(params: Params, reference: Params, *, where: Where = None) -> Tensor:
     r""":math:`\sum_i (w_i - w^{ref}_i)^2`: pull toward reference (e.g. pretrained) weights.
 
-    ``reference`` must have the structure and shapes of ``params``.
+    ``reference`` must have the structure and shapes of ``params``, or, with
+    ``where=``, hold at least the leaves ``where`` selects (matched by leaf name, as
+    the optimizers' ``decay_to`` is): leaves that ``where`` excludes need no reference.
+
+    Raises:
+        ValueError: a selected leaf has no reference, or one of another shape.
     """
-    check_structure(params, reference, other_name="reference")
-    return _total("l2_sp", params, where, lambda w, w_ref: (w - w_ref).square().sum(), reference)
+    if where is None:
+        check_structure(params, reference, other_name="reference")
+        companion = reference
+    else:
+        companion = _references_by_name(params, reference, where)
+    return _total("l2_sp", params, where, lambda w, w_ref: (w - w_ref).square().sum(), companion)
+
+
+def _references_by_name(params: Params, reference: Params, where: Where) -> list[Any]:
+    """Per leaf of ``params``, its reference by name where ``where`` selects it."""
+    leaves, spec = flatten(params)
+    by_name = dict(zip(leaf_names(reference), flatten(reference)[0], strict=True))
+    found: list[Any] = []
+    for name, leaf, chosen in zip(spec_names(spec), leaves, selected(params, where), strict=True):
+        if not chosen:
+            found.append(None)
+            continue
+        ref = by_name.get(name)
+        if not isinstance(ref, Tensor) or ref.shape != leaf.shape:
+            got = f"shape {tuple(ref.shape)}" if isinstance(ref, Tensor) else "no such leaf"
+            raise ValueError(
+                f"l2_sp: reference leaf {name!r} (selected by where=) has {got}, the param "
+                f"has shape {tuple(leaf.shape)}; pass a reference with that leaf"
+            )
+        found.append(ref)
+    return found
 
 
 def orthogonal(params: Params, *, where: Where = None) -> Tensor:

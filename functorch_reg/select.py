@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeAlias
 
-import torch
+import torch  # noqa: F401  # the doctests use it
 from torch import Tensor, nn
 
 from .tree import Params, PyTree, check_structure, flatten, is_float, spec_names
@@ -197,6 +197,7 @@ def mask(params: Params, where: Where = None) -> PyTree:
     """The selection as a pytree of bools with the structure of ``params``.
 
     Example:
+        >>> import torch
         >>> params = {"0.weight": torch.ones(2, 3), "0.bias": torch.ones(2)}
         >>> mask(params, weights())
         {'0.weight': True, '0.bias': False}
@@ -208,10 +209,10 @@ def mask(params: Params, where: Where = None) -> PyTree:
 def selected(params: Params, where: Where) -> list[bool]:
     """Flat list of bools, one per leaf of ``params`` in flattening order."""
     leaves, spec = flatten(params)
-    names = spec_names(spec)
     floats = [is_float(leaf) for leaf in leaves]
-    if where is None:
+    if where is None:  # every step of a rule without a mask: no names needed
         return floats
+    names = spec_names(spec)
     if isinstance(where, str):
         where = [where]
     if isinstance(where, Sequence) and where and builtins.all(isinstance(w, str) for w in where):
@@ -224,7 +225,6 @@ def selected(params: Params, where: Where) -> list[bool]:
     return _from_bool_tree(params, where, names, leaves, floats)
 
 
-@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]  # torch leaves it untyped
 def _match_globs(
     names: tuple[str, ...], floats: tuple[bool, ...], patterns: tuple[str, ...]
 ) -> tuple[bool, ...]:
@@ -240,6 +240,11 @@ def _match_globs(
         is_leaf_float and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
         for name, is_leaf_float in zip(names, floats, strict=True)
     )
+
+
+# A constant for the compiler: what ``torch.compiler.assume_constant_result`` sets, without
+# the import of torch._dynamo (about a second) that the decorator makes.
+_match_globs._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _from_bool_tree(

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._checks import NON_NEGATIVE, UNIT, Interval, Scalar, check_scalars
+from ._memory import check_writable
 from .tree import (
     Params,
     flatten,
@@ -176,7 +177,10 @@ def ema(decay: Scalar = 0.999, *, warmup: bool = False) -> EMA:
     debiases instead): early averages follow the weights more closely, so they are
     not dominated by the first weights. Without it the
     result equals ``AveragedModel`` update for update (``torch.lerp`` as its
-    ``_foreach_lerp_``). Non-floating leaves are left as they were at ``init``.
+    ``_foreach_lerp_``). Non-floating leaves are copied at ``init`` and left so.
+    ``update_`` checks every average before the first write (as ``step_``: inference,
+    expanded or tied averages are refused), so an error moves neither the average nor
+    its count.
 
     Args:
         decay: :math:`\beta` in ``[0, 1]``, a float or a 0-d tensor.
@@ -198,7 +202,9 @@ def ema(decay: Scalar = 0.999, *, warmup: bool = False) -> EMA:
         floats = [leaf for leaf in leaves if is_float(leaf)]
         if not floats:
             raise ValueError("ema.init: params hold no floating-point tensor")
-        average = [leaf.detach().clone() if is_float(leaf) else leaf for leaf in leaves]
+        # Every tensor is copied: integer buffers too (num_batches_tracked), which then
+        # stay as they were at init rather than following the model's.
+        average = [leaf.detach().clone() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
         count = torch.zeros((), dtype=torch.int64, device=floats[0].device)
         return EMAState(spec.unflatten(average), count)
 
@@ -249,7 +255,20 @@ def ema(decay: Scalar = 0.999, *, warmup: bool = False) -> EMA:
 
     def update_(params: Params, state: EMAState, **overrides: Any) -> None:
         with torch.no_grad():
-            leaves, _, averages, weight = weights(params, state, overrides)
+            leaves, spec, averages, weight = weights(params, state, overrides)
+            written = [i for i, p in enumerate(leaves) if is_float(p)]
+            names = spec_names(spec)
+            check_writable(
+                "ema.update_",
+                [averages[i] for i in written] + [state.n_averaged],
+                lambda k: (
+                    f"state.params {names[written[k]]!r}"
+                    if k < len(written)
+                    else "state.n_averaged"
+                ),
+                "update()",
+            )
+            # Checked before the first write: an error leaves average and count as they were.
             for p, average in zip(leaves, averages, strict=True):
                 if is_float(p):
                     average.lerp_(p, weight.to(p.dtype))
@@ -278,6 +297,7 @@ def accumulate(total: Params | None, grads: Params, *, scale: Scalar = 1.0) -> P
         totals = matching_leaves(
             grad_leaves, spec, total, reference_name="grads", other_name="total"
         )
+    _check_dtypes("accumulate", spec, totals, grad_leaves)
     summed = [
         s if g is None else (g * scale if s is None else s + g * scale)
         for s, g in zip(totals, grad_leaves, strict=True)
@@ -285,20 +305,41 @@ def accumulate(total: Params | None, grads: Params, *, scale: Scalar = 1.0) -> P
     return spec.unflatten(summed)
 
 
+def _check_dtypes(owner: str, spec: optree.PyTreeSpec, totals: list[Any], grads: list[Any]) -> None:
+    """A sum keeps its dtype: ``accumulate`` and ``accumulate_`` refuse alike a grad of
+    another dtype than its total (an fp64 grad would promote an fp32 total)."""
+    for leaf, s, g in zip(spec_names(spec), totals, grads, strict=True):
+        if g is not None and s is not None and s.dtype != g.dtype:
+            raise ValueError(
+                f"{owner}: total {leaf!r} is {s.dtype}, grads {g.dtype}; cast the grads "
+                "(g.to(total.dtype)): a sum keeps its dtype"
+            )
+
+
 def accumulate_(total: Params, grads: Params, *, scale: Scalar = 1.0) -> None:
     """:func:`accumulate` written into ``total`` in place (e.g. a flat gradient buffer).
 
-    Every leaf is checked before the first write: a ``None`` leaf of ``total`` where
-    ``grads`` has a tensor is an error, as are dtype or shape mismatches.
+    Every leaf is checked before the first write, so an error changes nothing: a
+    ``None`` leaf of ``total`` where ``grads`` has a tensor is an error, as are dtype
+    (the same rule as :func:`accumulate`) or shape mismatches, an inference or expanded
+    total, and two totals that share memory (tied, as ``step_`` refuses).
     """
     check_scalars("accumulate_", {"scale": scale}, {"scale": _FINITE})
     grad_leaves, spec = flatten(grads)
     totals = matching_leaves(grad_leaves, spec, total, reference_name="grads", other_name="total")
-    for leaf, s, g in zip(spec_names(spec), totals, grad_leaves, strict=True):
+    names = spec_names(spec)
+    for leaf, s, g in zip(names, totals, grad_leaves, strict=True):
         if g is not None and s is None:
             raise ValueError(f"accumulate_: total has no tensor at {leaf!r} to add into")
-        if g is not None and s.dtype != g.dtype:
-            raise ValueError(f"accumulate_: total {leaf!r} is {s.dtype}, grads {g.dtype}")
+    _check_dtypes("accumulate_", spec, totals, grad_leaves)
+    written = [i for i, g in enumerate(grad_leaves) if g is not None]
+    check_writable(
+        "accumulate_",
+        [totals[i] for i in written],
+        lambda k: f"total {names[written[k]]!r}",
+        "accumulate()",
+    )
+    # Checked before the first write: an error leaves every total as it was.
     with torch.no_grad():
         for s, g in zip(totals, grad_leaves, strict=True):
             if g is not None:

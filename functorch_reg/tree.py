@@ -10,19 +10,16 @@ untouched.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from typing import Any, TypeAlias, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard, cast
 
 import optree
 import torch
 from torch import Tensor
 
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor, Replicate
-
-    _DTENSOR: tuple[type, ...] = (DTensor,)
-else:  # a torch built without torch.distributed has no DTensor leaves
-    _DTENSOR = ()
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 PyTree: TypeAlias = Any
 """Any optree pytree; the main case is ``dict(model.named_parameters())``."""
@@ -199,8 +196,13 @@ def unstack(stacked: PyTree) -> list[PyTree]:
 
 
 def is_dtensor(leaf: Any) -> TypeGuard[DTensor]:
-    """Whether ``leaf`` is a ``torch.distributed.tensor.DTensor``."""
-    return isinstance(leaf, _DTENSOR)
+    """Whether ``leaf`` is a ``torch.distributed.tensor.DTensor``.
+
+    Without importing ``torch.distributed.tensor`` (about a second): no DTensor exists
+    until that module has been imported.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(leaf, module.DTensor)
 
 
 def full_tensor(x: Tensor) -> Tensor:
@@ -223,6 +225,8 @@ def reduce_partial(x: Tensor) -> Tensor:
     """
     if not is_dtensor(x) or not any(placement.is_partial() for placement in x.placements):
         return x
+    from torch.distributed.tensor import Replicate
+
     placements = [Replicate() if p.is_partial() else p for p in x.placements]
     return x.redistribute(x.device_mesh, placements)
 
@@ -237,6 +241,8 @@ def replicate_like(value: Tensor, reference: Tensor) -> Tensor:
     """
     if not is_dtensor(reference):
         return value
+    from torch.distributed.tensor import DTensor, Replicate
+
     mesh = reference.device_mesh
     return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
 

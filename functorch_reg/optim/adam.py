@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -11,6 +12,7 @@ from torch import Tensor
 from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
 from ..select import Where
 from ..tree import Params
+from ._fused import adam_kernel
 from .base import (
     LEAF_TABLES,
     LeafTable,
@@ -24,7 +26,14 @@ from .base import (
 )
 from .clipping import with_clipping
 from .decay import INTERVALS as DECAY_INTERVALS
-from .decay import DecayScaling, decay_coefficient, decay_options, decay_rate, decayed
+from .decay import (
+    DecayScaling,
+    check_decay_factor,
+    decay_coefficient,
+    decay_options,
+    decay_rate,
+    decayed,
+)
 
 __all__ = ["AdamState", "adam", "adamw"]
 
@@ -85,6 +94,7 @@ def adam(
     cautious_decay: bool = False,
     decay_to: Params | None = None,
     clip_grad_norm: Scalar | None = None,
+    fused: bool = False,
     prox_metric: ProxMetric = "euclidean",
 ) -> Optimizer:
     r"""Adam, matching ``torch.optim.Adam`` (and ``AdamW`` when ``decoupled``) step for step.
@@ -133,23 +143,26 @@ def adam(
       the peak lr shrinks by :math:`1/\tau` whatever that lr (Wang & Aitchison, arXiv
       2405.13698); see :func:`functorch_reg.convert_timescale` and
       :mod:`functorch_reg.optim.decay`.
-    * ``cautious_decay`` (Chen et al., 2025, "Cautious Weight Decay"): decay a
+    * ``cautious_decay`` (Chen et al., 2025, "Cautious Weight Decay", arXiv
+      2510.12402): decay a
       coordinate only where :math:`\operatorname{sign}(u) \operatorname{sign}(w -
       w_\text{ref}) \ge 0`, with :math:`u = \hat m_t / (\sqrt{\hat v_t} + \epsilon)`
       the step direction (:math:`w \leftarrow w - \eta u`) computed before the decay,
       from the gradient after ``maximize``. Ties decay: a zero update or a weight at
       its reference counts as agreeing. With ``decay_scaling="lr"`` this is the
-      paper's :math:`w - \eta(u + \lambda \mathbb{1}[u \odot w \ge 0] \odot w)` and
-      optax's ``contrib.add_cautious_weight_decay`` placed between ``scale_by_adam``
-      and the lr (``sign(u) * sign(p) >= 0``, the same tie rule); heavyball's
-      chainable ``cautious_weight_decay`` also tests its update before the lr and
-      steps by ``lr * weight_decay``. Beyond those, the mask here composes with the
-      other scalings and with ``decay_to``, where it compares the signs of :math:`u`
-      and :math:`w - w_\text{ref}` (the direction the decay would move).
+      paper's :math:`w - \eta(u + \lambda \mathbb{1}[u \odot w \ge 0] \odot w)`;
+      the tests compare it with a hand-written transcription of that rule (float64),
+      not with another library (optax's proposed ``contrib.add_cautious_weight_decay``
+      was never merged; heavyball's ``cautious_weight_decay`` also tests its update
+      before the lr and steps by ``lr * weight_decay``). Beyond the paper, the mask
+      here composes with the other scalings and with ``decay_to``, where it compares
+      the signs of :math:`u` and :math:`w - w_\text{ref}` (the direction the decay
+      would move).
     * ``decay_to``: a pytree of reference weights :math:`w_\text{ref}` (e.g. the
       pretrained ones), matched to the params by leaf name, needed on every leaf
       ``mask`` selects: the decoupled twin of :func:`functorch_reg.penalties.l2_sp`.
- The bias corrections use the running products of the betas kept in the
+
+    The bias corrections use the running products of the betas kept in the
     state, which equal :math:`\beta^t` for constant betas and stay exact when a
     schedule changes them.
 
@@ -179,10 +192,18 @@ def adam(
         decay_timescale: :math:`\tau` in steps (>= 1), instead of ``weight_decay``;
             overridable per call (and sweepable).
         cautious_decay: apply the decoupled decay only where it agrees with the step.
-        decay_to: reference weights the decoupled decay pulls toward.
+        decay_to: reference weights the decoupled decay pulls toward, copied at
+            construction (the live params may be passed).
         clip_grad_norm: clip the gradients to this global norm first, as
             ``torch.nn.utils.clip_grad_norm_`` (see
             :func:`functorch_reg.clip_by_global_norm`); overridable per call.
+        fused: outside ``torch.compile``, step each group of leaves (one dtype and
+            device, contiguous) with torch's fused kernel (``torch._fused_adam_``,
+            ``_fused_adamw_`` when decoupled), as ``torch.optim``'s ``fused=True``:
+            one pass over memory rather than one per operation, within a few units
+            in the last place of the default path (which equals the per-leaf rule
+            bit for bit). Groups with a prox, tensor hyperparameters off the CPU
+            or betas changed by a schedule take the default path.
         prox_metric: ``"euclidean"`` (default) or ``"preconditioned"``, see above.
 
     Example:
@@ -196,6 +217,11 @@ def adam(
     """
 
     name = "adamw" if decoupled else "adam"
+    if fused and (cautious_decay or decay_to is not None or decay_scaling != "lr"):
+        raise ValueError(
+            f"{name}: fused=True runs torch's fused kernel, which implements "
+            "decay_scaling='lr' without cautious_decay or decay_to; drop fused=True"
+        )
     in_metric = check_prox_metric(name, prox_metric, prox)
     decay_hyperparams, references = decay_options(
         name,
@@ -275,11 +301,15 @@ def adam(
             **decay_hyperparams,
         },
         intervals={**_INTERVALS, **DECAY_INTERVALS},
+        check=functools.partial(check_decay_factor, name, scaling=decay_scaling),
         mask=mask,
         prox=prox,
         skip_nonfinite=skip_nonfinite,
         table=LeafTable(init_row, advance),
         references=references,
+        fused=adam_kernel(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
+        if fused
+        else None,
     )
     return with_clipping(name, optimizer, clip_grad_norm)
 
@@ -302,18 +332,73 @@ def adamw(
     cautious_decay: bool = False,
     decay_to: Params | None = None,
     clip_grad_norm: Scalar | None = None,
+    fused: bool = False,
     prox_metric: ProxMetric = "euclidean",
 ) -> Optimizer:
-    r"""AdamW: :func:`adam` with decoupled weight decay, matching ``torch.optim.AdamW``.
+    r"""AdamW: Adam with decoupled weight decay, matching ``torch.optim.AdamW`` step for step.
 
-    The weights shrink as :math:`w \leftarrow (1 - \eta\lambda) w` before the Adam step,
-    outside the preconditioner (or as ``decay_scaling``, ``cautious_decay`` and
-    ``decay_to`` say). Arguments are those of :func:`adam`, with ``weight_decay=1e-2``
-    by default.
+    Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (ICLR 2019). For each
+    leaf chosen by ``mask``, the weights shrink before the Adam step, outside the
+    preconditioner:
+
+    .. math::
+        w_{t-1} &\leftarrow w_{t-1} - c\,(w_{t-1} - w_\text{ref}),
+            \quad c = \eta\lambda \text{ by default}, \; w_\text{ref} = 0 \\
+        w_t &= w_{t-1} - \frac{\eta}{1 - \beta_1^t}\,
+            \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+    with :math:`m_t, v_t` Adam's moments of the raw gradient (see :func:`adam`). Unlike
+    ``fr.adam``'s coupled decay this is no penalty in the loss: with Adam the two differ.
+    It is ``fr.adam(..., decoupled=True)`` with ``weight_decay=1e-2`` by default (the
+    default of ``torch.optim.AdamW``); :func:`adam` documents the decay options
+    (``decay_scaling``, ``decay_timescale``, ``cautious_decay``, ``decay_to``) and
+    ``prox_metric`` in full. Every scalar is a float or a 0-d tensor, overridable per
+    call.
+
+    Args:
+        lr: learning rate :math:`\eta` (absolute, per step).
+        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``.
+        eps: :math:`\epsilon`, added to the denominator.
+        weight_decay: :math:`\lambda`, the decoupled decay on the leaves ``mask``
+            chooses; default ``1e-2`` (``0`` when ``decay_timescale`` is given).
+        amsgrad: use the running maximum of :math:`v_t`.
+        maximize: ascend the objective instead of descending it.
+        mask: which leaves get decay and prox (a ``where=`` selection; default all,
+            biases included: pass ``fr.select.weights()`` for the usual rule).
+        prox: a proximal operator such as :func:`functorch_reg.prox.l1`, applied after
+            the step as ``prox({leaf_name: w}, lr * prox_strength)``.
+        prox_strength: :math:`\rho`, the strength of the proximal penalty.
+        skip_nonfinite: skip a step whose gradients hold a NaN or an infinity, and
+            count it in ``state.skipped``.
+        decay_scaling: ``"lr"`` (default), ``"schedule"``, ``"corrected"`` or ``"none"``.
+        decay_reference_lr: :math:`\eta_0` for the scalings and ``decay_timescale``.
+        decay_timescale: the decay as a timescale :math:`\tau` in steps (>= 1).
+        cautious_decay: decay only where the decay agrees with the step's sign
+            (arXiv 2510.12402).
+        decay_to: reference weights :math:`w_\text{ref}` the decay pulls toward.
+        clip_grad_norm: clip the gradients to this global norm first.
+        prox_metric: ``"euclidean"`` (default) or ``"preconditioned"``.
+
+    Returns:
+        An :class:`~functorch_reg.optim.base.Optimizer` (``init``, ``step``, ``step_``);
+        its state holds ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) per leaf,
+        in the leaf's dtype and device.
+
+    Raises:
+        ValueError: a hyperparameter is out of range or not finite, ``mask`` or
+            ``decay_to`` does not fit the params, or both ``weight_decay`` and
+            ``decay_timescale`` are given (the same errors as :func:`adam`).
+        TypeError: a hyperparameter has the wrong type.
 
     Example:
+        >>> import torch
         >>> import functorch_reg as fr
-        >>> opt = fr.adamw(lr=1e-3, weight_decay=1e-2, mask=fr.select.weights())
+        >>> params = {"w": torch.ones(2)}
+        >>> opt = fr.adamw(lr=0.1, weight_decay=0.5)
+        >>> state = opt.init(params)
+        >>> params, state = opt.step(params, {"w": torch.tensor([1.0, -1.0])}, state)
+        >>> params["w"]  # 1 - 0.1 * 0.5 = 0.95, then the Adam step of +-0.1
+        tensor([0.8500, 1.0500])
     """
     if weight_decay is None:
         weight_decay = 0.0 if decay_timescale is not None else 1e-2
@@ -335,5 +420,6 @@ def adamw(
         cautious_decay=cautious_decay,
         decay_to=decay_to,
         clip_grad_norm=clip_grad_norm,
+        fused=fused,
         prox_metric=prox_metric,
     )

@@ -3,6 +3,8 @@ hyperparameter resolution, and the lift of a per-array rule to pytrees."""
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, cast
 
@@ -10,10 +12,10 @@ import torch
 from torch import Tensor
 
 from .._checks import Interval, Scalar, as_scalar, check_scalars
+from .._memory import check_writable
 from ..select import Where, selected
 from ..tree import (
     Params,
-    address_span,
     flatten,
     full_tensor,
     is_dtensor,
@@ -22,6 +24,7 @@ from ..tree import (
     matching_leaves,
     spec_names,
 )
+from ._foreach import NotElementwiseError, Rows, TensorList, layout_of
 from .decay import References
 
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]
@@ -108,6 +111,12 @@ class Optimizer(NamedTuple):
             meta device: no memory, no device work. Always set by this library's
             factories; :func:`check_optimizer` also serves an ``Optimizer`` built by hand
             without one.
+        for_flat: ``for_flat(flat) -> Optimizer``, the same rule for the buffers of
+            ``flat = fr.flat.pack(...)``: a ``mask`` written for leaves becomes the list
+            of groups it fills (a group it selects only partly is refused), and a prox
+            that needs leaves (a structured one, or one with ``where=``) is lifted with
+            :func:`functorch_reg.flat.leafwise`. ``fr.sweep(flat=...)`` and
+            ``fr.train_step(flat=...)`` call it, so flat results equal per-leaf ones.
     """
 
     init: Callable[[Params], State]
@@ -115,6 +124,7 @@ class Optimizer(NamedTuple):
     step_: Callable[..., None]
     hyperparams: Mapping[str, Any]
     validate: Callable[..., None] | None = None
+    for_flat: Callable[[Any], Optimizer] | None = None
 
 
 RuleOutput = (
@@ -182,7 +192,11 @@ def enabled(field: Any) -> bool:
 
 
 class _Update(NamedTuple):
-    """Params leaves and state columns (params first) before and after one step."""
+    """Params leaves and state columns (params first) before and after one step.
+
+    ``pending`` are fused kernels that write their new values in place (``step_``
+    only), run after the checks; ``written`` names the (column, leaf) they write.
+    """
 
     spec: Any
     columns: list[list[Any]]
@@ -190,6 +204,26 @@ class _Update(NamedTuple):
     table: Tensor | None
     new_table: Tensor | None
     skipped: Tensor
+    written: Sequence[tuple[int, int]] = ()
+    pending: Sequence[Callable[[], None]] = ()
+
+
+class FusedStep(Protocol):
+    """A kernel that steps a group of leaves in place, for the options it implements.
+
+    ``fused(params, rows, h, decay)`` sees a group's params (one dtype and device),
+    their rows of the state's leaf table before this step (Python values, or ``None``
+    when the table is not on the CPU), the hyperparameters and whether the group is
+    decayed. It returns ``None`` where the kernel does not compute what the rule
+    computes (then the rule runs), else ``run(targets, grads, found_inf)``, which
+    writes the step into ``targets`` (the params, then one list per state field, or
+    an empty list for a disabled field) and leaves everything as it was where
+    ``found_inf`` (a float32 0-d tensor) is 1. Called outside ``torch.compile`` only.
+    """
+
+    def __call__(
+        self, params: list[Tensor], rows: list[Any] | None, h: Mapping[str, Scalar], decay: bool
+    ) -> Callable[[list[list[Tensor]], list[Tensor], Tensor | None], None] | None: ...
 
 
 def is_zero(value: Scalar) -> bool:
@@ -210,6 +244,8 @@ def build(
     skip_nonfinite: bool,
     table: LeafTable | None = None,
     references: References | None = None,
+    check: Callable[[Mapping[str, Scalar]], None] | None = None,
+    fused: FusedStep | None = None,
 ) -> Optimizer:
     """Lift ``rule`` to an :class:`Optimizer` over pytrees.
 
@@ -218,10 +254,21 @@ def build(
     when ``table`` is ``None``. Its other fields are pytrees shaped like the params, one
     per slot of ``init_slots``, or :data:`DISABLED` when ``init_slots`` gives ``None``
     for them. ``references`` gives each leaf's decay reference (see :mod:`.decay`), checked
-    at every step before anything changes.
+    at every step before anything changes. ``check(h)`` raises for a combination of
+    resolved hyperparameters that no interval expresses (e.g. a decay factor <= 0).
+    ``fused`` (see :class:`FusedStep`) steps the groups of leaves whose options it
+    implements outside ``torch.compile``; the prox, when one is set, then runs through
+    ``rule`` instead.
     """
-    defaults = dict(hyperparams)
-    resolve(name, defaults, {}, intervals)
+    defaults = {key: _numbers_of(value) for key, value in hyperparams.items()}
+
+    def resolved(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
+        h = resolve(name, defaults, overrides, intervals)
+        if check is not None:
+            check(h)
+        return h
+
+    resolved({})
     table_field = leaf_table_field(state_type)
     slot_fields = [field for field in state_type._fields[:-1] if field != table_field]
 
@@ -251,9 +298,17 @@ def build(
         skipped = torch.zeros((), dtype=torch.int64, device=device)
         return state_type(**fields, skipped=skipped)
 
-    def update(params: Params, grads: Params, state: State, overrides: dict[str, Any]) -> _Update:
-        """The new leaves and state columns; nothing is modified."""
-        h = resolve(name, defaults, overrides, intervals)
+    def update(
+        params: Params, grads: Params, state: State, overrides: dict[str, Any], in_place: bool
+    ) -> _Update:
+        """The new leaves and state columns; nothing is modified.
+
+        Outside ``torch.compile``, the leaves that share a dtype, a device and their
+        options step as one group: through ``fused`` where it applies (with
+        ``in_place``, its writes are returned as ``pending``, to run after the checks),
+        else through ``rule`` over TensorLists (:mod:`._foreach`).
+        """
+        h = resolved(overrides)
         leaves, spec = flatten(params)
         grad_leaves = matching_leaves(leaves, spec, grads)
         _check_grads(name, spec, leaves, grad_leaves)
@@ -299,12 +354,55 @@ def build(
 
         new_leaves = list(leaves)
         new_columns = [list(column) for column in columns]
+        new_values = [new_leaves, *new_columns]
         stepped: dict[int, RuleOutput] = {}
-        for i, (p, g, decay) in enumerate(zip(leaves, grad_leaves, decays, strict=True)):
-            if updated[i]:
-                row = None if derived is None else derived[i]
-                slots = tuple(column[i] for column in columns)
-                stepped[i] = rule(p, g, slots, row, h, decay, refs[i])
+
+        def per_leaf(i: int) -> None:
+            slots = tuple(column[i] for column in columns)
+            row = None if derived is None else derived[i]
+            stepped[i] = rule(leaves[i], grad_leaves[i], slots, row, h, decays[i], refs[i])
+
+        todo = [i for i in range(len(leaves)) if updated[i]]
+        groups, alone = _groups(todo, leaves, grad_leaves, columns, decays, refs, h)
+        for i in alone:
+            per_leaf(i)
+        pending: list[Callable[[], None]] = []
+        written: list[tuple[int, int]] = []
+        old_rows = None
+        for indices in groups:
+            decay = decays[indices[0]]
+            if (
+                fused is not None
+                and not (decay and prox_threshold is not None)
+                and _contiguous(indices, [leaves, grad_leaves, *columns])
+            ):
+                table_rows = None
+                if old_table is not None and old_table.device.type == "cpu":
+                    # Read once per step: a CPU tensor's values cost no device sync.
+                    old_rows = old_table.tolist() if old_rows is None else old_rows
+                    table_rows = [old_rows[i] for i in indices]
+                run = fused([leaves[i] for i in indices], table_rows, h, decay)
+                if run is not None:
+                    targets = _fused_targets(indices, new_values, in_place)
+                    grads_group = [grad_leaves[i] for i in indices]
+                    found_inf = None if finite is None else (~finite).to(torch.float32)
+                    if in_place:
+                        written.extend(
+                            (c, i) for c, column in enumerate(targets) if column for i in indices
+                        )
+                        pending.append(functools.partial(run, targets, grads_group, found_inf))
+                    else:
+                        run(targets, grads_group, found_inf)
+                    continue
+            try:
+                results = _grouped_rule(
+                    rule, indices, leaves, grad_leaves, columns, derived, refs, h, decay
+                )
+            except NotElementwiseError:
+                for i in indices:
+                    per_leaf(i)
+                continue
+            stepped.update(zip(indices, results, strict=True))
         if prox is not None and prox_threshold is not None:
             proxed = [i for i in stepped if decays[i]]
             names = spec_names(spec)
@@ -342,13 +440,20 @@ def build(
                 column[i] = new
         skipped = state.skipped if finite is None else state.skipped + (~finite).long()
         return _Update(
-            spec, [leaves, *columns], [new_leaves, *new_columns], old_table, new_table, skipped
+            spec,
+            [leaves, *columns],
+            [new_leaves, *new_columns],
+            old_table,
+            new_table,
+            skipped,
+            written,
+            pending,
         )
 
     def step(params: Params, grads: Params, state: State, **overrides: Any) -> tuple[Params, State]:
         if torch.is_grad_enabled():
             _check_no_parameters(name, params)
-        new = update(params, grads, state, overrides)
+        new = update(params, grads, state, overrides, in_place=False)
         new_leaves, *new_columns = new.new_columns
         fields: dict[str, Any] = {
             field: new.spec.unflatten(column) if enabled(getattr(state, field)) else DISABLED
@@ -358,27 +463,53 @@ def build(
             fields[table_field] = DISABLED if new.new_table is None else new.new_table
         return new.spec.unflatten(new_leaves), state_type(**fields, skipped=new.skipped)
 
+    checked = _Checked()
+
     def step_(params: Params, grads: Params, state: State, **overrides: Any) -> None:
         with torch.no_grad():
-            new = update(params, grads, state, overrides)
-            _check_writable(name, slot_fields, new, state.skipped)
+            new = update(params, grads, state, overrides, in_place=True)
+            _check_writable(name, slot_fields, new, state.skipped, checked)
             # Everything is computed and checked before the first write, so an error
             # leaves no trace.
+            for run in new.pending:
+                run()
+            olds, news = [], []
             for column, new_column in zip(new.columns, new.new_columns, strict=True):
                 for old, new_value in zip(column, new_column, strict=True):
                     if new_value is not old:
-                        old.copy_(new_value)
+                        olds.append(old)
+                        news.append(new_value)
+            _copy(olds, news)
             if new.table is not None and new.new_table is not None:
                 new.table.copy_(new.new_table)
-            state.skipped.copy_(new.skipped)
+            _write(state.skipped, new.skipped)
 
     def validate(params: Params | None = None, **overrides: Any) -> None:
-        resolve(name, defaults, overrides, intervals)
+        resolved(overrides)
         if params is not None:
             step_on_meta(init, step, params, overrides)
 
+    def for_flat(flat: Any) -> Optimizer:
+        from ..flat import mask_for, prox_for
+
+        return build(
+            name,
+            state_type=state_type,
+            init_slots=init_slots,
+            rule=rule,
+            hyperparams=defaults,
+            intervals=intervals,
+            mask=mask_for(flat, mask, name),
+            prox=None if prox is None else cast(Prox, prox_for(flat, prox)),
+            skip_nonfinite=skip_nonfinite,
+            table=table,
+            references=references,
+            check=check,
+            fused=fused,
+        )
+
     step.__doc__ = step_.__doc__ = f"One {name} step; see ``functorch_reg.{name}``."
-    return Optimizer(init, step, step_, defaults, validate)
+    return Optimizer(init, step, step_, defaults, validate, for_flat)
 
 
 def check_optimizer(optimizer: Optimizer, params: Params | None = None, **overrides: Any) -> None:
@@ -441,8 +572,16 @@ def resolve(
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
         merged["beta1"], merged["beta2"] = betas
+    merged = {key: as_scalar(value) for key, value in merged.items()}
     check_scalars(name, merged, intervals)
-    return {key: as_scalar(value) for key, value in merged.items()}
+    return merged
+
+
+def _numbers_of(value: Any) -> Any:
+    """A hyperparameter (or a pair such as ``betas``) with NumPy scalars as Python numbers."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(as_scalar(v) for v in value)
+    return as_scalar(value)
 
 
 def _apply_prox(
@@ -472,8 +611,173 @@ def _apply_prox(
     return {i: out[names[i]] for i in proxed}
 
 
+def _write(target: Tensor, value: Tensor) -> None:
+    """``target.copy_(value)``; a 0-d target is written through a 1-element view, since
+    torch.compile (Inductor, torch 2.13 on CPU) drops an in-place write into a 0-d
+    float64 input (a learned temperature kept its value)."""
+    if target.ndim == 0:
+        target.view(1).copy_(value.reshape(1))
+    else:
+        target.copy_(value)
+
+
 def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype else x.to(dtype)
+
+
+def _wrapped(x: Tensor) -> bool:
+    """Whether ``x`` is a functorch wrapper (under ``vmap`` or ``torch.func.grad``)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def _groups(
+    todo: Sequence[int],
+    leaves: Sequence[Any],
+    grad_leaves: Sequence[Any],
+    columns: Sequence[Sequence[Tensor | None]],
+    decays: Sequence[bool],
+    refs: Sequence[Tensor | None],
+    h: Mapping[str, Scalar],
+) -> tuple[list[list[int]], list[int]]:
+    """The leaves to step together (one dtype, device and set of options per group),
+    and those to step alone: all of them under ``torch.compile`` (the traced per-leaf
+    code is what Inductor fuses) and any leaf that is a DTensor, a functorch wrapper
+    (``vmap``, ``grad``) or recorded by autograd."""
+    if torch.compiler.is_compiling():
+        return [], list(todo)
+    grad_mode = torch.is_grad_enabled()
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    special = () if dtensor is None else (dtensor.DTensor,)
+
+    def plain(x: Tensor) -> bool:
+        return not (wrapped(x) or isinstance(x, special) or (grad_mode and x.requires_grad))
+
+    if not all(plain(value) for value in h.values() if isinstance(value, Tensor)):
+        return [], list(todo)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    alone: list[int] = []
+    for i in todo:
+        p, g, reference = leaves[i], grad_leaves[i], refs[i]
+        slots = [column[i] for column in columns]
+        if not (
+            plain(p)
+            and plain(g)
+            and all(s is None or plain(s) for s in slots)
+            and (reference is None or plain(reference))
+        ):
+            alone.append(i)
+            continue
+        key = (p.device, p.dtype, decays[i], reference is None, *[s is None for s in slots])
+        groups.setdefault(key, []).append(i)
+    return list(groups.values()), alone
+
+
+def _grouped_rule(
+    rule: LeafRule,
+    indices: list[int],
+    leaves: Sequence[Any],
+    grad_leaves: Sequence[Any],
+    columns: Sequence[Sequence[Tensor | None]],
+    derived: Tensor | None,
+    refs: Sequence[Tensor | None],
+    h: Mapping[str, Scalar],
+    decay: bool,
+) -> list[Any]:
+    """``rule`` over the group's leaves at once, as TensorLists: per leaf,
+    what ``rule`` gives on that leaf alone. Raises :class:`NotElementwiseError` when the
+    rule needs a leaf's own shape (then each leaf steps alone)."""
+    first = indices[0]
+    params = [leaves[i] for i in indices]
+    layout = layout_of(params)
+    shapes = [p.shape for p in params]
+
+    def group(column: Sequence[Any]) -> TensorList | None:
+        if column[first] is None:
+            return None
+        tensors = [column[i] for i in indices]
+        # The leaf layout lets an op reuse a temporary in place: only for tensors of
+        # the params' shapes and dtype (a factored state slot has other shapes).
+        same = layout is not None and all(
+            t.shape == shape and t.dtype == params[0].dtype
+            for t, shape in zip(tensors, shapes, strict=True)
+        )
+        return TensorList(tensors, layout if same else None)
+
+    row = None
+    if derived is not None:
+        start, stop = first, indices[-1] + 1
+        if stop - start == len(indices):  # contiguous: a view, no gather
+            row = Rows(derived[start:stop])
+        else:
+            row = Rows(derived[torch.tensor(indices, device=derived.device)])
+    output = rule(
+        cast(Tensor, group(leaves)),
+        cast(Tensor, group(grad_leaves)),
+        tuple(cast(Tensor | None, group(column)) for column in columns),
+        cast(Tensor | None, row),
+        h,
+        decay,
+        cast(Tensor | None, group(refs)),
+    )
+    new_p, new_slots = output[0], output[1]
+    outputs = [new_p, *new_slots]
+    if not all(x is None or isinstance(x, TensorList) for x in outputs) or not isinstance(
+        new_p, TensorList
+    ):
+        raise NotElementwiseError("the rule gave a tensor for a group of leaves")
+    lists = [None if x is None else cast(TensorList, x).tensors for x in outputs]
+    results: list[Any] = [
+        (
+            cast(list[Tensor], lists[0])[j],
+            tuple(None if column is None else column[j] for column in lists[1:]),
+        )
+        for j in range(len(indices))
+    ]
+    if len(output) == 3:  # the rule's metric D (prox_metric="preconditioned")
+        metric: Any = output[2]
+        per_leaf = metric.tensors if isinstance(metric, TensorList) else [metric] * len(indices)
+        results = [(*result, m) for result, m in zip(results, per_leaf, strict=True)]
+    return results
+
+
+def _contiguous(indices: Sequence[int], columns: Sequence[Sequence[Any]]) -> bool:
+    """Whether every tensor of the group is contiguous, as the fused kernels need (they
+    walk memory in order, so a transposed leaf next to a contiguous grad would mix up
+    elements)."""
+    return all(
+        column[i] is None or column[i].is_contiguous() for column in columns for i in indices
+    )
+
+
+def _fused_targets(
+    indices: Sequence[int], new_values: list[list[Any]], in_place: bool
+) -> list[list[Tensor]]:
+    """Per column (params, then each state field), the tensors a fused kernel writes:
+    the group's own tensors in place, else fresh copies that become the new values."""
+    targets: list[list[Tensor]] = []
+    for column in new_values:
+        if column[indices[0]] is None:
+            targets.append([])
+        elif in_place:
+            targets.append([column[i] for i in indices])
+        else:
+            copies = [column[i].clone() for i in indices]
+            for i, copy in zip(indices, copies, strict=True):
+                column[i] = copy
+            targets.append(copies)
+    return targets
+
+
+def _copy(targets: list[Tensor], values: list[Tensor]) -> None:
+    """``target.copy_(value)`` for each pair, with one foreach call outside compile."""
+    if not targets:
+        return
+    if torch.compiler.is_compiling() or any(_wrapped(t) or is_dtensor(t) for t in targets):
+        for target, value in zip(targets, values, strict=True):
+            _write(target, value)
+    else:
+        torch._foreach_copy_(targets, values)
 
 
 def _check_unique_names(name: str, names: Sequence[str]) -> None:
@@ -546,28 +850,86 @@ def _check_no_parameters(name: str, params: Params) -> None:
             )
 
 
-def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped: Tensor) -> None:
+class _Checked:
+    """The target layouts that :func:`_check_writable` passed lately (a few, for the
+    param groups of one optimizer that take turns).
+
+    Whether targets can be written and whether two share memory follow from each
+    target's address, shape, strides, dtype, device and inference flag, and from
+    whether inference mode is on, which make the key: a step over the same tensors
+    (or over others laid out in the same memory) is checked once.
+    """
+
+    SIZE = 8
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[Any, ...]] = []
+
+    def __contains__(self, key: tuple[Any, ...]) -> bool:
+        return key in self.keys
+
+    def add(self, key: tuple[Any, ...]) -> None:
+        self.keys = [key, *self.keys[: self.SIZE - 1]]
+
+
+def _layout_key(targets: Sequence[tuple[int, int, Tensor]]) -> tuple[Any, ...] | None:
+    """What the checks of :func:`_check_writable` depend on, or ``None`` for DTensors."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and any(isinstance(t, dtensor.DTensor) for _, _, t in targets):
+        return None
+    return (
+        torch.is_inference_mode_enabled(),
+        *[
+            (c, i, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t.is_inference())
+            for c, i, t in targets
+        ],
+    )
+
+
+def _check_writable(
+    name: str,
+    slot_fields: Sequence[str],
+    new: _Update,
+    skipped: Tensor,
+    checked: _Checked | None = None,
+) -> None:
     """Every tensor that ``step_`` is about to write can take its new value, and no two
     share memory (tied weights, a view and its base): otherwise one update would
-    overwrite the other. Memory is not inspected under ``torch.compile`` or ``vmap``."""
+    overwrite the other. Memory is not inspected under ``torch.compile`` or ``vmap``.
+    Layouts found good are remembered in ``checked`` and not inspected again."""
     if torch.compiler.is_compiling():
         return
     # (column, leaf index) of each target, the table and skipped as column -1 and -2;
     # labels are only spelled out for an error.
     targets: list[tuple[int, int, Tensor]] = []
+    written = set(new.written)
     for column_index, (column, new_column) in enumerate(
         zip(new.columns, new.new_columns, strict=True)
     ):
         for i, (old, new_value) in enumerate(zip(column, new_column, strict=True)):
-            if new_value is not old:
+            if new_value is not old or (column_index, i) in written:
                 targets.append((column_index, i, old))
     if new.table is not None and new.new_table is not None:
         targets.append((-1, 0, new.table))
     targets.append((-2, 0, skipped))
     if torch._C._functorch.is_functorch_wrapped_tensor(targets[0][2]):  # vmap or grad
         return
+    key = None if checked is None else _layout_key(targets)
+    if key is not None and checked is not None and key in checked:
+        return
+    _inspect_targets(name, slot_fields, new, targets)
+    if key is not None and checked is not None:
+        checked.add(key)
 
-    def label(column_index: int, i: int) -> str:
+
+def _inspect_targets(
+    name: str, slot_fields: Sequence[str], new: _Update, targets: list[tuple[int, int, Tensor]]
+) -> None:
+    """The checks of :func:`_check_writable` (:func:`.._memory.check_writable`), on its
+    targets."""
+
+    def label(target: int) -> str:
+        column_index, i, _ = targets[target]
         if column_index == -1:
             return "the state's leaf table"
         if column_index == -2:
@@ -575,57 +937,7 @@ def _check_writable(name: str, slot_fields: Sequence[str], new: _Update, skipped
         column_name = "params" if column_index == 0 else f"state.{slot_fields[column_index - 1]}"
         return f"{column_name} {spec_names(new.spec)[i]!r}"
 
-    inference_mode = torch.is_inference_mode_enabled()
-    spans = []
-    for column_index, i, tensor in targets:
-        if is_dtensor(tensor):
-            tensor = cast(Any, tensor).to_local()
-        if tensor.is_inference() and not inference_mode:
-            raise ValueError(
-                f"{name}.step_: {label(column_index, i)} is an inference tensor (made under "
-                "torch.inference_mode()), which cannot be updated in place; clone it "
-                "outside inference mode, or use step()"
-            )
-        if not tensor.is_contiguous() and torch._debug_has_internal_overlap(tensor) == 1:
-            raise ValueError(
-                f"{name}.step_: {label(column_index, i)} has overlapping memory (e.g. made "
-                "by expand()), so an in-place update is ambiguous; pass a contiguous copy "
-                "(.contiguous()), or use step()"
-            )
-        if tensor.numel() and tensor.device.type != "meta":
-            start, end = address_span(tensor)
-            device = (tensor.device.type, tensor.device.index or 0)
-            spans.append((device, start, end, column_index, i, tensor))
-    # Memory that two tensors share lies in both of their address spans: sorted by
-    # start, a span can only meet the earlier spans that have not ended yet.
-    spans.sort(key=lambda span: (span[0], span[1]))
-    active: list[tuple[Any, ...]] = []
-    for span in spans:
-        device, start = span[0], span[1]
-        active = [other for other in active if other[0] == device and other[2] > start]
-        for other in active:
-            if _share_elements(other[5], span[5]):
-                first, second = sorted([other[3:5], span[3:5]])
-                raise ValueError(
-                    f"{name}.step_: {label(*first)} and {label(*second)} share memory "
-                    "(tied weights, or a view of another leaf), so one in-place update "
-                    "would overwrite the other; keep one of them, or use step()"
-                )
-        active.append(span)
-
-
-def _share_elements(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors whose address spans meet share an element."""
-    size = a.element_size()
-    base = min(a.data_ptr(), b.data_ptr())
-    offsets = [(t.data_ptr() - base) for t in (a, b)]
-    if b.element_size() != size or any(offset % size for offset in offsets):
-        return True
-    # Interleaved spans (the columns of a matrix): mark one tensor's elements.
-    end = max(address_span(a)[1], address_span(b)[1])
-    marks = torch.zeros((end - base) // size, dtype=torch.bool, device=a.device)
-    marks.as_strided(a.shape, a.stride(), offsets[0] // size).fill_(True)
-    return bool(marks.as_strided(b.shape, b.stride(), offsets[1] // size).any())
+    check_writable(f"{name}.step_", [tensor for _, _, tensor in targets], label, "step()")
 
 
 def _all_finite(grads: list[Tensor]) -> Tensor:

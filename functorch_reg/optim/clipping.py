@@ -46,4 +46,9 @@ def with_clipping(name: str, optimizer: Optimizer, clip_grad_norm: Scalar | None
 
     step.__doc__ = optimizer.step.__doc__
     step_.__doc__ = optimizer.step_.__doc__
-    return Optimizer(optimizer.init, step, step_, hyperparams, validate)
+
+    def for_flat(flat: Any) -> Optimizer:
+        inner = optimizer if optimizer.for_flat is None else optimizer.for_flat(flat)
+        return with_clipping(name, inner, clip_grad_norm)
+
+    return Optimizer(optimizer.init, step, step_, hyperparams, validate, for_flat)

@@ -47,6 +47,7 @@ from ..tree import Params, flatten, is_float, leaf_names, spec_names
 
 __all__ = [
     "DecayScaling",
+    "check_decay_factor",
     "convert_timescale",
     "decay_coefficient",
     "decay_options",
@@ -149,6 +150,38 @@ def decay_options(
         extra["decay_reference_lr"] = _copied(reference_lr)
     references = None if decay_to is None else _reference_lookup(name, decay_to)
     return extra, references
+
+
+def check_decay_factor(name: str, h: Mapping[str, Any], scaling: str) -> None:
+    """Refuse a step whose decay factor :math:`1 - c` is not positive under a scaling
+    that divides by the reference lr (``"schedule"``, ``"corrected"``) or ``"none"``:
+    it would zero the weights or flip their signs (a param group at 10x the reference
+    lr and ``weight_decay=0.1``). ``"lr"`` keeps torch.optim.AdamW's behaviour. Read
+    where the values are readable (Python numbers, CPU tensors outside
+    ``torch.compile`` and ``vmap``)."""
+    if scaling == "lr" or torch.compiler.is_compiling():
+        return
+    names = ["lr", "decay_reference_lr", "weight_decay", "decay_timescale"]
+    values = {key: h[key] for key in names if key in h}
+    if any(
+        isinstance(v, Tensor)
+        and (v.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(v))
+        for v in values.values()
+    ):
+        return
+    floats: dict[str, Scalar] = {key: float(v) for key, v in values.items()}
+    if float(floats.get("decay_reference_lr", 1.0)) <= 0:
+        return  # refused by its own check
+    if float(floats.get("decay_timescale", 1.0)) <= 0:
+        return
+    coefficient = float(decay_coefficient(floats, decay_rate(floats, scaling), scaling))
+    if 1 - coefficient <= 0:
+        shown = ", ".join(f"{key}={value!r}" for key, value in floats.items())
+        raise ValueError(
+            f"{name}: decay_scaling={scaling!r} shrinks the weights by 1 - c = "
+            f"{1 - coefficient!r} <= 0 ({shown}), which zeroes them or flips their signs; "
+            "lower weight_decay or lr, or set decay_reference_lr to this group's initial lr"
+        )
 
 
 def _copied(value: Scalar) -> Scalar:
@@ -265,7 +298,11 @@ def decayed(
 
 
 def _reference_lookup(name: str, decay_to: Params) -> References:
-    """Per-leaf references of ``decay_to``, found by leaf name."""
+    """Per-leaf references of ``decay_to``, found by leaf name.
+
+    The references are copied (as ``decay_reference_lr`` is): given the live params
+    (``dict(model.named_parameters())``, the natural call), a reference would move with
+    each in-place step and decay nothing."""
     leaves, _ = flatten(decay_to)
     by_name = {
         leaf_name: leaf
@@ -277,6 +314,7 @@ def _reference_lookup(name: str, decay_to: Params) -> References:
             raise TypeError(
                 f"{name}: decay_to leaf {leaf_name!r} must be a tensor, got {type(leaf).__name__}"
             )
+    by_name = {leaf_name: leaf.detach().clone() for leaf_name, leaf in by_name.items()}
 
     def references(
         params: Sequence[Any], spec: optree.PyTreeSpec, decays: Sequence[bool]

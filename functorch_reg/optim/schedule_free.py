@@ -355,7 +355,15 @@ def _refusing_eval_point(name: str, optimizer: Optimizer) -> Optimizer:
         optimizer.step_(params, grads, state, **overrides)
 
     step.__doc__, step_.__doc__ = optimizer.step.__doc__, optimizer.step_.__doc__
-    return optimizer._replace(step=step, step_=step_)
+    inner_for_flat = optimizer.for_flat
+
+    def for_flat(flat: Any) -> Optimizer:  # the flat layout's optimizer keeps the guard
+        assert inner_for_flat is not None
+        return _refusing_eval_point(name, inner_for_flat(flat))
+
+    return optimizer._replace(
+        step=step, step_=step_, for_flat=None if inner_for_flat is None else for_flat
+    )
 
 
 def schedule_free_point(state: ScheduleFreeState) -> Literal["y", "x", "unknown"]:

@@ -1,0 +1,371 @@
+"""A list of tensors with tensor arithmetic, so that one rule runs over many leaves at once.
+
+An update rule is written once, for one array (:class:`~functorch_reg.optim.base.LeafRule`).
+Outside ``torch.compile``, :func:`~functorch_reg.optim.base.build` runs that same rule over
+a :class:`TensorList` of all the leaves that share a dtype and a device: each operator
+becomes one ``torch._foreach_*`` call over the list (one dispatch, and on CUDA one
+launch, instead of one per leaf), and any other ``torch`` function or ``Tensor`` method
+is applied leaf by leaf. Every op computes what the per-leaf op computes on each leaf
+(the same kernel, type promotion and rounding), so the grouped step equals the per-leaf
+one bit for bit on CPU.
+
+Only what is the same for every leaf can be read in Python: scalars, and the results of
+ops. Per-leaf metadata (``shape``, ``ndim``, ``.dim()``) and truth values raise
+:class:`NotElementwiseError`, and the caller runs the per-leaf rule instead, so a rule whose
+math depends on a leaf's shape (Muon's matrices, Adafactor's factored moments) stays
+correct, at per-leaf speed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Layout", "NotElementwiseError", "Rows", "TensorList", "layout_of"]
+
+
+class NotElementwiseError(TypeError):
+    """The rule asked a :class:`TensorList` something that differs from leaf to leaf."""
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, bool)) and not isinstance(value, Tensor)
+
+
+class Layout:
+    """A token for the leaf shapes and dtype of one group: lists that carry the same
+    token hold, position by position, tensors of one shape, with one floating dtype
+    and at least one dimension (so a 0-d operand never promotes them)."""
+
+    __slots__ = ()
+
+
+SCALARS = "scalars"
+"""The layout of a list of 0-d tensors (a table's per-leaf values)."""
+
+
+def layout_of(tensors: Sequence[Tensor]) -> Layout | None:
+    """A fresh :class:`Layout` for a group's leaves, or ``None`` when they do not fit
+    one (a 0-d leaf, mixed dtypes, a non-float leaf)."""
+    if not tensors:
+        return None
+    dtype = tensors[0].dtype
+    if not dtype.is_floating_point or any(t.dtype != dtype or t.dim() == 0 for t in tensors):
+        return None
+    return Layout()
+
+
+class TensorList:
+    """Tensors that act like one tensor: ``a + b`` adds leaf by leaf.
+
+    Operands may be a :class:`TensorList` of the same length, a Python number or a
+    tensor (broadcast to every leaf, as a 0-d hyperparameter is).
+
+    A temporary result (made by an op here and referenced by nothing else, as in
+    ``(g - m) * c``) is reused for the next op's result, in place, where that gives
+    the same values, dtype and shape: an expression allocates once, not once per op.
+
+    Example:
+        >>> import torch
+        >>> from functorch_reg.optim._foreach import TensorList
+        >>> x = TensorList([torch.ones(2), torch.zeros(3)])
+        >>> (2 * x + 1).tensors
+        [tensor([3., 3.]), tensor([1., 1., 1.])]
+    """
+
+    __slots__ = ("layout", "owned", "tensors")
+
+    def __init__(
+        self, tensors: Iterable[Tensor], layout: Layout | str | None = None, owned: bool = False
+    ) -> None:
+        self.tensors: list[Tensor] = list(tensors)
+        self.layout = layout
+        self.owned = owned  # the tensors were made by an op here, for this list only
+
+    # A rule's len(x) or iteration means the leaf's rows, not the leaves.
+    def __len__(self) -> int:
+        raise NotElementwiseError("len() of a TensorList differs from leaf to leaf")
+
+    def __iter__(self) -> Iterator[Tensor]:
+        raise NotElementwiseError("iterating a TensorList means each leaf's rows")
+
+    def __getitem__(self, index: Any) -> Any:
+        return _map(Tensor.__getitem__, (self, index), {})
+
+    def __repr__(self) -> str:
+        return f"TensorList({self.tensors!r})"
+
+    # Anything that would need one answer for all leaves.
+    def __bool__(self) -> bool:
+        raise NotElementwiseError("the truth value of a TensorList differs from leaf to leaf")
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dtype", "device"):
+            # The same for every leaf of a group, which shares one dtype and device.
+            values = {getattr(tensor, name) for tensor in self.tensors}
+            if len(values) == 1:
+                return values.pop()
+        attribute = getattr(Tensor, name, None)
+        if name.startswith("__") or not callable(attribute):
+            raise NotElementwiseError(f"Tensor.{name} differs from leaf to leaf")
+        method: Callable[..., Any] = attribute
+
+        def per_leaf(*args: Any, **kwargs: Any) -> Any:
+            return _map(method, (self, *args), kwargs)
+
+        return per_leaf
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        fast = _TORCH_FAST.get(func)
+        if fast is not None and not kwargs:
+            result = fast(*args)
+            if result is not NotImplemented:
+                return result
+        return _map(func, args, kwargs or {})
+
+    # Arithmetic: one foreach call where torch has one, else leaf by leaf. Each operator
+    # first reads whether its operands are temporaries (see _TEMPORARY).
+    def __neg__(self) -> TensorList:
+        return _unary("neg", self, sys.getrefcount(self) <= _TEMPORARY[0])
+
+    def __abs__(self) -> TensorList:
+        return _unary("abs", self, sys.getrefcount(self) <= _TEMPORARY[0])
+
+    def sqrt(self) -> TensorList:
+        return _unary("sqrt", self, sys.getrefcount(self) <= _TEMPORARY[0])
+
+    def sign(self) -> TensorList:
+        return _unary("sign", self, sys.getrefcount(self) <= _TEMPORARY[0])
+
+    def __add__(self, other: Any) -> Any:
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
+        return _binary("add", self, other, *temps)
+
+    def __radd__(self, other: Any) -> Any:
+        # Addition commutes bit for bit (IEEE), so other + self == self + other.
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], False
+        return _binary("add", self, other, *temps)
+
+    def __sub__(self, other: Any) -> Any:
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
+        return _binary("sub", self, other, *temps)
+
+    def __rsub__(self, other: Any) -> Any:
+        # other - x == (-x) + other exactly: negation is exact and addition commutes.
+        if _is_scalar(other):
+            negated = _unary("neg", self, sys.getrefcount(self) <= _TEMPORARY[0])
+            return _binary("add", negated, other, True, False)
+        return _map(torch.sub, (other, self), {})
+
+    def __mul__(self, other: Any) -> Any:
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
+        return _binary("mul", self, other, *temps)
+
+    def __rmul__(self, other: Any) -> Any:
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], False
+        return _binary("mul", self, other, *temps)
+
+    def __truediv__(self, other: Any) -> Any:
+        temps = sys.getrefcount(self) <= _TEMPORARY[0], sys.getrefcount(other) <= _TEMPORARY[1]
+        return _binary("div", self, other, *temps)
+
+    def __rtruediv__(self, other: Any) -> Any:
+        return _map(torch.div, (other, self), {})
+
+    def __pow__(self, other: Any) -> Any:
+        return _binary("pow", self, other, False, False)
+
+    def __ge__(self, other: Any) -> Any:
+        return _map(torch.ge, (self, other), {})
+
+    def __gt__(self, other: Any) -> Any:
+        return _map(torch.gt, (self, other), {})
+
+    def __le__(self, other: Any) -> Any:
+        return _map(torch.le, (self, other), {})
+
+    def __lt__(self, other: Any) -> Any:
+        return _map(torch.lt, (self, other), {})
+
+    def __eq__(self, other: Any) -> Any:
+        return _map(torch.eq, (self, other), {})
+
+    def __ne__(self, other: Any) -> Any:
+        return _map(torch.ne, (self, other), {})
+
+    def __and__(self, other: Any) -> Any:
+        return _map(torch.logical_and, (self, other), {})
+
+    def __or__(self, other: Any) -> Any:
+        return _map(torch.logical_or, (self, other), {})
+
+    def __invert__(self) -> Any:
+        return _map(torch.bitwise_not, (self,), {})
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Rows(TensorList):
+    """The rows of a leaf table for a group of leaves (``row`` of a :class:`LeafRule`).
+
+    Kept as one ``[n, *row]`` tensor, so that ``unbind()`` (a row's values, one per
+    field) splits all the leaves' rows with two calls rather than one per leaf.
+    """
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: Tensor) -> None:
+        super().__init__(table.unbind(0), SCALARS if table.dim() == 1 else None)
+        self.table = table
+
+    def unbind(self, dim: int = 0) -> tuple[TensorList, ...]:
+        if dim != 0 or self.table.dim() != 2:
+            raise NotElementwiseError("Rows.unbind splits a row into its fields (dim=0) only")
+        return tuple(TensorList(column.unbind(0), SCALARS) for column in self.table.unbind(1))
+
+
+class _Probe:
+    """Stands in for a TensorList operand to measure :data:`_TEMPORARY`."""
+
+    def __mul__(self, other: Any) -> tuple[int, int]:
+        return sys.getrefcount(self), sys.getrefcount(other)
+
+
+def _measure_temporaries() -> tuple[int, int]:
+    """The reference counts that an operator's ``self`` and ``other`` have when they are
+    temporaries (referenced by the interpreter's stack only), measured on this
+    interpreter; ``(-1, -1)`` (never temporary) when a named operand counts no more."""
+    temporary = _Probe() * _Probe()
+    left, right = _Probe(), _Probe()
+    named = left * right
+    if temporary[0] >= named[0] or temporary[1] >= named[1]:
+        return -1, -1
+    return temporary
+
+
+_TEMPORARY = _measure_temporaries()
+
+
+def _check_length(a: TensorList, b: TensorList) -> list[Tensor]:
+    if len(a.tensors) != len(b.tensors):
+        raise ValueError(f"TensorLists of {len(a.tensors)} and {len(b.tensors)} tensors")
+    return b.tensors
+
+
+def _layout(x: Any) -> Layout | str | None:
+    if isinstance(x, TensorList):
+        return x.layout
+    if _is_scalar(x) or (isinstance(x, Tensor) and x.dim() == 0 and not x.is_complex()):
+        return SCALARS
+    return None
+
+
+def _result_layout(a: Any, b: Any) -> Layout | str | None:
+    """The layout of an element-wise op's result on ``a`` and ``b``: a leaf layout
+    survives ops with the same layout and with real scalars (which neither promote nor
+    broadcast it)."""
+    la, lb = _layout(a), _layout(b)
+    if isinstance(la, Layout) and lb in (la, SCALARS):
+        return la
+    if isinstance(lb, Layout) and la == SCALARS:
+        return lb
+    return None
+
+
+def _unary(name: str, a: TensorList, temporary: bool) -> TensorList:
+    if temporary and a.owned and isinstance(a.layout, Layout):
+        getattr(torch, f"_foreach_{name}_")(a.tensors)
+        return a
+    return TensorList(getattr(torch, f"_foreach_{name}")(a.tensors), a.layout, owned=True)
+
+
+_SINGLE: dict[str, Callable[..., Any]] = {
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+    "pow": torch.pow,
+}
+
+
+def _binary(name: str, a: TensorList, b: Any, a_temporary: bool, b_temporary: bool) -> Any:
+    """``a <op> b``, in place in a temporary operand where that computes the same."""
+    if isinstance(b, TensorList):
+        other: Any = _check_length(a, b)
+    elif _is_scalar(b) or (isinstance(b, Tensor) and name != "pow"):
+        other = b
+    else:
+        return _map(_SINGLE[name], (a, b), {})
+    if name == "sub" and isinstance(b, Tensor):
+        # There is no _foreach_sub with a tensor operand: x - t == x + (-t) exactly.
+        name, other = "add", -b
+    layout = _result_layout(a, b)
+    if isinstance(layout, Layout):
+        if a_temporary and a.owned and a.layout is layout and name != "pow":
+            getattr(torch, f"_foreach_{name}_")(a.tensors, other)
+            return a
+        if b_temporary and isinstance(b, TensorList) and b.owned and b.layout is layout:
+            if name in ("add", "mul"):  # commutes bit for bit
+                getattr(torch, f"_foreach_{name}_")(b.tensors, a.tensors)
+                return b
+            if name == "sub":  # a - b == (-b) + a exactly
+                torch._foreach_neg_(b.tensors)
+                torch._foreach_add_(b.tensors, a.tensors)
+                return b
+    return TensorList(getattr(torch, f"_foreach_{name}")(a.tensors, other), layout, owned=True)
+
+
+def _map(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``func`` leaf by leaf; every :class:`TensorList` argument must have one length."""
+    lengths = {len(arg.tensors) for arg in (*args, *kwargs.values()) if isinstance(arg, TensorList)}
+    if len(lengths) != 1:
+        raise ValueError(f"TensorLists of different lengths: {sorted(lengths)}")
+    (n,) = lengths
+
+    def pick(value: Any, i: int) -> Any:
+        if isinstance(value, TensorList):
+            return value.tensors[i]
+        if isinstance(value, (list, tuple)) and any(isinstance(v, TensorList) for v in value):
+            return type(value)(pick(v, i) for v in value)
+        return value
+
+    results = [
+        func(*(pick(arg, i) for arg in args), **{k: pick(v, i) for k, v in kwargs.items()})
+        for i in range(n)
+    ]
+    if all(isinstance(result, Tensor) for result in results):
+        return TensorList(results)
+    if results and all(
+        isinstance(result, tuple) and all(isinstance(x, Tensor) for x in result)
+        for result in results
+    ):
+        return tuple(TensorList(column) for column in zip(*results, strict=True))
+    raise NotElementwiseError(f"{getattr(func, '__name__', func)} gives a non-tensor per leaf")
+
+
+def _maximum(a: Any, b: Any) -> Any:
+    if isinstance(a, TensorList) and isinstance(b, TensorList):
+        layout = _result_layout(a, b)
+        return TensorList(torch._foreach_maximum(a.tensors, _check_length(a, b)), layout, True)
+    return NotImplemented
+
+
+def _sqrt(a: Any) -> Any:
+    return _unary("sqrt", a, False) if isinstance(a, TensorList) else NotImplemented
+
+
+_TORCH_FAST: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.maximum: _maximum,
+    torch.sqrt: _sqrt,
+}

@@ -599,12 +599,7 @@ def _plan(
         probe = sweep_step.probe(
             parts, loss_fn, first_member, val_data or train_data, device, logits
         )
-    if select == "val_accuracy" and not probe.classification:
-        raise ValueError(
-            "sweep: select='val_accuracy' needs a classification problem (integer targets "
-            "and logits of shape (batch, classes); say where they are with logits=); use "
-            "'val_loss' or a callable"
-        )
+    _check_accuracy(select, probe)
     layout = None
     if flat is not False:
         layout = pack(first_member, None if flat is True else flat)
@@ -655,6 +650,15 @@ def _check_steps_and_select(steps: Any, select: Any) -> None:
     if select not in ("val_loss", "val_accuracy") and not callable(select):
         raise ValueError(
             f"sweep: select must be 'val_loss', 'val_accuracy' or a callable, got {select!r}"
+        )
+
+
+def _check_accuracy(select: Select, probe: sweep_step.Probe) -> None:
+    if select == "val_accuracy" and not probe.classification:
+        raise ValueError(
+            "sweep: select='val_accuracy' needs a classification problem (integer targets "
+            "and logits of shape (batch, classes); say where they are with logits=); use "
+            "'val_loss' or a callable"
         )
 
 

@@ -125,6 +125,7 @@ def test_flat_refuses_masks_and_mixed_groups():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_flat_optimizer_is_one_graph_per_run(device):
     from torch._dynamo.testing import CompileCounterWithBackend
 

@@ -169,6 +169,7 @@ def ddp_scenario(rank: int) -> dict[str, Any]:
     )
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process_full_batch(ranks):
     model = make_model()
     expected = train(

@@ -235,6 +235,7 @@ def test_pack_and_flat_torch_optimizer_accept_meta_leaves():
 # --- item 17: NumPy scalar hyperparameters ------------------------------------------
 
 
+@pytest.mark.slow
 def test_numpy_scalars_are_floats_on_every_path():
     import numpy as np
 

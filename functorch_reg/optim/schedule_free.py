@@ -520,9 +520,9 @@ def _switch(
     leaves, spec = flatten(params)
     z_leaves = matching_leaves(leaves, spec, state.z, other_name="state.z")
     beta1 = h["beta1"] if "beta1" in h else h["momentum"]
-    weight = (1 - 1 / beta1) if to_eval else (1 - beta1)
     if to_eval and is_zero(beta1):
         raise ValueError(f"{name}: beta1 = 0 has no evaluation point (x = y - (z - y) / beta1)")
+    weight = (1 - 1 / beta1) if to_eval else (1 - beta1)
     new_leaves = [
         p
         if z is None

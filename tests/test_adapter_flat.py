@@ -47,6 +47,7 @@ FUNCTIONAL = {
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONAL))
+@pytest.mark.slow
 def test_flat_equals_per_leaf_and_params_are_views(device, name):
     model, batches = model_and_batches(device)
     flat_model, _ = model_and_batches(device)

@@ -56,6 +56,7 @@ def mean(reports, leaf, metric):
         ("sgd", fr.sgd(lr=0.2, weight_decay=0.1, decoupled=True)),
     ],
 )
+@pytest.mark.slow
 def test_equilibrium_angular_update_is_sqrt_2_lr_wd(name, functional):
     reports = steady_state(functional)
     predicted = math.sqrt(2 * 0.02 * 1.0)

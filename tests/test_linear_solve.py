@@ -130,6 +130,7 @@ def test_callable_solver_through_implicit_equals_the_string_solver_bit_for_bit()
     assert 1 <= products <= 5  # a 4x4 SPD system: at most 4 CG steps (+ rounding)
 
 
+@pytest.mark.slow
 def test_a_dense_callable_solver_with_an_l1_prox_matches_cg_on_the_support():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(40, 6, generator=g, dtype=DT)

@@ -303,6 +303,7 @@ def tempered_loss(model):
 
 
 @pytest.mark.parametrize("option", list(FLAT_OPTIONS))
+@pytest.mark.slow
 def test_flat_equals_per_leaf_in_train_step_and_torch_optimizer(option):
     model = Tempered().double()
     x, y = tempered_data()

@@ -100,6 +100,7 @@ def test_a_sweep_result_with_buffers_round_trips_and_refit_then_says_why_not(via
     result.refit(steps=1)  # the original still refits
 
 
+@pytest.mark.slow
 def test_folds_result_round_trips():
     x, y = images()
     result = run_sweep(cnn(), train=(x, y), val=None, folds=2, batch_size=None)
@@ -108,6 +109,7 @@ def test_folds_result_round_trips():
     assert copy.fold_val_loss is not None and copy.fold_val_loss.shape == (3, 2)
 
 
+@pytest.mark.slow
 def test_refit_is_a_function_of_the_plan_and_an_index():
     model = cnn()
     result = run_sweep(model)

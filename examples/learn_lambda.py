@@ -82,7 +82,7 @@ def main() -> None:
         progress=False,
     )
     grid_time = time.perf_counter() - start
-    best = grid.best_params
+    best = grid.best_member_params
 
     # Hypergradient: one strength per layer, tuned during a single training run.
     def train_loss(params: dict, strengths: torch.Tensor) -> torch.Tensor:

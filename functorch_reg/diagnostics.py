@@ -68,12 +68,22 @@ def predicted_angular_update(
 ) -> Scalar:
     r"""The equilibrium angular update per step :math:`\hat\eta_r` (module docstring).
 
+    :math:`\sqrt{2\eta\lambda(1 - \beta)/(1 + \beta)}` for decoupled decay and
+    :math:`\sqrt{2\eta\lambda/(1 + \beta)}` for coupled decay (Kosson, Messmer & Jaggi,
+    arXiv 2305.17212), in radians per step.
+
     Args:
         lr: :math:`\eta`.
         weight_decay: :math:`\lambda`; :math:`\eta\lambda` is the shrink per step.
         momentum: Adam's :math:`\beta_1` or SGD's momentum.
         decay: ``"decoupled"`` (AdamW, ``sgd(decoupled=True)``) or ``"coupled"`` (SGD's
             L2 decay, which the momentum amplifies).
+
+    Returns:
+        Radians per step: a float, or a tensor when an argument is one.
+
+    Raises:
+        ValueError: ``decay`` is neither ``"decoupled"`` nor ``"coupled"``.
 
     Example:
         >>> import functorch_reg as fr
@@ -114,7 +124,14 @@ def report(
 
     Returns:
         ``{leaf name: {metric: 0-d tensor}}`` (:data:`METRICS`). A zero weight has zero
-        ``update_ratio``, ``angular_update`` and ``grad_cosine``.
+        ``update_ratio``, ``angular_update`` and ``grad_cosine``. Units:
+        ``weight_norm`` absolute (L2 over the leaf); ``update_ratio`` relative,
+        :math:`\|w' - w\| / \|w\|` per step; ``angular_update`` and its prediction in
+        radians per step; ``grad_cosine`` in ``[-1, 1]``; ``timescale`` in steps.
+
+    Raises:
+        ValueError: ``new_params`` or ``grads`` differ from ``params`` in leaf names
+            or shapes; an unknown ``decay``.
 
     Example:
         >>> import functorch_reg as fr
@@ -170,6 +187,12 @@ def _leaf_report(
 def rows(report: Report) -> dict[str, dict[str, float]]:
     """A report as Python floats, read with one host transfer.
 
+    Args:
+        report: a :func:`report`'s output.
+
+    Returns:
+        ``{leaf name: {metric: float}}`` with the metrics of :data:`METRICS`.
+
     Example:
         >>> import functorch_reg as fr
         >>> w = {"w": torch.ones(3)}
@@ -211,6 +234,19 @@ def plot(
 
     Returns:
         The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: ``history`` is empty; a name in ``leaves`` is not in the reports.
+        ImportError: matplotlib is not installed.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> w = {"w": torch.ones(3)}
+        >>> history = [fr.diagnostics.report(w, w, w, lr=0.1, weight_decay=0.1)] * 2
+        >>> figure = fr.diagnostics.plot(history, steps=[0, 100], title="one layer")
+        >>> len(figure.axes)  # angular update, weight norm, gradient cosine
+        3
     """
     try:
         from matplotlib.figure import Figure

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -30,7 +31,7 @@ from .tree import Params, flatten, is_float, stack, unstack
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["SweepResult", "ensemble_step", "init_ensemble", "sweep"]
+__all__ = ["SweepPlan", "SweepResult", "ensemble_step", "init_ensemble", "refit", "sweep"]
 
 
 def init_ensemble(
@@ -45,8 +46,26 @@ def init_ensemble(
     :func:`~functorch_reg.distributed.shard_grid` indices) gets the members it has in
     the whole grid.
 
+    Args:
+        model: the architecture; its modules' ``reset_parameters()`` (if any) draw the
+            members' values. ``model`` is deep-copied, never changed.
+        n: the number of members, a positive int.
+        seed: an int; the same seed gives the same members.
+        positions: the members' positions in a larger grid, ``n`` non-negative ints
+            (default ``range(n)``).
+
+    Returns:
+        A dict from the names of ``model.named_parameters()`` to detached tensors of
+        shape ``(n, *param.shape)`` and the parameters' dtypes and devices.
+
+    Raises:
+        ValueError: ``n`` is not a positive int; ``positions`` is not ``n``
+            non-negative ints.
+
     Example:
-        >>> members = init_ensemble(torch.nn.Linear(3, 2), n=4, seed=0)
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> members = fr.init_ensemble(torch.nn.Linear(3, 2), n=4, seed=0)
         >>> members["weight"].shape
         torch.Size([4, 2, 3])
     """
@@ -73,6 +92,154 @@ def init_ensemble(
 
 Strengths = Tensor | Sequence[float] | Mapping[str, Tensor | Sequence[float]]
 Select = Literal["val_loss", "val_accuracy"] | Callable[["SweepResult"], int]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The resolved inputs of one :func:`sweep` that :func:`refit` trains again from.
+
+    Made by :func:`sweep` after its checks, stored as :attr:`SweepResult.plan`. It holds
+    the optimizer (a NamedTuple of closures) and the data, so it does not pickle: a
+    pickled :class:`SweepResult` leaves it behind.
+
+    Attributes:
+        parts: the model, split into trainable, frozen and buffer tensors.
+        loss_fn: the sweep's ``loss_fn``.
+        optimizer: the sweep's functional optimizer.
+        penalties: ``{axis: penalty}`` scaled by the strength axes (``{}`` if none).
+        layout: the flat layout the members train in, or ``None`` (per leaf).
+        randomness: vmap's randomness for dropout.
+        train: the checked training data.
+        val: the checked validation data, or ``None`` (cross-validation).
+        batch_size: the minibatch size for tensor data, or ``None``.
+        seed: the seed of the batch order and of the random draws.
+        device: where the members train.
+        grid: each axis's value per grid point, in the params' dtype on ``device``.
+        initial: every member's initial parameters, stacked (``K * folds`` members,
+            fold-major per grid point).
+        initial_buffers: the members' initial buffers, stacked like ``initial``.
+        folds: members per grid point (1 without cross-validation).
+        steps: the sweep's optimizer steps.
+        compile: whether the sweep compiled its step.
+        folding: how members see their folds, or ``None`` (a ``val`` set).
+        sample_losses: the per-sample loss that fold weights and evaluation use.
+        logits: where accuracy finds the logits, or ``False`` (no accuracy).
+        select: the rule that chooses a member.
+    """
+
+    parts: sweep_step.ModelParts
+    loss_fn: Callable[[Any, Tensor], Tensor]
+    optimizer: Optimizer
+    penalties: Mapping[str, Callable[[Params], Tensor]]
+    layout: FlatParams | None
+    randomness: Randomness
+    train: sweep_data.Data
+    val: sweep_data.Data | None
+    batch_size: int | None
+    seed: int
+    device: torch.device
+    grid: Mapping[str, Tensor]
+    initial: Params
+    initial_buffers: Params
+    folds: int
+    steps: int
+    compile: bool
+    folding: Folding | None
+    sample_losses: Callable[[Any, Tensor], Tensor]
+    logits: Logits | Literal[False]
+    select: Select
+
+
+@dataclass(frozen=True)
+class Folding:
+    """How the members of a cross-validated sweep see their folds.
+
+    Attributes:
+        folds: members per grid point.
+        samples: ``"weighted"`` (the shared batch, held-out rows weighted 0) or
+            ``"gathered"`` (each member its own training fold's rows, for BatchNorm).
+        per_member: the weights or rows per member, ``(K * folds, n)``.
+        held_out: each member's held-out weights, ``(K * folds, n)``.
+    """
+
+    folds: int
+    samples: Literal["weighted", "gathered"]
+    per_member: Tensor
+    held_out: Tensor
+
+
+def refit(
+    plan: SweepPlan,
+    index: int,
+    *,
+    steps: int | None = None,
+    compile: bool | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Train grid point ``index`` of ``plan`` again on all the data, as one model.
+
+    See :meth:`SweepResult.refit`, which calls it with the chosen member. Returns the
+    trained model as ``model.state_dict()`` keys (params, buffers, frozen params).
+    """
+    compile = plan.compile if compile is None else compile
+    data = (
+        plan.train
+        if plan.val is None
+        else sweep_data.concatenated(plan.train, plan.val, plan.batch_size)
+    )
+    start = _packed(plan.layout, stack([unstack(plan.initial)[index * plan.folds]]))
+    one = {axis: values[index : index + 1] for axis, values in plan.grid.items()}
+    refit_step = sweep_step.vmapped_step(
+        plan.parts,
+        plan.loss_fn,
+        plan.optimizer,
+        plan.penalties,
+        flat=plan.layout,
+        randomness=plan.randomness,
+    )
+    steps = steps or plan.steps
+    with sweep_step.seeded(plan.seed, plan.device):
+        trained, buffers, _ = sweep_step.train(
+            torch.compile(refit_step, fullgraph=True) if compile else refit_step,
+            start,
+            optree.tree_map(lambda t: t[:1], plan.initial_buffers),
+            stack([plan.optimizer.init(unstack(start)[0])]),
+            one,
+            _batches(data, plan.batch_size, steps, plan.seed, plan.device, "shared", None),
+            steps,
+            progress=progress,
+            compiling=compile,
+            desc="refit",
+        )
+    params, buffers = (
+        optree.tree_map(lambda t: t[0], t) for t in (_unpacked(plan.layout, trained), buffers)
+    )
+    return plan.parts.state_dict(params, buffers)
+
+
+def _packed(layout: FlatParams | None, members: Params) -> Params:
+    """Stacked members as the trees the step trains: stacked buffers when flat."""
+    if layout is None:
+        return members
+    return stack([layout.pack_like(member) for member in unstack(members)])
+
+
+def _unpacked(layout: FlatParams | None, trained: Params) -> Params:
+    return trained if layout is None else layout.unpack(trained)
+
+
+@dataclass(frozen=True)
+class _MemberStateDict:
+    """``ModelParts.state_dict`` without the module: what a result keeps to name one
+    member's tensors as ``model.state_dict()`` keys (plain tensors and strings, so it
+    pickles)."""
+
+    frozen: dict[str, Tensor]
+    keys: tuple[tuple[str, str], ...]
+
+    def __call__(self, params: Params, buffers: Params) -> dict[str, Tensor]:
+        values = {**self.frozen, **dict(buffers), **dict(params)}
+        return {key: values[name] for key, name in self.keys}
 
 
 @dataclass(frozen=True)
@@ -103,6 +270,22 @@ class SweepResult:
             float rounding of a mean over batches or folds does not settle a tie.
         buffers: each member's buffers after training (BatchNorm running statistics),
             stacked like :attr:`params`; ``{}`` for a model without buffers.
+
+    Losses are means over the samples (as ``loss_fn`` returns them), unregularized;
+    ``best_index``, ``best`` (the chosen grid point), ``best_params``,
+    ``best_state_dict``, ``refit()``, ``table()`` and ``plot()`` read the result.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> X, y = torch.randn(16, 2), torch.randn(16)
+        >>> def mse(out, target):
+        ...     return torch.nn.functional.mse_loss(out.squeeze(-1), target)
+        >>> result = fr.sweep(torch.nn.Linear(2, 1), mse, fr.sgd(lr=0.1), [0.0, 1.0],
+        ...                   train=(X, y), val=(X, y), penalty=fr.penalties.l1, steps=5,
+        ...                   compile=False, progress=False)
+        >>> result.val_loss.shape, result.param_norm.shape, sorted(result.grid)
+        (torch.Size([2]), torch.Size([2]), ['penalty'])
     """
 
     ACCURACY_TIE_TOLERANCE: ClassVar[float] = 1e-6
@@ -120,10 +303,19 @@ class SweepResult:
     select: Select = "val_loss"
     buffers: Params = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
-    _refit: Callable[..., Params] | None = field(default=None, repr=False, compare=False)
+    plan: SweepPlan | None = field(default=None, repr=False, compare=False)
     _state_dict: Callable[[Params, Params], dict[str, Tensor]] | None = field(
         default=None, repr=False, compare=False
     )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (and ``torch.save``, ``copy.deepcopy``) keeps every measured field
+        and drops :attr:`plan`, which holds the optimizer's closures and the data;
+        :meth:`refit` on the copy then says so."""
+        state = dict(self.__dict__)
+        state["_unpickled"] = state["plan"] is not None or state.get("_unpickled", False)
+        state["plan"] = None
+        return state
 
     @property
     def finite(self) -> Tensor:
@@ -163,10 +355,29 @@ class SweepResult:
         return {axis: values[self.best_index].item() for axis, values in self.grid.items()}
 
     @property
-    def best_params(self) -> Params:
-        """Parameters of :attr:`best_index` (with folds: its members, stacked per fold;
-        :meth:`refit` gives one model)."""
+    def best_member_params(self) -> Params:
+        """The trained parameters (weights, not hyperparameters: those are :attr:`best`)
+        of the member :attr:`best_index`, trainable ones only; with folds, its members
+        stacked per fold (:meth:`refit` gives one model). :attr:`best_state_dict` has
+        the whole model."""
         return unstack(self.params)[self.best_index]
+
+    @property
+    def best_params(self) -> Params:
+        """Deprecated alias of :attr:`best_member_params` (the chosen member's trained
+        weights; scikit-learn's ``best_params_`` are hyperparameters, here :attr:`best`).
+
+        Warns:
+            DeprecationWarning: always; use ``best_member_params``.
+        """
+        warnings.warn(
+            "SweepResult.best_params is deprecated: it holds the chosen member's trained "
+            "weights, not hyperparameters; use best_member_params (or best for the "
+            "chosen hyperparameters, best_state_dict for the whole model)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.best_member_params
 
     @property
     def best_state_dict(self) -> dict[str, Tensor]:
@@ -179,11 +390,11 @@ class SweepResult:
                 :meth:`refit`), or for a result not made by :func:`sweep`.
         """
         if self._state_dict is None:
-            raise ValueError("this SweepResult was not made by fr.sweep; use best_params")
+            raise ValueError("this SweepResult was not made by fr.sweep; use best_member_params")
         if self.fold_val_loss is not None:
             raise ValueError(
                 "with folds, the chosen grid point is one model per fold; refit() trains "
-                "one model on all the data (best_params holds the fold members)"
+                "one model on all the data (best_member_params holds the fold members)"
             )
         index = self.best_index
         params, buffers = (
@@ -204,9 +415,15 @@ class SweepResult:
         dict: its parameters and buffers and the frozen parameters, keyed as
         ``model.state_dict()``: ``model.load_state_dict(result.refit())``.
         """
-        if self._refit is None:
+        if self.plan is None:
+            if self.__dict__.get("_unpickled", False):
+                raise ValueError(
+                    "this SweepResult was unpickled (or copied): refit needs the sweep's "
+                    "inputs (the optimizer's closures and the data do not pickle); call "
+                    "fr.sweep again, or refit before saving and save the returned state dict"
+                )
             raise ValueError("this SweepResult was not made by fr.sweep and cannot refit")
-        return self._refit(self.best_index, steps=steps, compile=compile, progress=progress)
+        return refit(self.plan, self.best_index, steps=steps, compile=compile, progress=progress)
 
     def table(self) -> str:
         """A text table: grid values (3 significant digits), validation loss and accuracy,
@@ -348,18 +565,160 @@ def sweep(
         A :class:`SweepResult`.
 
     Raises:
-        ValueError, TypeError: bad input, before any training.
+        ValueError: before any training: not exactly one of ``penalty`` and
+            ``hyperparameter``; strengths not finite and >= 0; ``steps`` not a positive
+            int; an unknown ``select``, ``init`` or ``randomness``; neither ``val`` nor
+            ``folds``/``cv``, or both; bad ``folds``; data whose ``x`` and ``y`` differ
+            in length.
+        TypeError: before any training: ``train`` or ``val`` is not tensors, a loader
+            or a re-iterable of ``(x, y)`` batches (e.g. a one-shot iterator).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> X = torch.randn(32, 4)
+        >>> y = X @ torch.tensor([1.0, 0.0, 0.0, 0.0])
+        >>> def mse(out, target):
+        ...     return torch.nn.functional.mse_loss(out.squeeze(-1), target)
+        >>> result = fr.sweep(torch.nn.Linear(4, 1), mse, fr.sgd(lr=0.1), [0.0, 0.1, 1.0],
+        ...                   train=(X, y), val=(X, y), penalty=fr.penalties.l2,
+        ...                   steps=50, compile=False, progress=False)
+        >>> result.best_index, result.params["weight"].shape, result.train_loss.shape
+        (0, torch.Size([3, 1, 4]), torch.Size([50, 3]))
     """
+    plan = _plan(
+        model,
+        loss_fn,
+        optimizer,
+        strengths,
+        train=train,
+        val=val,
+        penalty=penalty,
+        hyperparameter=hyperparameter,
+        steps=steps,
+        batch_size=batch_size,
+        folds=folds,
+        cv=cv,
+        select=select,
+        init=init,
+        seed=seed,
+        grid_positions=grid_positions,
+        flat=flat,
+        randomness=randomness,
+        logits=logits,
+        compile=compile,
+    )
+    members, buffers, losses = _run(plan, progress)
+    return _result(plan, members, buffers, losses)
+
+
+def _plan(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    optimizer: Optimizer,
+    strengths: Strengths,
+    *,
+    train: Any,
+    val: Any,
+    penalty: Callable[[Params], Tensor] | Mapping[str, Callable[[Params], Tensor]] | None,
+    hyperparameter: str | None,
+    steps: int,
+    batch_size: int | None,
+    folds: int | None,
+    cv: Any,
+    select: Select,
+    init: Literal["shared", "independent"] | Params,
+    seed: int,
+    grid_positions: Tensor | Sequence[int] | None,
+    flat: bool | Mapping[str, Where],
+    randomness: Randomness,
+    logits: Logits,
+    compile: bool,
+) -> SweepPlan:
+    """:func:`sweep`'s arguments, checked and resolved; nothing is trained, the model is
+    read only (its first batch runs once, in a probe, on a copy of the members)."""
     sweep_step.check_randomness(randomness, "sweep")
     penalties = _penalties(penalty, strengths, optimizer)
     grid = _grid(strengths, optimizer, penalties, hyperparameter)
     count = len(next(iter(grid.values())))
+    _check_steps_and_select(steps, select)
+    train_data, val_data = _sweep_data(train, val, folds, cv, batch_size)
+    parts = sweep_step.model_parts(model, "sweep")
+    device = next(iter(parts.params.values())).device
+    positions = _positions(grid_positions, count)
+    members = _initial_members(parts, init, count, seed, positions)
+    first_member = unstack(members)[0]
+    with sweep_step.seeded(seed, device):
+        probe = sweep_step.probe(
+            parts, loss_fn, first_member, val_data or train_data, device, logits
+        )
+    _check_accuracy(select, probe)
+    layout = None
+    if flat is not False:
+        layout = pack(first_member, None if flat is True else flat)
+        if optimizer.for_flat is not None:
+            # A mask or prox written for leaves, translated to the buffers (or refused).
+            optimizer = optimizer.for_flat(layout)
+
+    _check_hyperparameters(
+        optimizer, first_member if layout is None else layout.buffers, grid, penalties
+    )
+    # In the params' dtype, as torch.optim's Python floats act: a float32 0.05 is not a
+    # float64 model's 0.05.
+    dtype = first_member_dtype(first_member)
+    grid = {axis: values.to(device, dtype) for axis, values in grid.items()}
+    folding, n_folds = None, 1
+    if val_data is None:
+        folding = _folding(parts, probe, train_data, folds, cv, batch_size, count, dtype, device)
+        n_folds = folding.folds
+        members = _repeat_members(members, n_folds)
+    return SweepPlan(
+        parts=parts,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        penalties=penalties,
+        layout=layout,
+        randomness=randomness,
+        train=train_data,
+        val=val_data,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        grid=grid,
+        initial=members,
+        initial_buffers=sweep_step.stacked(parts.buffers, count * n_folds),
+        folds=n_folds,
+        steps=steps,
+        compile=compile,
+        folding=folding,
+        sample_losses=probe.sample_losses,
+        logits=logits if probe.classification else False,
+        select=select,
+    )
+
+
+def _check_steps_and_select(steps: Any, select: Any) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"sweep: steps must be a positive int, got {steps!r}")
     if select not in ("val_loss", "val_accuracy") and not callable(select):
         raise ValueError(
             f"sweep: select must be 'val_loss', 'val_accuracy' or a callable, got {select!r}"
         )
+
+
+def _check_accuracy(select: Select, probe: sweep_step.Probe) -> None:
+    if select == "val_accuracy" and not probe.classification:
+        raise ValueError(
+            "sweep: select='val_accuracy' needs a classification problem (integer targets "
+            "and logits of shape (batch, classes); say where they are with logits=); use "
+            "'val_loss' or a callable"
+        )
+
+
+def _sweep_data(
+    train: Any, val: Any, folds: int | None, cv: Any, batch_size: Any
+) -> tuple[sweep_data.Data, sweep_data.Data | None]:
+    """``train`` and ``val`` checked, and the choice between ``val`` and folds."""
     train_data = sweep_data.as_data(train, "train")
     cross_validate = folds is not None or cv is not None
     if folds is not None and cv is not None:
@@ -372,111 +731,103 @@ def sweep(
         raise ValueError("sweep: folds=/cv= need train as a pair of tensors (folds are positions)")
     val_data = None if val is None else sweep_data.as_data(val, "val", check_all=True)
     _check_batch_size(batch_size, train_data)
-    parts = sweep_step.model_parts(model, "sweep")
-    device = next(iter(parts.params.values())).device
-    positions = _positions(grid_positions, count)
-    members = _initial_members(parts, init, count, seed, positions)
-    first_member = unstack(members)[0]
-    with sweep_step.seeded(seed, device):
-        probe = sweep_step.probe(
-            parts, loss_fn, first_member, val_data or train_data, device, logits
-        )
-    if select == "val_accuracy" and not probe.classification:
-        raise ValueError(
-            "sweep: select='val_accuracy' needs a classification problem (integer targets "
-            "and logits of shape (batch, classes); say where they are with logits=); use "
-            "'val_loss' or a callable"
-        )
-    layout = None
-    if flat is not False:
-        layout = pack(first_member, None if flat is True else flat)
-        if optimizer.for_flat is not None:
-            # A mask or prox written for leaves, translated to the buffers (or refused).
-            optimizer = optimizer.for_flat(layout)
+    return train_data, val_data
 
-    def packed(members: Params) -> Params:
-        """Stacked members as the trees the step trains: stacked buffers when flat."""
-        if layout is None:
-            return members
-        return stack([layout.pack_like(member) for member in unstack(members)])
 
-    def unpacked(trained: Params) -> Params:
-        return trained if layout is None else layout.unpack(trained)
+def _folding(
+    parts: sweep_step.ModelParts,
+    probe: sweep_step.Probe,
+    train_data: sweep_data.Data,
+    folds: int | None,
+    cv: Any,
+    batch_size: int | None,
+    count: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Folding:
+    """How each of the ``count * folds`` members sees its training fold."""
+    assert train_data.tensors is not None
+    train_mask, held_mask = sweep_data.fold_masks(len(train_data.tensors[0]), folds, cv)
+    n_folds = len(train_mask)
+    held_out = held_mask.to(device, dtype).repeat(count, 1)
+    mixing = parts.batch_norms_in_training()
+    samples: Literal["weighted", "gathered"]
+    if mixing or probe.updates_buffers:
+        # Batch statistics would mix a held-out fold into its member: each member
+        # trains on the rows of its own training fold instead.
+        samples = "gathered"
+        per_member = _fold_rows(train_mask, mixing, batch_size).repeat(count, 1)
+    else:
+        samples = "weighted"
+        per_member = train_mask.to(device, dtype).repeat(count, 1)
+    return Folding(n_folds, samples, per_member, held_out)
 
-    _check_hyperparameters(
-        optimizer, first_member if layout is None else layout.buffers, grid, penalties
+
+def _run(plan: SweepPlan, progress: bool) -> tuple[Params, Params, list[Tensor]]:
+    """Train every member of ``plan``: the per-leaf members, their buffers, the losses."""
+    count = len(next(iter(plan.grid.values())))
+    folding = plan.folding
+    samples: Literal["shared", "weighted", "gathered"] = (
+        "shared" if folding is None else folding.samples
     )
-    # In the params' dtype, as torch.optim's Python floats act: a float32 0.05 is not a
-    # float64 model's 0.05.
-    dtype = first_member_dtype(first_member)
-    grid = {axis: values.to(device, dtype) for axis, values in grid.items()}
-
-    n_folds, samples, per_member, held_out = 1, "shared", None, None
-    if cross_validate:
-        assert train_data.tensors is not None
-        train_mask, held_mask = sweep_data.fold_masks(len(train_data.tensors[0]), folds, cv)
-        n_folds = len(train_mask)
-        held_out = held_mask.to(device, dtype).repeat(count, 1)
-        mixing = parts.batch_norms_in_training()
-        if mixing or probe.updates_buffers:
-            # Batch statistics would mix a held-out fold into its member: each member
-            # trains on the rows of its own training fold instead.
-            samples = "gathered"
-            per_member = _fold_rows(train_mask, mixing, batch_size).repeat(count, 1)
-        else:
-            samples = "weighted"
-            per_member = train_mask.to(device, dtype).repeat(count, 1)
-        members = _repeat_members(members, n_folds)
-    member_grid = {axis: values.repeat_interleave(n_folds) for axis, values in grid.items()}
-    trained = packed(members)
-    states = stack([optimizer.init(member) for member in unstack(trained)])
-    initial, initial_buffers = members, sweep_step.stacked(parts.buffers, count * n_folds)
+    per_member = None if folding is None else folding.per_member
+    member_grid = {axis: values.repeat_interleave(plan.folds) for axis, values in plan.grid.items()}
+    trained = _packed(plan.layout, plan.initial)
+    states = stack([plan.optimizer.init(member) for member in unstack(trained)])
     step = sweep_step.vmapped_step(
-        parts,
-        loss_fn,
-        optimizer,
-        penalties,
-        samples=samples,  # type: ignore[arg-type]
-        sample_losses=probe.sample_losses,
-        flat=layout,
-        randomness=randomness,
+        plan.parts,
+        plan.loss_fn,
+        plan.optimizer,
+        plan.penalties,
+        samples=samples,
+        sample_losses=plan.sample_losses,
+        flat=plan.layout,
+        randomness=plan.randomness,
     )
-    if compile:
+    if plan.compile:
         step = torch.compile(step, fullgraph=True)
-    with sweep_step.seeded(seed, device):
+    batches = _batches(
+        plan.train, plan.batch_size, plan.steps, plan.seed, plan.device, samples, per_member
+    )
+    with sweep_step.seeded(plan.seed, plan.device):
         trained, buffers, losses = sweep_step.train(
             step,
             trained,
-            initial_buffers,
+            plan.initial_buffers,
             states,
             member_grid,
-            _batches(train_data, batch_size, steps, seed, device, samples, per_member),
-            steps,
+            batches,
+            plan.steps,
             progress=progress,
-            compiling=compile,
-            desc=f"sweep over {count} x {n_folds} members"
-            if cross_validate
+            compiling=plan.compile,
+            desc=f"sweep over {count} x {plan.folds} members"
+            if folding is not None
             else f"sweep over {count} members",
         )
-    members = unpacked(trained)
-    logits_at = logits if probe.classification else False
+    return _unpacked(plan.layout, trained), buffers, losses
+
+
+def _result(plan: SweepPlan, members: Params, buffers: Params, losses: list[Tensor]) -> SweepResult:
+    """Evaluate the trained members and gather what :func:`sweep` returns."""
+    count, n_folds = len(next(iter(plan.grid.values()))), plan.folds
+    folding = plan.folding
     with torch.no_grad():
-        if cross_validate:
-            assert train_data.tensors is not None and held_out is not None
+        if folding is not None:
+            assert plan.train.tensors is not None
             loss, accuracy = sweep_step.evaluate_folds(
-                parts,
-                probe.sample_losses,
+                plan.parts,
+                plan.sample_losses,
                 members,
                 buffers,
-                train_data.tensors,
-                held_out,
-                device,
-                logits_at,
+                plan.train.tensors,
+                folding.held_out,
+                plan.device,
+                plan.logits,
             )
         else:
-            assert val_data is not None
+            assert plan.val is not None
             loss, accuracy = sweep_step.evaluate(
-                parts, loss_fn, members, buffers, val_data, device, logits_at
+                plan.parts, plan.loss_fn, members, buffers, plan.val, plan.device, plan.logits
             )
         leaves = [leaf.reshape(len(leaf), -1) for leaf in flatten(members)[0] if is_float(leaf)]
         entries = torch.cat(leaves, dim=1)
@@ -486,43 +837,12 @@ def sweep(
     def fold_view(tree: Any) -> Any:
         return optree.tree_map(lambda t: t.reshape(count, n_folds, *t.shape[1:]), tree)
 
-    def refit(
-        index: int, *, steps: int | None, compile: bool | None, progress: bool
-    ) -> dict[str, Tensor]:
-        compile = compile_sweep if compile is None else compile
-        data = (
-            train_data
-            if val_data is None
-            else sweep_data.concatenated(train_data, val_data, batch_size)
-        )
-        start = packed(stack([unstack(initial)[index * n_folds]]))
-        one = {axis: values[index : index + 1] for axis, values in grid.items()}
-        refit_step = sweep_step.vmapped_step(
-            parts, loss_fn, optimizer, penalties, flat=layout, randomness=randomness
-        )
-        steps = steps or sweep_steps
-        with sweep_step.seeded(seed, device):
-            trained, buffers, _ = sweep_step.train(
-                torch.compile(refit_step, fullgraph=True) if compile else refit_step,
-                start,
-                optree.tree_map(lambda t: t[:1], initial_buffers),
-                stack([optimizer.init(unstack(start)[0])]),
-                one,
-                _batches(data, batch_size, steps, seed, device, "shared", None),
-                steps,
-                progress=progress,
-                compiling=compile,
-                desc="refit",
-            )
-        params, buffers = (optree.tree_map(lambda t: t[0], t) for t in (unpacked(trained), buffers))
-        return parts.state_dict(params, buffers)
-
-    sweep_steps, compile_sweep = steps, compile
+    cross_validate = folding is not None
     train_loss = torch.stack(losses).cpu()
     return SweepResult(
-        strengths=next(iter(grid.values())).cpu(),
+        strengths=next(iter(plan.grid.values())).cpu(),
         params=fold_view(members) if cross_validate else members,
-        train_loss=train_loss.view(steps, count, n_folds) if cross_validate else train_loss,
+        train_loss=train_loss.view(plan.steps, count, n_folds) if cross_validate else train_loss,
         val_loss=loss.view(count, n_folds).mean(1).cpu(),
         val_accuracy=None if accuracy is None else accuracy.view(count, n_folds).mean(1).cpu(),
         sparsity=sparsity.cpu(),
@@ -531,12 +851,12 @@ def sweep(
         fold_val_accuracy=(
             accuracy.view(count, n_folds).cpu() if cross_validate and accuracy is not None else None
         ),
-        grid={axis: values.cpu() for axis, values in grid.items()},
-        select=select,
+        grid={axis: values.cpu() for axis, values in plan.grid.items()},
+        select=plan.select,
         buffers=fold_view(buffers) if cross_validate else buffers,
-        labels=_layer_labels(parts.module),
-        _refit=refit,
-        _state_dict=parts.state_dict,
+        labels=_layer_labels(plan.parts.module),
+        plan=plan,
+        _state_dict=_MemberStateDict(plan.parts.frozen, plan.parts.keys),
     )
 
 
@@ -585,9 +905,31 @@ def ensemble_step(
         randomness: vmap's ``"different"`` (each member its own dropout masks),
             ``"same"`` or ``"error"``.
 
+    Returns:
+        ``step(members, states, strengths, x, y, buffers=None)``: ``strengths`` of shape
+        ``(K,)`` (absolute, the multiplier of ``penalty`` or the hyperparameter's
+        value); ``x``, ``y`` one batch shared by the members; ``losses`` of shape
+        ``(K,)``, each the mean over the batch as ``loss_fn`` returns it.
+
     Raises:
-        ValueError: bad arguments; at a call, buffers missing for a model with
+        ValueError: not exactly one of ``penalty`` and ``hyperparameter``;
+            ``hyperparameter`` is not a scalar hyperparameter of ``optimizer``;
+            ``randomness`` is not ``"different"``, ``"same"`` or ``"error"``; ``flat``
+            holds frozen parameters; at a call, buffers missing for a model with
             BatchNorm in train mode (naming the modules).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> net, opt = torch.nn.Linear(3, 1), fr.sgd(lr=0.1)
+        >>> step = fr.ensemble_step(net, torch.nn.functional.mse_loss, opt,
+        ...                         penalty=fr.penalties.l2)
+        >>> members = fr.init_ensemble(net, n=2)
+        >>> states = fr.stack([opt.init(m) for m in fr.unstack(members)])
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> members, states, losses = step(members, states, torch.tensor([0.0, 1.0]), x, y)
+        >>> losses.shape, members["weight"].shape
+        (torch.Size([2]), torch.Size([2, 1, 3]))
     """
     _check_strength_target(optimizer, penalty, hyperparameter)
     sweep_step.check_randomness(randomness, "ensemble_step")

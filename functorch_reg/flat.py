@@ -45,7 +45,22 @@ for the 16-byte vector loads Inductor emits and for matmul operands)."""
 
 @dataclass(frozen=True)
 class LeafSlot:
-    """Where one leaf lives: its group, its first element in the group's buffer, its shape."""
+    """Where one leaf lives: its group, its first element in the group's buffer, its shape.
+
+    Attributes:
+        name: the leaf's dotted name (as :func:`functorch_reg.leaf_names` gives).
+        group: the name of the buffer holding it.
+        offset: the index of its first element in that 1-D buffer (in elements, not
+            bytes; a multiple of ``ALIGNMENT`` bytes).
+        shape: the leaf's shape; it occupies ``numel`` elements from ``offset``.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> flat = fr.flat.pack({"b": torch.zeros(2), "w": torch.ones(2, 3)})
+        >>> flat.slots["w"]
+        LeafSlot(name='w', group='float32', offset=16, shape=torch.Size([2, 3]))
+    """
 
     name: str
     group: str
@@ -60,13 +75,29 @@ class LeafSlot:
 class FlatParams:
     """Leaves of a parameter tree packed into one contiguous 1-D buffer per group.
 
-    Made by :func:`pack`. Attributes:
+    Made by :func:`pack`; methods ``unpack(buffers)`` (leaf views of buffers of this
+    layout, also batched ``[K, n]`` ones), ``pack_like(tree)`` (new buffers from a tree
+    of leaves, e.g. gradients) and ``leaves_of(group)``.
 
-    * ``buffers``: ``group name -> 1-D tensor``, what the optimizers step.
-    * ``params``: ``leaf name -> tensor``, each floating leaf a view into ``buffers``
-      (an in-place step is visible through it), and each non-floating leaf the
-      original tensor; pass it to ``torch.func.functional_call``.
-    * ``slots``: ``leaf name -> LeafSlot``, the layout.
+    Attributes:
+        buffers: ``group name -> 1-D tensor`` of shape ``(n,)``, the group's leaves
+            flattened in order, each start padded to ``ALIGNMENT`` bytes with zeros;
+            one dtype and device per group. This is what the optimizers step.
+        params: ``leaf name -> tensor``, each floating leaf a view of its original
+            shape into ``buffers`` (an in-place step is visible through it), and each
+            non-floating leaf the original tensor; pass it to
+            ``torch.func.functional_call``.
+        slots: ``leaf name -> LeafSlot``, the layout.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> flat = fr.flat.pack({"w": torch.ones(2, 3), "b": torch.zeros(2)})
+        >>> flat
+        FlatParams(float32: 2 leaves, 32 elements torch.float32)
+        >>> flat.unpack(flat.pack_like({"w": torch.full((2, 3), 2.0), "b": torch.ones(2)}))["w"]
+        tensor([[2., 2., 2.],
+                [2., 2., 2.]])
     """
 
     def __init__(
@@ -265,10 +296,32 @@ def leafwise(
 
     Results equal the per-leaf prox on the same leaves.
 
+    Args:
+        flat: the layout the buffers have (from :func:`pack`).
+        prox: a prox of :mod:`functorch_reg.prox` (or any
+            ``prox(leaves, threshold, **kwargs) -> leaves`` on a pytree keyed by leaf name).
+        **kwargs: passed to ``prox`` on every call (e.g. ``dim=0``, ``where=``).
+
+    Returns:
+        ``prox(buffers, threshold) -> buffers``: ``buffers`` a dict of the group
+        buffers (shapes ``(n,)`` as in ``flat.buffers``); ``threshold`` as the wrapped
+        prox takes it (absolute, ``lr * strength`` per step), or a tensor shaped like
+        the single buffer given (split into the leaves' per-coordinate thresholds).
+
     Raises:
         ValueError: a key names no group of ``flat``, or its buffer is not laid out
             like that group (another ``FlatParams``).
         TypeError: given a bare tensor rather than ``{group name: buffer}``.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> params = {"w": torch.tensor([[3.0, 4.0], [0.1, 0.1]]), "b": torch.tensor([1.0, -2.0])}
+        >>> flat = fr.flat.pack(params)
+        >>> prox = fr.flat.leafwise(flat, fr.prox.group_lasso, where=fr.select.weights())
+        >>> flat.unpack(prox(flat.buffers, 1.0))["w"]  # the bias is left alone
+        tensor([[2.1515, 2.8686],
+                [0.0000, 0.0000]])
     """
     label = f"leafwise({getattr(prox, '__name__', prox)})"
 

@@ -56,17 +56,29 @@ def input_gradient_norm(loss_of_input: Callable[[Tensor], Tensor], x: Tensor) ->
     w.r.t. anything ``loss_of_input`` closes over (the parameters, inside
     ``torch.func.grad``).
 
+    The penalty of double backpropagation (Drucker & LeCun, "Improving generalization
+    performance using double backpropagation", IEEE TNN 1992); WGAN-GP (Gulrajani et
+    al., 2017) penalizes the per-sample norm instead.
+
     Args:
         loss_of_input: maps ``x`` to a 0-d loss, typically
             ``lambda x: loss_fn(functional_call(model, params, (x,)), y)``.
-        x: the input, a floating-point tensor.
+        x: the input, a floating-point tensor of any shape (batch included).
 
     Returns:
-        A 0-d tensor in ``x``'s dtype.
+        A 0-d tensor in ``x``'s dtype, absolute (a sum over every entry of ``x``, not
+        per sample), at unit strength.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor.
+        ValueError: ``loss_of_input`` does not return a 0-d tensor.
 
     Example:
+        >>> import torch
+        >>> import functorch_reg as fr
         >>> w = torch.tensor([1.0, 2.0, 2.0])
-        >>> input_gradient_norm(lambda x: (x @ w).sum(), torch.ones(4, 3))  # 4 * ||w||^2
+        >>> loss_of_input = lambda x: (x @ w).sum()
+        >>> fr.function_space.input_gradient_norm(loss_of_input, torch.ones(4, 3))  # 4 ||w||^2
         tensor(36.)
     """
     _check_input("input_gradient_norm", x)
@@ -116,6 +128,10 @@ def jacobian_frobenius(
     but keeps no activations for a backward pass. Both are differentiable w.r.t. what
     ``fn`` closes over.
 
+    Hutchinson's trace estimator (Hutchinson, 1989) applied to :math:`J^T J`, as in the
+    Jacobian regularizer of Hoffman, Roberts & Yaida, "Robust Learning with Jacobian
+    Regularization" (2019), which uses the vjp form.
+
     Args:
         fn: maps ``x`` to a floating-point tensor, typically
             ``lambda x: functional_call(model, params, (x,))``.
@@ -130,14 +146,25 @@ def jacobian_frobenius(
             ``None`` under ``torch.compile``, which cannot trace a generator.
 
     Returns:
-        A 0-d tensor.
+        A 0-d tensor in ``x``'s dtype: the sum over the batch (absolute, not per
+        sample), at unit strength.
+
+    Raises:
+        ValueError: ``mode`` is not ``"vjp"`` or ``"jvp"``; ``projections`` is an int
+            below 1, or a tensor of the wrong shape or with no vector, or is a tensor
+            given with a ``generator``.
+        TypeError: ``x`` is not a floating-point tensor; ``projections`` is neither an
+            int nor a tensor; with ``mode="jvp"``, ``fn`` returns a non-floating tensor
+            (with ``"vjp"``, ``torch.func.vjp`` raises its own ``RuntimeError``).
 
     Example:
+        >>> import torch
+        >>> import functorch_reg as fr
         >>> x = torch.zeros(4)
         >>> basis = 2.0 * torch.eye(4)  # orthonormal, scaled by sqrt(4): exact
-        >>> jacobian_frobenius(lambda x: 3 * x, x, basis)  # J = 3 I, ||J||_F^2 = 9 * 4
+        >>> fr.function_space.jacobian_frobenius(lambda x: 3 * x, x, basis)  # 9 * 4
         tensor(36.)
-        >>> estimate = jacobian_frobenius(
+        >>> estimate = fr.function_space.jacobian_frobenius(
         ...     torch.tanh, x, 1000, generator=torch.Generator().manual_seed(0)
         ... )
         >>> abs(estimate.item() - 4.0) < 0.5  # J = I, std sqrt(2 * 4 / 1000) = 0.09
@@ -203,8 +230,22 @@ def jacobian_frobenius_exact(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tenso
     backward pass per output entry and memory ``fn(x).numel() * x.numel()``, so it
     suits small inputs, tests and checking the estimator.
 
+    Args:
+        fn: maps ``x`` to a floating-point tensor of any shape.
+        x: the input, a floating-point tensor of any shape (batch included).
+
+    Returns:
+        A 0-d tensor in the output's dtype, the sum over the batch, at unit strength.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor, or ``fn`` returns a
+            non-floating one.
+
     Example:
-        >>> jacobian_frobenius_exact(lambda x: x.sum().expand(2), torch.zeros(3))  # 2 * 3 ones
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.function_space.jacobian_frobenius_exact(lambda x: x.sum().expand(2),
+        ...                                            torch.zeros(3))  # 2 * 3 ones
         tensor(6.)
     """
     _check_input("jacobian_frobenius_exact", x)
@@ -238,6 +279,14 @@ class SpectralNormState(NamedTuple):
             vector of length ``shape[0]``: its left singular vector estimate. A flat dict
             of tensors holds no ``None``, so the state can be the auxiliary output of
             ``torch.func.grad(..., has_aux=True)``, be vmapped, stacked and saved.
+            Each vector has the matrix's dtype and device, shape ``(shape[0],)``.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> state = fr.function_space.init_spectral_norm({"w": torch.ones(3, 2)})
+        >>> state.u["w"].shape
+        torch.Size([3])
     """
 
     u: dict[str, Tensor]
@@ -257,6 +306,21 @@ def init_spectral_norm(
         params: the parameter pytree.
         where: which leaves to penalize (see :mod:`functorch_reg.select`).
         generator: the random generator for the vectors (on the params' device).
+
+    Returns:
+        A :class:`SpectralNormState`, one vector of shape ``(shape[0],)`` per matrix,
+        in its dtype and on its device.
+
+    Raises:
+        ValueError: a selected leaf has fewer than 2 dims; no floating matrix is
+            selected; ``where`` is a glob that matches no leaf.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> params = {"0.weight": torch.ones(4, 3), "0.bias": torch.zeros(4)}
+        >>> list(fr.function_space.init_spectral_norm(params).u)  # biases are skipped
+        ['0.weight']
     """
     leaves, spec = flatten(params)
     chosen = selected(params, weights() if where is None else where)
@@ -307,14 +371,28 @@ def spectral_norm(
         state: from :func:`init_spectral_norm` or a previous call; not modified.
         n_power_iterations: iterations to run, at least 1.
 
+    The spectral norm regularization of Yoshida & Miyato, "Spectral Norm Regularization
+    for Improving the Generalizability of Deep Learning" (2017), with their 1/2 and
+    square left out; the power iteration is that of Miyato et al. (ICLR 2018) and
+    ``torch.nn.utils.parametrizations.spectral_norm``.
+
     Returns:
         ``(penalty, new_state)``: a 0-d tensor in the promoted dtype of the matrices,
         and the updated vectors.
 
+    Raises:
+        TypeError: ``n_power_iterations`` is not an int; ``state`` is not a
+            :class:`SpectralNormState`.
+        ValueError: ``n_power_iterations`` is below 1; ``state`` holds no vector, or
+            one for a leaf that ``params`` lack or of another length or dtype.
+
     Example:
+        >>> import torch
+        >>> import functorch_reg as fr
         >>> params = {"w": torch.diag(torch.tensor([3.0, 1.0])), "b": torch.zeros(2)}
-        >>> state = init_spectral_norm(params, generator=torch.Generator().manual_seed(0))
-        >>> penalty, state = spectral_norm(params, state, n_power_iterations=20)
+        >>> state = fr.function_space.init_spectral_norm(
+        ...     params, generator=torch.Generator().manual_seed(0))
+        >>> penalty, state = fr.function_space.spectral_norm(params, state, n_power_iterations=20)
         >>> round(penalty.item(), 4), list(state.u)
         (3.0, ['w'])
     """

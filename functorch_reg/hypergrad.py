@@ -51,6 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from . import _plot
+from ._linear_solve import cg, norm, normal_cg
 from .optim import Optimizer, adam
 from .tree import Params, flatten, is_float, spec_names
 
@@ -62,7 +63,7 @@ __all__ = ["TuneHistory", "TuneResult", "implicit", "tune", "unrolled"]
 Leaves = tuple[Tensor, ...]
 TrainLoss = Callable[[Params, Tensor], Tensor]
 ValLoss = Callable[[Params], Tensor]
-Solver = Literal["cg", "normal_cg"]
+Solver = Literal["cg", "normal_cg"] | Callable[[Callable[[Leaves], Leaves], Leaves], Leaves]
 
 
 _P = ParamSpec("_P")
@@ -145,7 +146,15 @@ def implicit(
         strengths: floating 0-d tensor or vector.
         prox: a proximal operator ``prox(params, threshold) -> params``.
         step_size: :math:`\eta` of the proximal-gradient map; required with ``prox``.
-        solver: ``"cg"`` or ``"normal_cg"``.
+        solver: ``"cg"``, ``"normal_cg"``, or a callable ``solve(matvec, b) -> x`` that
+            solves :math:`M^\top u = v` given ``matvec(x) -> M^T x`` on a tuple of leaves
+            shaped like the float params and ``b = v`` (the gradient of ``val_loss``); here
+            :math:`M^\top` is :math:`H + \text{damping}\, I` without a prox (symmetric) and
+            :math:`(1 + \text{damping}) I - \partial_w T^\top` with one (not symmetric in
+            general, and not restricted to the support); ``maxiter`` does not apply to it,
+            ``tol`` only sets when the residual warning fires. For example
+            ``functools.partial(cg, maxiter=50, tol=1e-8)`` with ``cg`` from
+            ``functorch_reg._linear_solve``, or a wrapper that counts products.
         maxiter: iterations of the solver (matrix-vector products).
         tol: relative residual at which the solver stops.
         damping: added to the Hessian (``H + damping * I``), for non-convex losses;
@@ -238,6 +247,12 @@ def unrolled(
         ``(hypergradient, trained_params)``; the hypergradient is shaped like
         ``strengths``, and ``trained_params`` are detached.
 
+    Raises:
+        TypeError: ``strengths`` is not a floating tensor; ``optimizer`` is not a
+            functorch_reg ``Optimizer`` (e.g. a ``torch.optim`` one).
+        ValueError: ``strengths`` or a params leaf is not finite; ``steps`` is not a
+            positive int.
+
     Example:
         >>> from functorch_reg import sgd
         >>> w0 = torch.zeros(2, dtype=torch.float64)
@@ -288,6 +303,17 @@ class TuneResult:
         strengths: the final strengths.
         train_steps: training steps run in all (optimizer steps on the parameters).
         history: per-round record, see :class:`TuneHistory`.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> def train(w, lam):
+        ...     return (w - 1).square().sum() + lam * w.square().sum()
+        >>> result = fr.hypergrad.tune(train, lambda w: (w - 1).square().sum(),
+        ...                            torch.zeros(2), torch.tensor(1.0), fr.sgd(lr=0.1),
+        ...                            rounds=3, steps_per_round=2, progress=False)
+        >>> result.train_steps, result.history.val_loss.shape
+        (6, torch.Size([4]))
     """
 
     params: Params
@@ -375,6 +401,15 @@ def tune(
     Returns:
         A :class:`TuneResult` with the trained parameters, the final strengths and the
         history to plot.
+
+    Raises:
+        TypeError: ``strengths`` is not a floating tensor; ``optimizer`` is not a
+            functorch_reg ``Optimizer``.
+        ValueError: before training, ``strengths`` not positive and finite, a params
+            leaf not finite, ``rounds`` or ``steps_per_round`` not a positive int, an
+            unknown ``method``, ``hyper_lr`` not positive and finite; at the first
+            implicit hypergradient (after the first round's training steps),
+            ``maxiter`` not a positive int or ``damping`` negative.
 
     Example:
         Noise-free targets: less regularization is better, and the strength falls.
@@ -645,105 +680,6 @@ def _check_positive_int(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"hypergrad.{owner}: {name} must be a positive int, got {value!r}")
 
 
-def _dot(a: Leaves, b: Leaves) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
-
-
-def _norm(a: Leaves) -> Tensor:
-    return _dot(a, a).sqrt()
-
-
-def _combine(a: Leaves, scale: Tensor, b: Leaves) -> Leaves:
-    """``a + scale * b``."""
-    return tuple(x + scale * y for x, y in zip(a, b, strict=True))
-
-
-def _select(keep: Tensor, old: Leaves, new: Leaves) -> Leaves:
-    return tuple(torch.where(keep, x, y) for x, y in zip(old, new, strict=True))
-
-
-def _conjugate_gradients(
-    matvec: Callable[[Leaves], Leaves],
-    rhs: Leaves,
-    maxiter: int,
-    tolerance: float,
-    report: dict[str, float] | None = None,
-) -> Leaves:
-    """CG for a symmetric positive (semi-)definite ``matvec``, at most ``maxiter`` products.
-
-    It stops when the residual reaches ``tolerance`` relative to ``rhs``, or at
-    non-positive curvature ``p.Ap`` (an indefinite matrix), and returns the iterate with
-    the smallest recursive residual (not the last: that residual is not monotone). Under
-    ``torch.compile`` the loop runs all ``maxiter`` iterations and stopping freezes the
-    state with ``torch.where`` (no data-dependent exit); eager mode leaves the loop
-    instead, with the same iterates, and records in ``report`` (when given) the
-    iteration and value of a non-positive curvature that stopped it.
-    """
-    if not torch.compiler.is_compiling():
-        return _conjugate_gradients_eager(matvec, rhs, maxiter, tolerance, report)
-    x = tuple(torch.zeros_like(b) for b in rhs)
-    residual = rhs
-    direction = rhs
-    squared = _dot(rhs, rhs)
-    threshold = tolerance**2 * squared
-    done = squared <= threshold
-    best, best_squared = x, squared
-    for _ in range(maxiter):
-        product = matvec(direction)
-        curvature = _dot(direction, product)
-        breakdown = ~(curvature > 0)
-        done = done | breakdown
-        alpha = torch.where(breakdown, torch.zeros_like(curvature), squared / curvature)
-        x = _select(done, x, _combine(x, alpha, direction))
-        new_residual = _combine(residual, -alpha, product)
-        new_squared = _dot(new_residual, new_residual)
-        beta = new_squared / torch.where(done, torch.ones_like(squared), squared)
-        residual = _select(done, residual, new_residual)
-        direction = _select(done, direction, _combine(new_residual, beta, direction))
-        squared = torch.where(done, squared, new_squared)
-        improved = squared < best_squared
-        best = _select(improved, x, best)
-        best_squared = torch.where(improved, squared, best_squared)
-        done = done | (squared <= threshold)
-    return best
-
-
-def _conjugate_gradients_eager(
-    matvec: Callable[[Leaves], Leaves],
-    rhs: Leaves,
-    maxiter: int,
-    tolerance: float,
-    report: dict[str, float] | None = None,
-) -> Leaves:
-    """:func:`_conjugate_gradients` with early exits and foreach updates, no masking."""
-    x = tuple(torch.zeros_like(b) for b in rhs)
-    squared = float(_dot(rhs, rhs))
-    threshold = tolerance**2 * squared
-    best, best_squared = x, squared
-    if squared <= threshold:
-        return x
-    residual, direction = rhs, rhs
-    for iteration in range(maxiter):
-        product = matvec(direction)
-        curvature = float(_dot(direction, product))
-        if not curvature > 0:
-            if report is not None:
-                report.update(iteration=iteration, curvature=curvature)
-            break
-        alpha = squared / curvature
-        x = tuple(torch._foreach_add(list(x), list(direction), alpha=alpha))
-        residual = tuple(torch._foreach_add(list(residual), list(product), alpha=-alpha))
-        new_squared = float(_dot(residual, residual))
-        if new_squared < best_squared:
-            best, best_squared = x, new_squared
-        if new_squared <= threshold:
-            break
-        beta = new_squared / squared
-        direction = tuple(torch._foreach_add(list(residual), list(direction), alpha=beta))
-        squared = new_squared
-    return best
-
-
 @_math_attention
 def _implicit(
     train_loss: TrainLoss,
@@ -763,8 +699,11 @@ def _implicit(
 ) -> tuple[Tensor, Tensor]:
     """The hypergradient and the relative residual of the linear solve."""
     _check_strengths("implicit", strengths)
-    if solver not in ("cg", "normal_cg"):
-        raise ValueError(f"hypergrad.implicit: solver must be 'cg' or 'normal_cg', got {solver!r}")
+    if not callable(solver) and solver not in ("cg", "normal_cg"):
+        raise ValueError(
+            "hypergrad.implicit: solver must be 'cg', 'normal_cg' or a callable "
+            f"solve(matvec, b) -> x, got {solver!r}"
+        )
     _check_positive_int("implicit", "maxiter", maxiter)
     if not (math.isfinite(tol) and tol >= 0):
         raise ValueError(f"hypergrad.implicit: tol must be finite and >= 0, got {tol!r}")
@@ -794,7 +733,7 @@ def _implicit(
         gradient, gradient_vjp = vjp(  # type: ignore[misc]  # typed as if has_aux
             lambda floats, lam: _train_grad(train_loss, split, floats, lam), w, strengths
         )
-        stationarity = _norm(gradient)
+        stationarity = norm(gradient)
 
         def transpose_matvec(x: Leaves) -> Leaves:  # H^T x = H x
             product = gradient_vjp(x)[0]
@@ -817,7 +756,7 @@ def _implicit(
             return split.float_leaves(prox(split.tree(moved), eta * lam))
 
         image, map_vjp = vjp(fixed_point_map, w, strengths)  # type: ignore[misc]
-        stationarity = _norm(tuple(t - x for t, x in zip(image, w, strict=True))) / eta
+        stationarity = norm(tuple(t - x for t, x in zip(image, w, strict=True))) / eta
 
         def transpose_matvec(x: Leaves) -> Leaves:  # (I - dT)^T x
             product = map_vjp(x)[0]
@@ -847,18 +786,25 @@ def _implicit(
 
         system, rhs = restricted, tuple(m * v for m, v in zip(mask, val_grad, strict=True))
     report: dict[str, float] = {}
-    if solver == "normal_cg":
-        u = _conjugate_gradients(
-            lambda x: matvec(transpose_matvec(x)), matvec(val_grad), maxiter, tolerance, report
+    if callable(solver):
+        u = tuple(solver(system, rhs))
+    elif solver == "normal_cg":  # M M^T u = M v
+        u = normal_cg(
+            transpose_matvec,
+            val_grad,
+            rmatvec=matvec,
+            maxiter=maxiter,
+            tol=tolerance,
+            report=report,
         )
     else:
-        u = _conjugate_gradients(system, rhs, maxiter, tolerance, report)
+        u = cg(system, rhs, maxiter=maxiter, tol=tolerance, report=report)
     hypergradient = strength_vjp(u)
     mismatch = tuple(a - b for a, b in zip(system(u), rhs, strict=True))
-    residual = _norm(mismatch) / _norm(rhs).clamp_min(torch.finfo(w[0].dtype).tiny)
+    residual = norm(mismatch) / norm(rhs).clamp_min(torch.finfo(w[0].dtype).tiny)
     # A NaN in the solve stops CG at its first step with the zero iterate: say NaN.
     broken = not torch.compiler.is_compiling() and not (
-        math.isfinite(report.get("curvature", 0.0)) and bool(_norm(rhs).isfinite())
+        math.isfinite(report.get("curvature", 0.0)) and bool(norm(rhs).isfinite())
     )
     if broken:
         hypergradient = torch.full_like(hypergradient, math.nan)
@@ -895,8 +841,8 @@ def _implicit(
             )
         elif not float(residual) <= tolerance:
             warnings.warn(
-                f"hypergrad.implicit: {solver} did not converge in maxiter={maxiter} "
-                f"iterations: relative residual {float(residual):.3g} > {tolerance:.3g}",
+                f"hypergrad.implicit: {_did_not_converge(solver, maxiter)}: relative "
+                f"residual {float(residual):.3g} > {tolerance:.3g}",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -908,6 +854,12 @@ def _implicit(
                 stacklevel=3,
             )
     return hypergradient.detach(), residual.detach()
+
+
+def _did_not_converge(solver: Solver, maxiter: int) -> str:
+    if callable(solver):
+        return f"the solver {getattr(solver, '__name__', type(solver).__name__)} did not converge"
+    return f"{solver} did not converge in maxiter={maxiter} iterations"
 
 
 def _identity_support(
@@ -936,8 +888,8 @@ def _identity_support(
     )
     image = jvp(prox_floats, (moved,), (probe,))[1]
     expected = tuple(m * p for m, p in zip(mask, probe, strict=True))
-    gap = _norm(tuple(a - b for a, b in zip(image, expected, strict=True)))
-    if not torch.compiler.is_compiling() and float(gap) > 1e-6 * float(_norm(probe)):
+    gap = norm(tuple(a - b for a, b in zip(image, expected, strict=True)))
+    if not torch.compiler.is_compiling() and float(gap) > 1e-6 * float(norm(probe)):
         raise ValueError(
             "hypergrad.implicit: this prox's Jacobian is not 0/1 on its support (as "
             "group_lasso's or l2's is not), so I - dT is not symmetric and solver='cg' "

@@ -64,10 +64,11 @@ def split_module(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]
 
     Example:
         >>> import torch
+        >>> import functorch_reg as fr
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
         >>> net[0].weight.requires_grad_(False)  # doctest: +ELLIPSIS
         Parameter containing:...
-        >>> params, consts = split_module(net)
+        >>> params, consts = fr.split_module(net)
         >>> sorted(params), sorted(consts)  # doctest: +NORMALIZE_WHITESPACE
         (['0.bias', '1.bias', '1.weight'],
          ['0.weight', '1.num_batches_tracked', '1.running_mean', '1.running_var'])

@@ -39,6 +39,32 @@ def lambda_grid(
     ``alpha_max = max_j |x_j^T y| / (n_samples * l1_ratio)`` (on centered data when
     ``fit_intercept``) is the smallest strength at which every coefficient is zero;
     the grid is ``n`` log-spaced values from ``alpha_max`` down to ``eps * alpha_max``.
+    As ``sklearn.linear_model._coordinate_descent._alpha_grid`` (used by ``lasso_path``,
+    ``LassoCV`` and ``ElasticNetCV``); a 2-D ``y`` (multi-task) takes the row norms of
+    :math:`X^T y`, as ``MultiTaskLasso`` does.
+
+    Args:
+        X: features, shape ``(n_samples, n_features)``, floating.
+        y: targets, shape ``(n_samples,)`` (or ``(n_samples, n_tasks)``), same dtype.
+        n: the number of strengths.
+        eps: the smallest strength relative to ``alpha_max``.
+        l1_ratio: scikit-learn's ``l1_ratio`` :math:`r`, in ``(0, 1]``.
+        fit_intercept: center ``X`` and ``y`` first.
+
+    Returns:
+        A tensor of shape ``(n,)`` and ``X``'s dtype, decreasing; the strengths are
+        absolute, per sample (the loss is the mean squared error over 2).
+
+    Raises:
+        ValueError: ``l1_ratio`` is not in ``(0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+        >>> y = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+        >>> fr.lambda_grid(X, y, n=3, eps=1e-2)
+        tensor([0.6667, 0.0667, 0.0067], dtype=torch.float64)
     """
     if not 0 < l1_ratio <= 1:
         raise ValueError(f"lambda_grid: l1_ratio must be in (0, 1], got {l1_ratio}")
@@ -52,7 +78,21 @@ def lambda_grid(
 
 @dataclass(frozen=True)
 class LinearPath:
-    """Coefficients of a linear model along a grid of strengths.
+    """Coefficients of a linear model along a grid of strengths, from :func:`linear_path`.
+
+    ``best_index`` and ``best_strength`` (the lowest mean held-out error, scikit-learn's
+    ``LassoCV.alpha_``) raise ``ValueError`` without ``folds``; ``plot()`` draws the
+    path.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> X = torch.randn(30, 3, dtype=torch.float64)
+        >>> y = X @ torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+        >>> strengths = torch.tensor([1.0, 0.01], dtype=torch.float64)
+        >>> path = fr.linear_path(X, y, strengths, folds=3, steps=200, compile=False)
+        >>> path.coef.shape, path.best_strength
+        (torch.Size([2, 3]), 0.01)
 
     Attributes:
         strengths: shape ``(K,)``.
@@ -113,9 +153,12 @@ def linear_path(
     the same vmapped step as the full path, giving ``LassoCV``'s ``mse_path_``.
 
     Args:
-        X: features, shape ``(n, d)``.
-        y: targets, shape ``(n,)``.
-        strengths: defaults to :func:`lambda_grid` (on all of ``X``, as ``LassoCV``).
+        X: features, shape ``(n, d)``, floating (float64 for a tight match with
+            scikit-learn).
+        y: targets, shape ``(n,)``, ``X``'s dtype.
+        strengths: :math:`\alpha`, shape ``(K,)``, finite and >= 0, absolute (per
+            sample, as scikit-learn's ``alpha``); defaults to :func:`lambda_grid` (on
+            all of ``X``, as ``LassoCV``).
         l1_ratio: ``r``, 1 for the lasso.
         steps: proximal gradient steps (the error falls linearly, at a rate set by the
             conditioning of ``X``).
@@ -124,9 +167,21 @@ def linear_path(
         compile: compile the vmapped step.
         progress: show a progress bar.
 
+    Returns:
+        A :class:`LinearPath`.
+
+    Raises:
+        ValueError: ``X`` is not ``(n, d)`` or ``y`` not ``(n,)``; ``strengths`` is not
+            a non-empty 1-D tensor of finite values >= 0; ``folds`` is not an int >= 2
+            or is more than ``n``; ``l1_ratio`` is outside ``[0, 1]`` (or ``(0, 1]``
+            without ``strengths``).
+
     Example:
+        >>> import torch
+        >>> import functorch_reg as fr
         >>> X, y = torch.randn(30, 3, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
-        >>> path = linear_path(X, y, torch.tensor([1.0, 0.1]), folds=3, steps=50, compile=False)
+        >>> path = fr.linear_path(X, y, torch.tensor([1.0, 0.1]), folds=3, steps=50,
+        ...                       compile=False)
         >>> path.mse_path.shape
         torch.Size([2, 3])
     """

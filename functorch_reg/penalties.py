@@ -229,8 +229,32 @@ def l2_sp(params: Params, reference: Params, *, where: Where = None) -> Tensor:
     ``where=``, hold at least the leaves ``where`` selects (matched by leaf name, as
     the optimizers' ``decay_to`` is): leaves that ``where`` excludes need no reference.
 
+    The L2-SP regularizer of Li, Grandvalet & Davoine, "Explicit inductive bias for
+    transfer learning with convolutional networks" (ICML 2018), without their 1/2 and
+    without their separate L2 term on new layers (add :func:`l2` with ``where=`` for that).
+
+    Args:
+        params: a pytree of tensors, e.g. the ``params`` of ``fr.split_module(model)``.
+        reference: a pytree of tensors with the same leaf names and shapes (e.g. a copy
+            of the pretrained params, detached); dtypes are promoted with ``params``'.
+        where: which leaves (a ``where=`` selection, see :mod:`functorch_reg.select`);
+            default all floating leaves.
+
+    Returns:
+        A 0-d tensor in the promoted dtype of the selected leaves, at unit strength
+        (multiply by :math:`\lambda` yourself).
+
     Raises:
-        ValueError: a selected leaf has no reference, or one of another shape.
+        ValueError: a selected leaf has no reference, or one of another shape;
+            ``where`` is a glob that matches no leaf, or no floating-point leaf is
+            selected.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> params = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([5.0])}
+        >>> fr.penalties.l2_sp(params, {"w": torch.tensor([1.0, 0.0])}, where="w")
+        tensor(4.)
     """
     if where is None:
         check_structure(params, reference, other_name="reference")
@@ -267,6 +291,29 @@ def orthogonal(params: Params, *, where: Where = None) -> Tensor:
     channels by the rest), and the Gram matrix is taken on its smaller side. By
     default (``where=None``) it applies to every leaf with ``ndim >= 2``; selecting a
     leaf with fewer dims is an error.
+
+    The soft orthogonality (SO) regularizer of Bansal, Chen & Wang, "Can We Gain More
+    from Orthogonality Regularizations in Training Deep CNNs?" (NeurIPS 2018), also
+    Brock et al. (ICLR 2017), summed over leaves.
+
+    Args:
+        params: a pytree of tensors, e.g. the ``params`` of ``fr.split_module(model)``.
+        where: which leaves (a ``where=`` selection, see :mod:`functorch_reg.select`);
+            default :func:`functorch_reg.select.weights` (leaves with ``ndim >= 2``).
+
+    Returns:
+        A 0-d tensor in the promoted dtype of the selected leaves, at unit strength.
+
+    Raises:
+        ValueError: a selected leaf has fewer than 2 dims; ``where`` is a glob that
+            matches no leaf, or no floating-point leaf is selected.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> params = {"w": torch.tensor([[1.0, 0.0], [0.0, 2.0]]), "b": torch.ones(2)}
+        >>> fr.penalties.orthogonal(params)  # (2^2 - 1)^2, the bias is skipped
+        tensor(9.)
     """
     return _total("orthogonal", params, weights() if where is None else where, _orthogonal_leaf)
 

@@ -45,13 +45,54 @@ __all__ = ["elastic_net", "group_lasso", "l1", "l2", "soft_threshold"]
 
 
 def soft_threshold(x: Tensor, threshold: Scalar) -> Tensor:
-    r""":math:`\operatorname{sign}(x) \max(|x| - t, 0)` on one tensor."""
+    r"""Soft-thresholding :math:`\operatorname{sign}(x) \max(|x| - t, 0)` on one tensor.
+
+    The prox of :math:`t |x|` entry by entry (Donoho & Johnstone, 1994; Parikh & Boyd,
+    *Proximal Algorithms*, 2014, sec. 6.5.2). Unlike :func:`l1` it takes one tensor,
+    not a pytree, and does not check ``threshold`` (it is the building block).
+
+    Args:
+        x: a floating tensor of any shape.
+        threshold: :math:`t \ge 0`, absolute: a float or a tensor that broadcasts to
+            ``x``.
+
+    Returns:
+        A tensor of ``x``'s shape and dtype.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.prox.soft_threshold(torch.tensor([3.0, -0.5, -2.0]), 1.0)
+        tensor([ 2., -0., -1.])
+    """
     return x.sign() * (x.abs() - threshold).clamp_min(0)
 
 
 def l1(params: Params, threshold: Scalar, *, where: Where = None) -> Params:
     r"""Soft-thresholding, the prox of :math:`t \sum_i |x_i|`: entries with
     :math:`|v_i| \le t` become exactly zero.
+
+    :math:`x_i = \operatorname{sign}(v_i) \max(|v_i| - t_i, 0)` (Parikh & Boyd,
+    *Proximal Algorithms*, 2014, sec. 6.5.2; the ISTA step of Beck & Teboulle, 2009).
+    The matching penalty is :func:`functorch_reg.penalties.l1`.
+
+    Args:
+        params: a pytree of tensors (any shapes, floating dtypes), e.g. ``params - lr *
+            grads`` after a gradient step.
+        threshold: :math:`t = \text{lr} \cdot \lambda`, absolute, per step: a
+            non-negative float, a 0-d tensor (batched under ``vmap``), or a floating
+            tensor that broadcasts to every selected leaf (per-coordinate thresholds).
+        where: which leaves (a ``where=`` selection, see :mod:`functorch_reg.select`);
+            default all floating leaves, biases included. Others are returned as is.
+
+    Returns:
+        A pytree with the structure, shapes and dtypes of ``params``.
+
+    Raises:
+        ValueError: ``threshold`` is negative or not finite (a float, or a CPU tensor),
+            or a per-coordinate one does not broadcast to a selected leaf;
+            ``where`` is a glob that matches no floating-point leaf.
+        TypeError: a per-coordinate ``threshold`` is not floating point.
 
     Example:
         >>> import functorch_reg as fr
@@ -66,7 +107,36 @@ def l1(params: Params, threshold: Scalar, *, where: Where = None) -> Params:
 
 
 def l2(params: Params, threshold: Scalar, *, where: Where = None) -> Params:
-    r"""Shrinkage :math:`v / (1 + 2t)`, the prox of :math:`t \sum_i x_i^2`."""
+    r"""Shrinkage :math:`v / (1 + 2t)`, the prox of :math:`t \sum_i x_i^2`.
+
+    The factor is 2 because :func:`functorch_reg.penalties.l2` has no 1/2 (Parikh &
+    Boyd, *Proximal Algorithms*, 2014, sec. 6.1.1, with :math:`\lambda = 2t`). It never
+    gives zeros.
+
+    Args:
+        params: a pytree of tensors (any shapes, floating dtypes), e.g. ``params - lr *
+            grads`` after a gradient step.
+        threshold: :math:`t = \text{lr} \cdot \lambda`, absolute, per step: a
+            non-negative float, a 0-d tensor (batched under ``vmap``), or a floating
+            tensor that broadcasts to every selected leaf (per-coordinate thresholds).
+        where: which leaves (a ``where=`` selection, see :mod:`functorch_reg.select`);
+            default all floating leaves, biases included. Others are returned as is.
+
+    Returns:
+        A pytree with the structure, shapes and dtypes of ``params``.
+
+    Raises:
+        ValueError: ``threshold`` is negative or not finite (a float, or a CPU tensor),
+            or a per-coordinate one does not broadcast to a selected leaf;
+            ``where`` is a glob that matches no floating-point leaf.
+        TypeError: a per-coordinate ``threshold`` is not floating point.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.prox.l2({"w": torch.tensor([3.0, -1.5])}, 1.0)["w"]  # v / 3
+        tensor([ 1.0000, -0.5000])
+    """
     _check_threshold("l2", threshold)
     return _map_selected(params, where, lambda v: v / (1 + 2 * threshold), threshold)
 
@@ -75,7 +145,39 @@ def elastic_net(
     params: Params, threshold: Scalar, l1_ratio: float = 0.5, *, where: Where = None
 ) -> Params:
     r""":math:`\operatorname{soft}(v, t r) / (1 + t (1 - r))`, the prox of
-    :math:`t \left(r \sum_i |x_i| + \frac{1 - r}{2} \sum_i x_i^2\right)`, ``r = l1_ratio``."""
+    :math:`t \left(r \sum_i |x_i| + \frac{1 - r}{2} \sum_i x_i^2\right)`, ``r = l1_ratio``.
+
+    The penalty is :func:`functorch_reg.penalties.elastic_net` (scikit-learn's
+    parametrization; Zou & Hastie, 2005); the prox is soft-thresholding followed by
+    shrinkage (Parikh & Boyd, *Proximal Algorithms*, 2014, sec. 6.5.3).
+    ``l1_ratio=1`` is :func:`l1`.
+
+    Args:
+        params: a pytree of tensors (any shapes, floating dtypes), e.g. ``params - lr *
+            grads`` after a gradient step.
+        threshold: :math:`t = \text{lr} \cdot \lambda`, absolute, per step: a
+            non-negative float, a 0-d tensor (batched under ``vmap``), or a floating
+            tensor that broadcasts to every selected leaf (per-coordinate thresholds).
+        l1_ratio: :math:`r`, a float in ``[0, 1]``.
+        where: which leaves (a ``where=`` selection, see :mod:`functorch_reg.select`);
+            default all floating leaves, biases included. Others are returned as is.
+
+    Returns:
+        A pytree with the structure, shapes and dtypes of ``params``.
+
+    Raises:
+        ValueError: ``threshold`` is negative or not finite (a float, or a CPU tensor),
+            ``l1_ratio`` is outside ``[0, 1]``,
+            or a per-coordinate one does not broadcast to a selected leaf;
+            ``where`` is a glob that matches no floating-point leaf.
+        TypeError: a per-coordinate ``threshold`` is not floating point.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.prox.elastic_net({"w": torch.tensor([3.0, 0.2])}, 1.0, l1_ratio=0.5)["w"]
+        tensor([1.6667, 0.0000])
+    """
     _check_threshold("elastic_net", threshold)
     check_scalars("prox.elastic_net", {"l1_ratio": l1_ratio}, {"l1_ratio": UNIT})
     return _map_selected(
@@ -91,7 +193,13 @@ def group_lasso(
 ) -> Params:
     r"""Block soft-thresholding :math:`v_g \max(0, 1 - t \sqrt{|g|} / \|v_g\|_2)`, the prox
     of :math:`t \sum_g \sqrt{|g|}\, \|x_g\|_2`; groups are slices along ``dim`` as in
-    :func:`functorch_reg.penalties.group_lasso`. Whole groups become exactly zero.
+    :func:`functorch_reg.penalties.group_lasso`. Whole groups become exactly zero
+    (Parikh & Boyd, *Proximal Algorithms*, 2014, sec. 6.5.4; Yuan & Lin, 2006).
+
+    A 1-D leaf (a bias) has groups of one entry along ``dim=0``: its prox is plain
+    soft-thresholding, :func:`l1`'s. With ``where=None`` biases are included; pass
+    ``where=fr.select.weights()`` to leave them alone, or ``dim=None`` to make each
+    leaf one group.
 
     With a per-coordinate threshold :math:`t_i` (a tensor shaped like the leaf, e.g.
     ``lr * lam / D`` from an optimizer's diagonal metric :math:`D`), the prox
@@ -106,6 +214,27 @@ def group_lasso(
     iterates rise monotonically to the root (one step when :math:`t` is constant on the
     group, where the result equals the closed form). No data-dependent control flow:
     it compiles and vmaps.
+
+    Args:
+        params: a pytree of tensors (any shapes, floating dtypes), e.g. ``params - lr *
+            grads`` after a gradient step.
+        threshold: :math:`t = \text{lr} \cdot \lambda`, absolute, per step: a
+            non-negative float, a 0-d tensor (batched under ``vmap``), or a floating
+            tensor that broadcasts to every selected leaf (per-coordinate thresholds).
+        dim: the dim whose slices are the groups (negative counts from the end), or
+            ``None`` for one group per leaf.
+        where: which leaves (a ``where=`` selection, see :mod:`functorch_reg.select`);
+            default all floating leaves, biases included. Others are returned as is.
+
+    Returns:
+        A pytree with the structure, shapes and dtypes of ``params``.
+
+    Raises:
+        ValueError: ``threshold`` is negative or not finite (a float, or a CPU tensor),
+            or a per-coordinate one does not broadcast to a selected leaf;
+            a selected leaf has no dim ``dim`` (e.g. a 0-d leaf with ``dim=0``);
+            ``where`` is a glob that matches no floating-point leaf.
+        TypeError: a per-coordinate ``threshold`` is not floating point.
 
     Example:
         >>> import functorch_reg as fr

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from .tree import Params, PyTree, check_structure, flatten, is_float, spec_names
 
 Predicate: TypeAlias = Callable[[str, Tensor], bool]
+"""A function ``(name, leaf) -> bool`` of a leaf's dotted name (as in
+``model.named_parameters()``) and the tensor, for ``where=`` and ``mask=``."""
 Where: TypeAlias = str | Sequence[str] | Predicate | PyTree | None
 """The forms ``where=`` (and an optimizer's ``mask=``) accepts."""
 
@@ -54,7 +56,18 @@ _TRANSFORMERS_NO_DECAY = tuple(
 def weights() -> Predicate:
     """Leaves with ``ndim >= 2``: matrices and kernels, not biases or norm scales.
 
-    The usual "no weight decay on biases and LayerNorm" rule.
+    The usual "no weight decay on biases and LayerNorm" rule (e.g. nanoGPT's
+    ``configure_optimizers``, timm's ``param_groups_weight_decay`` without its name list).
+
+    Returns:
+        A :data:`Predicate`.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> params = {"0.weight": torch.ones(2, 3), "0.bias": torch.ones(2)}
+        >>> fr.select.mask(params, fr.select.weights())
+        {'0.weight': True, '0.bias': False}
     """
 
     def is_weight(name: str, leaf: Tensor) -> bool:
@@ -64,7 +77,18 @@ def weights() -> Predicate:
 
 
 def biases() -> Predicate:
-    """Leaves whose last name component is ``bias``."""
+    """Leaves whose last name component is ``bias``.
+
+    Returns:
+        A :data:`Predicate`.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> params = {"0.weight": torch.ones(2, 3), "0.bias": torch.ones(2)}
+        >>> fr.select.mask(params, fr.select.biases())
+        {'0.weight': False, '0.bias': True}
+    """
 
     def is_bias(name: str, leaf: Tensor) -> bool:
         return name.rsplit(".", 1)[-1] == "bias"
@@ -73,7 +97,18 @@ def biases() -> Predicate:
 
 
 def all() -> Predicate:
-    """Every floating-point leaf (the same as ``where=None``)."""
+    """Every floating-point leaf (the same as ``where=None``).
+
+    Returns:
+        A :data:`Predicate`.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> params = {"w": torch.ones(2), "steps": torch.zeros((), dtype=torch.int64)}
+        >>> fr.select.mask(params, fr.select.all())
+        {'w': True, 'steps': False}
+    """
 
     def any_leaf(name: str, leaf: Tensor) -> bool:
         return True
@@ -196,10 +231,26 @@ def _named_selection(model: nn.Module, decayed: set[str], preset: str) -> Predic
 def mask(params: Params, where: Where = None) -> PyTree:
     """The selection as a pytree of bools with the structure of ``params``.
 
+    Args:
+        params: a pytree of tensors (any shapes and dtypes), e.g. the ``params`` of
+            ``fr.split_module(model)``.
+        where: a selection: ``None``, a glob or list of globs on dotted leaf names, a
+            :data:`Predicate`, or a pytree of bools (see the module docstring).
+
+    Returns:
+        A pytree of Python bools with the structure of ``params``; non-floating leaves
+        are ``False``.
+
+    Raises:
+        ValueError: a glob matches no floating-point leaf; a bool pytree does not have
+            the structure of ``params``, or selects a non-floating leaf.
+        TypeError: a leaf of a pytree ``where`` is not a bool.
+
     Example:
         >>> import torch
+        >>> import functorch_reg as fr
         >>> params = {"0.weight": torch.ones(2, 3), "0.bias": torch.ones(2)}
-        >>> mask(params, weights())
+        >>> fr.select.mask(params, "*.weight")
         {'0.weight': True, '0.bias': False}
     """
     _leaves, spec = flatten(params)

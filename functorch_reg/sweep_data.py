@@ -40,6 +40,13 @@ class Data:
         resume: the check's own iterator and the batches it read, which the first
             :meth:`epoch` continues, so that checking consumes nothing (empty once used,
             or when the check read the whole pass).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> data = fr.sweep_data.as_data([(torch.zeros(2, 3), torch.zeros(2))] * 2, "train")
+        >>> sum(len(x) for x, y in data.epoch(torch.device("cpu")))  # samples in a pass
+        4
     """
 
     tensors: Batch | None
@@ -114,8 +121,26 @@ def as_data(data: Any, name: str, *, check_all: bool = False) -> Data:
     DataLoader over a map-style Dataset) is probed for a second pass, and one that
     yields nothing (an IterableDataset over a stream) is refused before training.
 
+    Args:
+        data: ``(x, y)`` tensors with the same leading (sample) length ``n`` (``x`` of
+            shape ``(n, ...)``, ``y`` of shape ``(n, ...)``, any dtypes), a
+            ``DataLoader``, or a re-iterable of such ``(x, y)`` batches.
+        name: the argument's name, used in error messages (``"train"``, ``"val"``).
+        check_all: check every batch now, not just the first.
+
+    Returns:
+        A :class:`Data`.
+
+    Raises:
+        TypeError: ``data`` is not one of these forms (e.g. a bare tensor, a dict), is a
+            one-shot iterator, or a batch is not an ``(x, y)`` pair of tensors.
+        ValueError: ``x`` and ``y`` differ in leading length or hold no samples; the
+            iterable yields no batches.
+
     Example:
-        >>> data = as_data((torch.zeros(4, 2), torch.zeros(4)), "train")
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> data = fr.sweep_data.as_data((torch.zeros(4, 2), torch.zeros(4)), "train")
         >>> data.tensors[0].shape
         torch.Size([4, 2])
     """
@@ -183,6 +208,31 @@ def training_batches(
     ``seed`` (the last partial batch dropped, so shapes stay static); ``indices`` are the
     samples' positions, which fold masks need. Batches: the iterable re-iterated per
     epoch until ``steps`` batches have been yielded; ``indices`` is ``None``.
+
+    Args:
+        data: checked data, from :func:`as_data`.
+        batch_size: samples per minibatch for tensor data, or ``None`` for the full
+            batch each step (ignored for batch iterables).
+        steps: the number of batches (optimizer steps) to yield.
+        seed: the seed of the shuffling (an int).
+        device: where the batches are moved.
+
+    Returns:
+        An iterator of ``steps`` pairs ``((x, y), indices)``, ``indices`` an int64
+        tensor of shape ``(batch_size,)`` (tensor data) or ``None``.
+
+    Raises:
+        ValueError: a pass over a batch iterable yields nothing (a one-shot iterable).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> data = fr.sweep_data.as_data((torch.zeros(6, 2), torch.zeros(6)), "train")
+        >>> batches = list(fr.sweep_data.training_batches(data, 2, steps=4, seed=0,
+        ...                                               device=torch.device("cpu")))
+        >>> (x, y), index = batches[0]
+        >>> len(batches), x.shape, index.shape
+        (4, torch.Size([2, 2]), torch.Size([2]))
     """
     if data.tensors is not None:
         x, y = (t.to(device) for t in data.tensors)
@@ -224,8 +274,19 @@ def kfold_masks(size: int, folds: int) -> Tensor:
     ``size // folds``. Returns a bool tensor of shape ``(folds, size)``, row ``f`` true
     on fold ``f``'s held-out samples.
 
+    Args:
+        size: the number of samples ``n``.
+        folds: the number of folds, an int in ``[2, n]``.
+
+    Returns:
+        A bool tensor of shape ``(folds, size)``.
+
+    Raises:
+        ValueError: ``folds`` is not an int >= 2, or is more than ``size``.
+
     Example:
-        >>> kfold_masks(5, 2).int()
+        >>> import functorch_reg as fr
+        >>> fr.sweep_data.kfold_masks(5, 2).int()
         tensor([[1, 1, 1, 0, 0],
                 [0, 0, 0, 1, 1]], dtype=torch.int32)
     """
@@ -248,6 +309,26 @@ def fold_masks(size: int, folds: int | None, cv: Any) -> tuple[Tensor, Tensor]:
 
     ``cv`` is a scikit-learn splitter (anything with ``split(X)``) or an iterable of
     ``(train_indices, test_indices)`` pairs; without it, contiguous K folds.
+
+    Args:
+        size: the number of samples ``n``.
+        folds: the number of contiguous folds (used when ``cv`` is ``None``).
+        cv: a scikit-learn splitter, an iterable of index pairs, or ``None``.
+
+    Returns:
+        ``(train_mask, held_out_mask)``, bool tensors of shape ``(n_folds, size)``.
+
+    Raises:
+        ValueError: ``cv`` gives fewer than 2 splits, or indices that are empty, not
+            1-D, or outside ``[0, size)``; without ``cv``, as :func:`kfold_masks`.
+
+    Example:
+        >>> import functorch_reg as fr
+        >>> train, held_out = fr.sweep_data.fold_masks(4, None, [([0, 1], [2, 3]),
+        ...                                                      ([2, 3], [0, 1])])
+        >>> held_out.int()
+        tensor([[0, 0, 1, 1],
+                [1, 1, 0, 0]], dtype=torch.int32)
     """
     if cv is None:
         assert folds is not None
@@ -358,9 +439,24 @@ def _describe(value: Any) -> str:
 def as_strengths(strengths: Tensor | Sequence[float], name: str = "strengths") -> Tensor:
     """``strengths`` as a non-empty 1-d floating tensor of finite, non-negative values.
 
+    Integer values are cast to the default dtype; floating ones keep their dtype.
+
+    Args:
+        strengths: a 1-D tensor or sequence of ``K`` strengths (absolute multipliers of
+            a penalty, or values of a hyperparameter).
+        name: the argument's name, for messages.
+
+    Returns:
+        A floating tensor of shape ``(K,)``.
+
     Raises:
         TypeError: complex strengths (a cast would drop the imaginary part).
         ValueError: not a non-empty 1-d sequence, or a value negative or non-finite.
+
+    Example:
+        >>> import functorch_reg as fr
+        >>> fr.sweep_data.as_strengths([0, 1, 10])
+        tensor([ 0.,  1., 10.])
     """
     strengths = torch.as_tensor(strengths)
     if strengths.is_complex():

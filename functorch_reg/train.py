@@ -67,6 +67,14 @@ class TrainStep:
         mode: the ``torch.compile`` mode.
         consts: whether the step passes the module's constants and buffers through.
         fullgraph: whether the compiled step must be one graph.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> step = fr.train_step(lambda p, x: (p["w"] * x).sum(), fr.sgd(lr=0.1),
+        ...                      compile=False)
+        >>> step.compiled, step.has_aux, step.flat is None
+        (False, False, True)
     """
 
     def __init__(

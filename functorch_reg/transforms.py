@@ -59,15 +59,31 @@ _FINITE = Interval(low=-math.inf)
 
 
 def global_norm(grads: Params, norm_type: float = 2.0) -> Tensor:
-    """The ``norm_type``-norm of all leaves of ``grads`` seen as one vector.
+    r"""The ``norm_type``-norm of all leaves of ``grads`` seen as one vector.
 
     Computed as ``torch.nn.utils.get_total_norm``: the norm of the per-leaf norms.
     DTensor leaves contribute their global norm (a collective: every rank calls this
     and gets the same plain tensor). ``None`` leaves are skipped; with none left the
     norm is ``tensor(0.)``.
 
+    .. math:: \|g\|_p = \Bigl\|\bigl(\|g_1\|_p, \ldots, \|g_L\|_p\bigr)\Bigr\|_p
+
+    Args:
+        grads: a pytree of tensors of any shapes and floating dtypes (or ``None``).
+        norm_type: :math:`p`, a positive float or ``math.inf``.
+
+    Returns:
+        A 0-d tensor, absolute (not per sample or per entry), in the promoted dtype of
+        the leaves, on the first leaf's device.
+
+    Raises:
+        ValueError: ``norm_type`` is not positive.
+        TypeError: ``norm_type`` is not a number, or a leaf is not a tensor or ``None``.
+
     Example:
-        >>> global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0]), "c": None})
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0]), "c": None})
         tensor(5.)
     """
     norm_type = _check_norm_type("global_norm", norm_type)
@@ -129,9 +145,17 @@ class EMAState(NamedTuple):
     """State of :func:`ema`.
 
     Attributes:
-        params: the moving average, a pytree shaped like the params.
+        params: the moving average, a pytree with the structure, shapes, dtypes and
+            devices of the params.
         n_averaged: updates averaged so far, a 0-d int64 tensor (as
             ``AveragedModel.n_averaged``).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> state = fr.ema(0.9).init({"w": torch.ones(2)})
+        >>> state.params["w"], state.n_averaged
+        (tensor([1., 1.]), tensor(0))
     """
 
     params: Params
@@ -148,6 +172,15 @@ class EMA(NamedTuple):
         update_: ``update_(params, state, decay=None) -> None``, the same update
             written into ``state`` in place.
         hyperparams: the construction-time hyperparameters.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> average = fr.ema(0.9)
+        >>> state = average.init({"w": torch.zeros(2)})
+        >>> average.update_({"w": torch.ones(2)}, state)  # in place
+        >>> state.params["w"], state.n_averaged
+        (tensor([1., 1.]), tensor(1))
     """
 
     init: Callable[[Params], EMAState]
@@ -183,11 +216,24 @@ def ema(decay: Scalar = 0.999, *, warmup: bool = False) -> EMA:
     its count.
 
     Args:
-        decay: :math:`\beta` in ``[0, 1]``, a float or a 0-d tensor.
+        decay: :math:`\beta` in ``[0, 1]``, per update (call ``update`` once per
+            optimizer step for the usual per-step decay), a float or a 0-d tensor.
         warmup: cap the decay by :math:`(1 + t) / (10 + t)`.
 
+    Returns:
+        An :class:`EMA` of pure functions ``init``, ``update`` and ``update_``.
+
+    Raises:
+        ValueError: ``decay`` (here or in ``update(decay=)``) is outside ``[0, 1]``;
+            at ``init``, the params hold no floating tensor; at ``update``, the state's
+            leaves differ from the params' in names, shapes, dtype or device.
+        TypeError: ``update`` gets an unknown keyword or a state that is not an
+            :class:`EMAState`.
+
     Example:
-        >>> average = ema(0.5)
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> average = fr.ema(0.5)
         >>> state = average.init({"w": torch.zeros(2)})
         >>> state = average.update({"w": torch.ones(2)}, state)  # the first update copies
         >>> state = average.update({"w": torch.full((2,), 3.0)}, state)
@@ -284,9 +330,25 @@ def accumulate(total: Params | None, grads: Params, *, scale: Scalar = 1.0) -> P
     a ``None`` leaf of ``total`` takes ``scale * g``. With ``scale = 1 / k`` over ``k``
     micro-batches of equal size the sum is the full batch's mean gradient.
 
+    Args:
+        total: the running sum, a pytree like ``grads`` (same leaf names, shapes and
+            dtypes), or ``None`` to start one.
+        grads: one micro-batch's gradients, a pytree of tensors (or ``None`` leaves).
+        scale: a finite float or 0-d tensor multiplying ``grads`` (relative; ``1 / k``
+            for the mean of ``k`` micro-batches).
+
+    Returns:
+        A new pytree with ``grads``' structure; ``total`` is not modified.
+
+    Raises:
+        ValueError: ``scale`` is not finite; ``total``'s leaf names or shapes differ
+            from ``grads``'; a leaf's dtype differs (a sum keeps its dtype).
+
     Example:
-        >>> total = accumulate(None, {"w": torch.tensor([2.0])}, scale=0.5)
-        >>> accumulate(total, {"w": torch.tensor([4.0])}, scale=0.5)
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> total = fr.accumulate(None, {"w": torch.tensor([2.0])}, scale=0.5)
+        >>> fr.accumulate(total, {"w": torch.tensor([4.0])}, scale=0.5)
         {'w': tensor([3.])}
     """
     check_scalars("accumulate", {"scale": scale}, {"scale": _FINITE})
@@ -323,6 +385,25 @@ def accumulate_(total: Params, grads: Params, *, scale: Scalar = 1.0) -> None:
     ``None`` leaf of ``total`` where ``grads`` has a tensor is an error, as are dtype
     (the same rule as :func:`accumulate`) or shape mismatches, an inference or expanded
     total, and two totals that share memory (tied, as ``step_`` refuses).
+
+    Args:
+        total: the running sum, a pytree of writable tensors like ``grads`` (same leaf
+            names, shapes and dtypes).
+        grads: one micro-batch's gradients (``None`` leaves are skipped).
+        scale: a finite float or 0-d tensor multiplying ``grads``.
+
+    Raises:
+        ValueError: ``scale`` is not finite; ``total`` has another structure or shape,
+            a ``None`` where ``grads`` has a tensor, another dtype, overlapping memory
+            (``expand()``), or two leaves sharing memory; an inference-mode total.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> total = {"w": torch.zeros(2)}
+        >>> fr.accumulate_(total, {"w": torch.tensor([2.0, 4.0])}, scale=0.5)
+        >>> total["w"]
+        tensor([1., 2.])
     """
     check_scalars("accumulate_", {"scale": scale}, {"scale": _FINITE})
     grad_leaves, spec = flatten(grads)

@@ -54,8 +54,20 @@ def flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
 def leaf_names(tree: PyTree) -> list[str]:
     """Dotted key paths of the leaves, in flattening order (dict keys sorted, as optree does).
 
+    These are the names ``where=`` globs and predicates see, and the keys of
+    ``fr.state_dict``; for ``fr.split_module(model)`` params they are the names of
+    ``model.named_parameters()``.
+
+    Args:
+        tree: any pytree (dicts, lists, tuples, NamedTuples; ``None`` counts as a leaf).
+
+    Returns:
+        A list of ``str``, one per leaf; list and tuple positions are written as
+        integers.
+
     Example:
-        >>> leaf_names({"encoder": {"weight": 1, "bias": 2}, "head": [3]})
+        >>> import functorch_reg as fr
+        >>> fr.leaf_names({"encoder": {"weight": 1, "bias": 2}, "head": [3]})
         ['encoder.bias', 'encoder.weight', 'head.0']
     """
     return spec_names(optree.tree_structure(tree, none_is_leaf=True))
@@ -162,10 +174,25 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
     """Stack same-structured pytrees leaf by leaf along a new leading dim.
 
     Works for parameters and optimizer states alike; ``None`` leaves stay ``None``.
+    This is the layout of an ensemble (:func:`functorch_reg.init_ensemble`) and of
+    ``torch.func.stack_module_state``: member ``i`` is ``leaf[i]``.
+
+    Args:
+        trees: a non-empty sequence of ``n`` pytrees with the same structure and leaf
+            shapes. Leaf dtypes are promoted as ``torch.stack`` does.
+
+    Returns:
+        One pytree of that structure whose tensor leaves have shape ``(n, *shape)``.
+
+    Raises:
+        ValueError: ``trees`` is empty; a member's structure or a leaf's shape differs
+            from member 0's (the message names the leaf).
 
     Example:
+        >>> import torch
+        >>> import functorch_reg as fr
         >>> members = [{"w": torch.zeros(3)}, {"w": torch.ones(3)}]
-        >>> stack(members)["w"].shape
+        >>> fr.stack(members)["w"].shape
         torch.Size([2, 3])
     """
     if not trees:
@@ -181,7 +208,25 @@ def _stack_leaves(*leaves: Tensor | None) -> Tensor | None:
 
 
 def unstack(stacked: PyTree) -> list[PyTree]:
-    """Split a stacked pytree into its members (the inverse of :func:`stack`)."""
+    """Split a stacked pytree into its members (the inverse of :func:`stack`).
+
+    Args:
+        stacked: a pytree whose tensor leaves all have shape ``(n, ...)`` with the same
+            leading ``n``; ``None`` leaves are allowed.
+
+    Returns:
+        A list of ``n`` pytrees; member ``i``'s leaves are views ``leaf[i]``.
+
+    Raises:
+        ValueError: the tensor leaves do not share one leading dim (or there is no
+            tensor leaf with a dim).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.unstack({"w": torch.tensor([[0.0, 1.0], [2.0, 3.0]])})
+        [{'w': tensor([0., 1.])}, {'w': tensor([2., 3.])}]
+    """
     leaves, spec = flatten(stacked)
     sizes = {leaf.shape[0] for leaf in leaves if isinstance(leaf, Tensor) and leaf.ndim > 0}
     if len(sizes) != 1:

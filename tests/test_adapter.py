@@ -105,6 +105,7 @@ def assert_identical(a, b):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_eager_step_equals_the_functional_step_bit_for_bit():
     """Named params: the mask glob sees the module's names; a leaf frozen for 10 steps."""
     opt = fr.adamw(
@@ -184,6 +185,7 @@ def test_a_scheduler_cycling_betas_drives_the_functional_step():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_with_schedulers_matches_torch_and_compiles_once(device):
     """Warmup then cosine decay to exactly zero, two groups: one graph for the run."""
 
@@ -217,6 +219,7 @@ def test_compiled_with_schedulers_matches_torch_and_compiles_once(device):
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_resume_is_bit_identical_and_matches_torch():
     """SGD with StepLR: a run checkpointed halfway and resumed in a new model,
     optimizer and scheduler equals the uninterrupted run."""
@@ -467,6 +470,7 @@ def two_group_optimizer(model, **kwargs):
     [("lr", float("nan"), "lr=nan"), ("betas", (1.5, 0.9), "beta1=1.5")],
 )
 @pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.slow
 def test_a_bad_hyperparameter_in_a_later_group_changes_no_group(key, value, message, compile):
     model = small_model()
     optimizer = two_group_optimizer(model, compile=compile)

@@ -47,6 +47,7 @@ FUNCTIONAL = {
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONAL))
+@pytest.mark.slow
 def test_flat_equals_per_leaf_and_params_are_views(device, name):
     model, batches = model_and_batches(device)
     flat_model, _ = model_and_batches(device)
@@ -125,6 +126,7 @@ def test_flat_refuses_masks_and_mixed_groups():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_flat_optimizer_is_one_graph_per_run(device):
     from torch._dynamo.testing import CompileCounterWithBackend
 

@@ -56,6 +56,7 @@ def mean(reports, leaf, metric):
         ("sgd", fr.sgd(lr=0.2, weight_decay=0.1, decoupled=True)),
     ],
 )
+@pytest.mark.slow
 def test_equilibrium_angular_update_is_sqrt_2_lr_wd(name, functional):
     reports = steady_state(functional)
     predicted = math.sqrt(2 * 0.02 * 1.0)
@@ -68,6 +69,7 @@ def test_equilibrium_angular_update_is_sqrt_2_lr_wd(name, functional):
     assert reports[0]["0.weight"]["timescale"] == pytest.approx(1 / 0.02)
 
 
+@pytest.mark.slow
 def test_equilibrium_with_momentum_has_the_momentum_factor():
     """With beta1 = 0.9 the angular update is sqrt(2 lr wd (1 - b) / (1 + b)), a quarter
     of sqrt(2 lr wd)."""

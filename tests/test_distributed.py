@@ -169,6 +169,7 @@ def ddp_scenario(rank: int) -> dict[str, Any]:
     )
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process_full_batch(ranks):
     model = make_model()
     expected = train(
@@ -206,6 +207,7 @@ def ddp_flat_scenario(rank: int) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 def test_flat_torch_optimizer_under_ddp_matches_single_process_full_batch(ranks):
     model = make_model()
     optimizer = ddp_flat_optimizer(model, flat=False)

@@ -18,6 +18,7 @@ def python_blocks(page: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
+@pytest.mark.slow
 def test_page_snippets_run_in_order(page: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.chdir(tmp_path)  # a snippet that saves a figure writes here
     # A real module, so that torch.compile (dynamo) can import the functions' module.

@@ -43,6 +43,7 @@ def train_one(model, loss_fn, optimizer, strength, train, batches, penalty=None,
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_vmapped_sweep_equals_members_trained_one_by_one():
     train, val = classification_data()
     model = small_model()
@@ -210,6 +211,7 @@ def test_bad_sweep_input_raises(kwargs, message):
         )
 
 
+@pytest.mark.slow
 def test_plot_draws_and_saves(tmp_path):
     pytest.importorskip("matplotlib")
     train, val = classification_data()
@@ -571,6 +573,7 @@ def test_plot_names_layers_marks_the_choice_and_has_two_legends(tmp_path):
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_kfold_grid_sweep_is_one_compiled_graph_without_recompiles(monkeypatch):
     from torch._dynamo.testing import CompileCounterWithBackend
 

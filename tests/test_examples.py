@@ -33,6 +33,7 @@ def max_gap(run_a, run_b) -> float:
     )
 
 
+@pytest.mark.slow
 def test_sgd_weight_decay_2lam_is_l2_penalty_lam_for_50_steps():
     seed = load("seed_regularization")
     lam = 1e-2
@@ -44,11 +45,13 @@ def test_sgd_weight_decay_2lam_is_l2_penalty_lam_for_50_steps():
     assert max_gap(in_loss, tutorial) > 1e-4
 
 
+@pytest.mark.slow
 def test_seed_example_prints_the_curves():
     out = run_example("seed_regularization", "--steps", "20")
     assert "l1_in_loss" in out and "max |w_l2_in_loss - w_weight_decay|" in out
 
 
+@pytest.mark.slow
 def test_lambda_sweep_example_runs(tmp_path):
     plot = tmp_path / "sweep.png"
     out = run_example(
@@ -58,6 +61,7 @@ def test_lambda_sweep_example_runs(tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_cross_validate_example_runs(tmp_path):
     plot = tmp_path / "cv.png"
     out = run_example(
@@ -70,6 +74,7 @@ def test_cross_validate_example_runs(tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_distributed_sweep_example_runs_on_two_ranks():
     out = run_example(
         "distributed_sweep",
@@ -84,6 +89,7 @@ def test_examples_have_a_docstring_with_the_command(name):
     assert f"python examples/{name}.py" in load(name).__doc__
 
 
+@pytest.mark.slow
 def test_learn_lambda_example_runs(tmp_path):
     plot = tmp_path / "tune.png"
     out = run_example(
@@ -101,6 +107,7 @@ def test_cnn_sweep_example_runs():
     assert "python examples/cnn_sweep.py" in load("cnn_sweep").__doc__
 
 
+@pytest.mark.slow
 def test_decay_diagnostics_example_runs(tmp_path):
     plot = tmp_path / "decay.png"
     out = run_example("decay_diagnostics", "--steps", "40", "--every", "10", "--output", str(plot))

@@ -226,6 +226,7 @@ def test_l2_sp_on_buffers_and_structured_penalties_on_views(device):
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_flat_step_is_one_graph_and_equals_eager(device):
     _params, flat = packed(device)
     _params, eager = packed(device)

@@ -312,6 +312,7 @@ def test_vmap_over_members_and_strengths_equals_a_loop():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_vmapped_step_equals_eager_and_compiles_once(device):
     step, members, states, lams = ensemble(device)
     counter = CompileCounterWithBackend("inductor")

@@ -185,6 +185,7 @@ def group_lasso_problem():
     return train, flat_prox, mse(X_val, y_val), step
 
 
+@pytest.mark.slow
 def test_group_lasso_normal_cg_matches_finite_differences():
     train, prox, val, step = group_lasso_problem()
     lam = torch.tensor(0.15, dtype=F64)
@@ -203,6 +204,7 @@ def test_group_lasso_normal_cg_matches_finite_differences():
         fr.hypergrad.implicit(train, val, w, lam, prox=prox, step_size=step)
 
 
+@pytest.mark.slow
 def test_l1_with_where_and_a_strength_per_leaf_matches_finite_differences():
     X, y, X_val, y_val = regression(n=60, d=8, seed=3, sparse=True)
     n = len(X)
@@ -240,6 +242,7 @@ def test_l1_with_where_and_a_strength_per_leaf_matches_finite_differences():
 # implicit on a small MLP, against finite differences of retrained minimizers
 
 
+@pytest.mark.slow
 def test_mlp_per_layer_l2_matches_finite_differences():
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(30, 3, generator=generator, dtype=F64)
@@ -330,6 +333,7 @@ def run_optimizer(train, params, lam, optimizer, steps):
     ],
     ids=["sgd_momentum", "sgd_nesterov", "adam"],
 )
+@pytest.mark.slow
 def test_unrolled_matches_central_differences(optimizer):
     params, train, val = mlp_problem()
     strengths = torch.tensor([0.02, 0.01], dtype=F64)
@@ -381,6 +385,7 @@ def test_unrolled_adam_with_a_zero_gradient_entry_warns_about_nan():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_implicit_compiles_as_one_graph_and_matches_eager():
     X, y, X_val, y_val = regression(n=12, d=3)
     n, d = X.shape
@@ -415,6 +420,7 @@ def test_implicit_compiles_as_one_graph_and_matches_eager():
 # tune
 
 
+@pytest.mark.slow
 def test_tune_moves_strengths_downhill_and_records_history():
     X, y, X_val, y_val = regression(n=30, d=10, seed=6)
     w0 = torch.zeros(10, dtype=F64)

@@ -75,6 +75,7 @@ def test_a_nan_validation_loss_gives_nan_with_a_warning_not_zero():
     assert torch.isnan(hyper)
 
 
+@pytest.mark.slow
 def test_tune_stops_when_training_diverges_and_keeps_the_last_finite_state():
     # Before: nan_to_num turned non-finite hypergradients into 0 and the run went on,
     # returning non-finite params after the full number of rounds.

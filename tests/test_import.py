@@ -23,6 +23,7 @@ HEAVY = (
 )
 
 
+@pytest.mark.slow
 def test_import_loads_no_heavy_module() -> None:
     # A fresh process: this one has imported them all through other tests.
     code = (

@@ -52,6 +52,7 @@ def trainer(max_steps, tmp_path, **kwargs):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_max_steps_stops_and_a_checkpoint_resumes_the_optimizer_exactly(tmp_path):
     run = trainer(3, tmp_path)
     run.fit(Regressor(), loader())

@@ -12,6 +12,7 @@ def assert_identical(a, b):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_decay_bounds_the_weights_at_every_step_up_to_2000():
     """|w_{t+1}| <= (1 - lr wd) |w_t| + lr, so
     max|w_T| <= 1/wd + (1 - lr wd)^T (max|w_0| - 1/wd)."""

@@ -48,6 +48,7 @@ def test_conv_weights_equal_the_flattened_matrix_computation():
     assert_identical(params["w"].reshape(4, -1), flat["w"])
 
 
+@pytest.mark.slow
 def test_a_cnn_with_batchnorm_and_dropout_trains_with_muon_and_an_adamw_part():
     torch.manual_seed(0)
     model = torch.nn.Sequential(

@@ -191,6 +191,7 @@ def test_mask_keeps_decay_off_the_leaves_it_leaves_out(name):
 
 
 @pytest.mark.parametrize("name", list(RULES))
+@pytest.mark.slow
 def test_train_step_and_a_weight_decay_sweep_run_the_rule(name):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(40, 4, generator=generator)

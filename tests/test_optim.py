@@ -122,6 +122,7 @@ def test_decoupled_sgd_shrinks_weights_before_the_step():
     assert new["w"].item() == pytest.approx(2.0 * (1 - 0.1 * 0.5) - 0.1)
 
 
+@pytest.mark.slow
 def test_proximal_sgd_solves_the_lasso_with_exact_zeros():
     """Full-batch ISTA with fr.sgd(prox=fr.prox.l1) against scikit-learn's coordinate descent."""
     rng = np.random.default_rng(0)
@@ -510,6 +511,7 @@ def test_vmap_over_weight_decay_with_every_decay_option():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_decay_options_compile_once_with_changing_tensor_hyperparameters():
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -895,6 +897,7 @@ RULES = {
     warmup=st.integers(0, 2),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_a_raising_step_in_place_leaves_params_and_state_bit_identical(
     shapes, dtypes, rule, failure, victim, warmup, seed
 ):

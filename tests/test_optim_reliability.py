@@ -235,6 +235,7 @@ def test_pack_and_flat_torch_optimizer_accept_meta_leaves():
 # --- item 17: NumPy scalar hyperparameters ------------------------------------------
 
 
+@pytest.mark.slow
 def test_numpy_scalars_are_floats_on_every_path():
     import numpy as np
 
@@ -302,6 +303,7 @@ def tempered_loss(model):
 
 
 @pytest.mark.parametrize("option", list(FLAT_OPTIONS))
+@pytest.mark.slow
 def test_flat_equals_per_leaf_in_train_step_and_torch_optimizer(option):
     model = Tempered().double()
     x, y = tempered_data()

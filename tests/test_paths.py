@@ -20,6 +20,7 @@ def test_lambda_grid_is_scikit_learns():
     assert half[0].item() == pytest.approx(2 * got[0].item())
 
 
+@pytest.mark.slow
 def test_lasso_path_on_diabetes_matches_scikit_learn():
     """Both solve the same strictly convex problem (X has full column rank), so the
     coefficients agree up to solver accuracy: scikit-learn runs coordinate descent to a
@@ -42,6 +43,7 @@ def test_lasso_path_on_diabetes_matches_scikit_learn():
 
 
 @pytest.mark.parametrize("l1_ratio", [1.0, 0.5])
+@pytest.mark.slow
 def test_cross_validated_path_matches_lasso_cv_and_elastic_net_cv(l1_ratio):
     from sklearn.linear_model import ElasticNetCV
     from sklearn.model_selection import KFold

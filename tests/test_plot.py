@@ -59,6 +59,7 @@ def chosen_star(axis):
     return [line for line in axis.get_lines() if line.get_marker() == "*"]
 
 
+@pytest.mark.slow
 def test_sweep_plot_names_the_axes_logs_a_loss_spanning_decades_and_marks_the_choice():
     result = sweep_result()
     best = result.best_index
@@ -88,6 +89,7 @@ def test_sweep_plot_keeps_a_linear_axis_when_the_loss_spans_less_than_a_decade()
     assert figure.axes[0].get_xlabel() == "prox strength (prox_strength)"
 
 
+@pytest.mark.slow
 def test_cross_validation_plot_shows_the_mean_and_the_fold_range():
     result = sweep_result(folds=5, select="val_accuracy")
     figure = drawn(result.plot())
@@ -110,6 +112,7 @@ def test_cross_validation_plot_shows_the_mean_and_the_fold_range():
     assert figure.get_suptitle().startswith("9 prox_strength values x 5 folds = 45 models")
 
 
+@pytest.mark.slow
 def test_plot_of_a_real_cross_validated_sweep():
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(60, 5, generator=generator), torch.randint(0, 3, (60,), generator=generator)
@@ -134,6 +137,7 @@ def test_plot_of_a_real_cross_validated_sweep():
     assert "Linear 5->4 weight" in names
 
 
+@pytest.mark.slow
 def test_plot_leaves_the_backend_and_pyplot_alone(tmp_path):
     """matplotlib.use("Agg") inside plot() switched a notebook's backend for the process."""
     before = matplotlib.get_backend()
@@ -191,6 +195,7 @@ def test_tune_plot_wants_one_name_per_strength():
         tune_result().plot(names=["a", "b"])
 
 
+@pytest.mark.slow
 def test_linear_path_plot_with_folds_shows_the_error_and_the_choice():
     mse = torch.stack([torch.linspace(1, 30, 9), torch.linspace(2, 40, 9)], dim=1).flip(0)
     result = fr.LinearPath(STRENGTHS, torch.randn(9, 4), torch.zeros(9), mse_path=mse)
@@ -210,6 +215,7 @@ def test_tune_plot_without_matplotlib_says_what_to_install(monkeypatch):
         tune_result().plot()
 
 
+@pytest.mark.slow
 def test_a_grid_of_two_axes_draws_one_line_per_value_of_the_second():
     penalty, lr = (
         torch.tensor([0.01, 0.1, 1.0]).repeat(2),

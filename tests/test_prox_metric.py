@@ -97,6 +97,7 @@ def prox_adam_solution() -> torch.Tensor:
     return train(opt, 800)
 
 
+@pytest.mark.slow
 def test_preconditioned_adam_trained_from_zero_reaches_lasso():
     expected = lasso(ALPHA)
     assert_is_lasso(prox_adam_solution(), expected)
@@ -141,6 +142,7 @@ def test_euclidean_default_is_unchanged_bit_for_bit():
     "momentum, dampening, nesterov",
     [(0.9, 0.0, False), (0.9, 0.0, True), (0.8, 0.5, False)],
 )
+@pytest.mark.slow
 def test_sgd_momentum_with_the_metric_prox_reaches_lasso(momentum, dampening, nesterov):
     """The Euclidean prox solves the problem for (1 - mu) / (1 - tau) * alpha (a tenth at
     mu = 0.9); the metric-correct one for alpha."""
@@ -397,6 +399,7 @@ def test_flat_buffers_with_the_metric_prox_equal_per_leaf(penalty):
     assert (params["layer.weight"] == 0).any()
 
 
+@pytest.mark.slow
 def test_adam_with_the_metric_group_prox_reaches_the_group_lasso_solution():
     """Adam's metric group prox (no closed form) converges to the point that proximal
     gradient descent (ISTA, Euclidean and exact) reaches: the group lasso solution."""

@@ -161,3 +161,14 @@ def test_torch_optimizer_switches_like_the_reference_train_and_eval(flat):
     torch.testing.assert_close(model.state_dict(), reference_model.state_dict())
     with pytest.raises(TypeError, match="TorchOptimizer over fr.schedule_free_adamw"):
         fr.schedule_free_eval_(fr.TorchOptimizer(model.parameters(), fr.adamw()))
+
+
+def test_evaluating_with_beta1_zero_is_refused_with_the_reason():
+    """beta1 = 0 has no evaluation point: a ValueError saying so (it was a
+    ZeroDivisionError, computed before the check)."""
+    opt = fr.schedule_free_adamw(lr=0.1, betas=(0.0, 0.999))
+    params = {"w": torch.ones(3)}
+    state = opt.init(params)
+    params, state = opt.step(params, {"w": torch.ones(3)}, state)
+    with pytest.raises(ValueError, match="beta1 = 0 has no evaluation point"):
+        fr.schedule_free_eval(opt, params, state)

@@ -50,6 +50,7 @@ def tiny(kind: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "t5"])
+@pytest.mark.slow
 def test_transformers_decay_is_the_trainers_decay_set(kind):
     model = tiny(kind)
     expected = trainer_decay_names(model)

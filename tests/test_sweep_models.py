@@ -88,6 +88,7 @@ def sweep_cnn(model, strengths, train, val=None, **kwargs):
     return fr.sweep(model, F.cross_entropy, fr.adamw(lr=0.05), strengths, **options)
 
 
+@pytest.mark.slow
 def test_batchnorm_members_equal_torch_optim_loops_and_load_strictly():
     x, y = images()
     train, val = (x[:32], y[:32]), (x[32:], y[32:])
@@ -117,6 +118,7 @@ def test_batchnorm_members_equal_torch_optim_loops_and_load_strictly():
     torch.testing.assert_close(eval_loss(best, *val), eval_loss(expected, *val))
 
 
+@pytest.mark.slow
 def test_refit_is_a_strict_state_dict_trained_on_train_plus_val():
     x, y = images()
     model = cnn()
@@ -128,6 +130,7 @@ def test_refit_is_a_strict_state_dict_trained_on_train_plus_val():
     copy.deepcopy(model).load_state_dict(refit, strict=True)
 
 
+@pytest.mark.slow
 def test_eval_mode_model_keeps_its_buffers_and_trains_as_before():
     x, y = images()
     model = cnn().eval()
@@ -139,6 +142,7 @@ def test_eval_mode_model_keeps_its_buffers_and_trains_as_before():
     torch.testing.assert_close(result.params["5.weight"][1], reference[5].weight.detach())
 
 
+@pytest.mark.slow
 def test_dropout_with_same_randomness_is_the_seeded_torch_loop():
     x, y = images()
     train, val = (x[:32], y[:32]), (x[32:], y[32:])
@@ -161,6 +165,7 @@ def test_dropout_with_same_randomness_is_the_seeded_torch_loop():
             torch.testing.assert_close(member, value, rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.slow
 def test_dropout_with_different_randomness_differs_per_member_and_follows_the_seed():
     x, y = images()
     train, val = (x[:32], y[:32]), (x[32:], y[32:])
@@ -194,6 +199,7 @@ def test_failing_sweeps_leave_the_model_bit_identical():
 
 
 @pytest.mark.parametrize("batch_size", [None, 8])
+@pytest.mark.slow
 def test_folds_give_each_batchnorm_member_its_own_fold_only(batch_size):
     x, y = images()
     model = cnn()
@@ -237,6 +243,7 @@ def test_folds_of_unequal_size_with_batchnorm_are_refused_before_anything_change
 
 
 @pytest.mark.parametrize("folds", [None, 3])
+@pytest.mark.slow
 def test_flat_sweep_with_buffers_equals_the_per_leaf_sweep(folds):
     x, y = images()
     model = cnn()
@@ -251,6 +258,7 @@ def test_flat_sweep_with_buffers_equals_the_per_leaf_sweep(folds):
         torch.testing.assert_close({**flat.params, **flat.buffers}[name], leaf, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_frozen_parameters_stay_bit_identical_in_sweep():
     x, y = images()
     model = cnn()
@@ -277,6 +285,7 @@ def test_frozen_parameters_stay_bit_identical_in_sweep():
                  compile=False, progress=False)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ensemble_step_with_buffers_and_frozen_members_equals_torch_optim_loops():
     x, y = images()
     model = cnn()

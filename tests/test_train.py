@@ -117,6 +117,7 @@ def test_overrides_reach_the_optimizer():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_step_matches_the_loop_in_one_graph_while_lr_and_lambda_change(device):
     """Then a new batch size recompiles once, and a third size not at all."""
     params = mlp_params(device=device)
@@ -153,6 +154,7 @@ def test_compiled_step_matches_the_loop_in_one_graph_while_lr_and_lambda_change(
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_reduce_overhead_mode_steps_in_place_and_returns_values_to_keep(device):
     """CUDA graphs on CUDA (static param and state addresses); on CPU the default mode."""
     params = mlp_params(device=device)
@@ -172,6 +174,7 @@ def test_reduce_overhead_mode_steps_in_place_and_returns_values_to_keep(device):
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_each_train_step_compiles_its_own_code():
     """Dynamo's recompile limit counts per code object; train steps do not share one."""
     torch._dynamo.config.recompile_limit, saved = 1, torch._dynamo.config.recompile_limit
@@ -262,6 +265,7 @@ def test_mismatched_state_or_bad_hyperparameter_raises_before_anything_changes()
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_step_raises_the_eager_error_and_changes_nothing():
     params = {"w": torch.ones(3), "b": torch.zeros(1)}
     opt = fr.sgd(lr=0.1, momentum=0.9)
@@ -323,6 +327,7 @@ def test_flat_step_rejects_per_leaf_params_before_anything_changes():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_flat_step_is_one_graph_and_matches_eager(device):
     params, flat = flat_and_per_leaf(device=device)
     eager_flat = fr.flat.pack(

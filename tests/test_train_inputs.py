@@ -54,6 +54,7 @@ def test_an_aux_that_is_a_param_reports_its_value_before_the_update():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_a_compiled_step_reports_an_aux_param_before_the_update_too():
     def loss(params):
         value = params["scale"] * params["w"].square().sum()
@@ -124,6 +125,7 @@ def test_a_changing_python_float_warns_at_its_second_recompile_naming_it():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_the_recompile_limit_error_names_the_changing_float():
     opt = fr.sgd(lr=0.1)
     params = {"w": torch.ones(3)}

@@ -118,6 +118,7 @@ def test_pure_with_consts_leaves_the_module_alone_and_returns_new_buffers():
 
 
 @pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.slow
 def test_captured_buffer_error_names_the_module_and_changes_nothing(compile):
     model, ((x, y),) = cnn(), batches(1)
     before = copy.deepcopy(model.state_dict())

@@ -183,6 +183,7 @@ def test_vmap_equals_a_loop():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_clip_and_ema_compile_once_for_changing_tensors():
     average = fr.ema(0.9, warmup=True)
 

@@ -51,8 +51,9 @@ class AdamState(NamedTuple):
     """State of :func:`adam` and :func:`adamw`.
 
     Attributes:
-        exp_avg: per-leaf first moment :math:`m`.
-        exp_avg_sq: per-leaf second moment :math:`v`.
+        exp_avg: per-leaf first moment :math:`m`, a pytree like the params (same leaf names, shapes,
+            dtypes and devices).
+        exp_avg_sq: per-leaf second moment :math:`v`, likewise.
         max_exp_avg_sq: per-leaf running max of :math:`v` (``amsgrad``), else ``()``.
         beta_powers: per-leaf products of the betas over the leaf's updates, as one
             float64 tensor of shape ``[n_leaves, 2]`` (row ``i`` for the ``i``-th leaf
@@ -62,7 +63,15 @@ class AdamState(NamedTuple):
             kernel. A plain tensor on the params' device even for DTensor params: it
             is the same on every rank. :func:`~functorch_reg.state_dict` splits it into
             per-leaf rows.
-        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
+        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``), a
+            0-d int64 tensor.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> state = fr.adam().init({"w": torch.ones(2, 3), "b": torch.zeros(3)})
+        >>> state.exp_avg["w"].shape, state.beta_powers.shape
+        (torch.Size([2, 3]), torch.Size([2, 2]))
     """
 
     exp_avg: Params
@@ -205,6 +214,14 @@ def adam(
             bit for bit). Groups with a prox, tensor hyperparameters off the CPU
             or betas changed by a schedule take the default path.
         prox_metric: ``"euclidean"`` (default) or ``"preconditioned"``, see above.
+
+    Raises:
+        ValueError: a hyperparameter out of range or not finite (``lr``, ``eps``,
+            ``weight_decay`` negative; a beta outside ``[0, 1)``); ``decay_timescale``
+            or ``decay_to`` without ``decoupled=True``; an unknown ``prox_metric``; at
+            a step, ``grads`` or ``mask`` that do not fit the params (naming the leaf).
+        TypeError: a hyperparameter that is neither a float nor a tensor; an unknown
+            keyword at a step.
 
     Example:
         >>> import functorch_reg as fr

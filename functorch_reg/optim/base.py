@@ -117,6 +117,23 @@ class Optimizer(NamedTuple):
             that needs leaves (a structured one, or one with ``where=``) is lifted with
             :func:`functorch_reg.flat.leafwise`. ``fr.sweep(flat=...)`` and
             ``fr.train_step(flat=...)`` call it, so flat results equal per-leaf ones.
+
+    The shape is optax's ``GradientTransformation`` (``init``/``update``) with the
+    update applied; ``step`` is the ``torch.optim`` rule named by the factory
+    (:func:`~functorch_reg.sgd`, :func:`~functorch_reg.adam`, ...).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> opt = fr.sgd(lr=0.5)
+        >>> params = {"w": torch.ones(2)}
+        >>> state = opt.init(params)
+        >>> new, state = opt.step(params, {"w": torch.ones(2)}, state, lr=0.25)  # override
+        >>> new["w"], params["w"]  # step is pure
+        (tensor([0.7500, 0.7500]), tensor([1., 1.]))
+        >>> opt.step_(params, {"w": torch.ones(2)}, state)  # in place
+        >>> params["w"]
+        tensor([0.5000, 0.5000])
     """
 
     init: Callable[[Params], State]
@@ -952,6 +969,29 @@ def state_dict(state: State) -> dict[str, Any]:
     A leaf-table field (:data:`LEAF_TABLES`) is split into its rows, keyed by leaf name
     like the other per-leaf fields. The result round-trips through ``torch.save`` and
     ``torch.load(weights_only=True)``; restore it with :func:`load_state_dict`.
+
+    Args:
+        state: an optimizer state (a NamedTuple such as ``AdamState``) from
+            ``optimizer.init(params)`` or a step. Disabled fields (e.g. ``max_exp_avg_sq``
+            without ``amsgrad``) are left out.
+
+    Returns:
+        A ``dict`` from field name to a detached copy: a 0-d tensor for a scalar field
+        (e.g. ``skipped``, an int64 count of steps), else a ``dict`` from leaf name to a
+        tensor of that leaf's state shape and dtype.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> opt = fr.adam(lr=1e-3)
+        >>> params = {"w": torch.ones(2, 3)}
+        >>> sd = fr.state_dict(opt.init(params))
+        >>> sorted(sd)
+        ['beta_powers', 'exp_avg', 'exp_avg_sq', 'skipped']
+        >>> exp_avg = sd["exp_avg"]  # keyed by leaf name
+        >>> exp_avg["w"].shape
+        torch.Size([2, 3])
+        >>> state = fr.load_state_dict(opt, params, sd)
     """
     table_field = leaf_table_field(state)
     names = _float_leaf_names(state)
@@ -984,6 +1024,33 @@ def load_state_dict(optimizer: Optimizer, params: Params, state_dict: Mapping[st
     dtypes) before any is used; the tensors are copied onto the params' devices. For
     DTensor params, a plain (unsharded) checkpoint's tensors are sharded like their
     params (each rank keeps its own shard of its full copy, without communication).
+
+    Args:
+        optimizer: the :class:`Optimizer` the state is for, built with the same options
+            (they decide which fields exist).
+        params: the pytree of tensors the state is for (shapes, dtypes and devices of
+            the state come from it).
+        state_dict: a mapping as returned by :func:`state_dict` (e.g. read back with
+            ``torch.load(path, weights_only=True)``).
+
+    Returns:
+        A state of ``optimizer``'s type, its tensors copies on the params' devices.
+
+    Raises:
+        ValueError: the fields differ from those of ``optimizer.init(params)``; a
+            field's leaf names differ from the params'; an entry has another shape or
+            dtype than ``optimizer.init(params)`` gives (the message names it).
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> opt = fr.sgd(lr=0.1, momentum=0.9)
+        >>> params = {"w": torch.ones(3)}
+        >>> state = opt.init(params)
+        >>> params, state = opt.step(params, {"w": torch.ones(3)}, state)
+        >>> restored = fr.load_state_dict(opt, params, fr.state_dict(state))
+        >>> torch.equal(restored.momentum_buffer["w"], state.momentum_buffer["w"])
+        True
     """
     template = optimizer.init(params)
     table_field = leaf_table_field(template)

@@ -31,8 +31,17 @@ class LionState(NamedTuple):
     """State of :func:`lion`.
 
     Attributes:
-        exp_avg: per-leaf momentum :math:`m` (``lion_pytorch``'s ``exp_avg``).
-        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
+        exp_avg: per-leaf momentum :math:`m` (``lion_pytorch``'s ``exp_avg``), a pytree like the
+            params (same leaf names, shapes, dtypes and devices).
+        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``), a
+            0-d int64 tensor.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> state = fr.lion().init({"w": torch.ones(2, 3), "b": torch.zeros(3)})
+        >>> state.exp_avg["w"].shape, state.skipped
+        (torch.Size([2, 3]), tensor(0))
     """
 
     exp_avg: Params

@@ -54,7 +54,8 @@ class MuonState(NamedTuple):
     Attributes:
         momentum_buffer: per-leaf first moment: Muon's momentum buffer on the matrix
             leaves (``torch.optim.Muon``'s ``momentum_buffer``), the AdamW part's
-            ``exp_avg`` on the others.
+            ``exp_avg`` on the others; a pytree like the params (same leaf names,
+            shapes, dtypes and devices).
         exp_avg_sq: the AdamW part's second moment; on Muon's leaves an empty tensor
             of shape ``(0,)`` (how a step tells the parts apart, decided at ``init``);
             ``()`` without an AdamW part.
@@ -62,7 +63,15 @@ class MuonState(NamedTuple):
             ``()``.
         beta_powers: the AdamW part's ``[n_leaves, 2]`` table (see
             :class:`~functorch_reg.AdamState`), else ``()``.
-        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
+        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``), a
+            0-d int64 tensor.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> state = fr.muon(adam=fr.adamw()).init({"w": torch.ones(2, 3), "b": torch.zeros(3)})
+        >>> state.exp_avg_sq["w"].shape, state.exp_avg_sq["b"].shape
+        (torch.Size([0]), torch.Size([3]))
     """
 
     momentum_buffer: Params

@@ -48,14 +48,24 @@ class ScheduleFreeState(NamedTuple):
     """State of :func:`schedule_free_adamw`.
 
     Attributes:
-        z: per-leaf base sequence :math:`z` (the reference's ``state["z"]``).
-        exp_avg_sq: per-leaf second moment :math:`v`.
+        z: per-leaf base sequence :math:`z` (the reference's ``state["z"]``), a pytree like the
+            params (same leaf names, shapes, dtypes and devices).
+        exp_avg_sq: per-leaf second moment :math:`v`, likewise (``()`` for
+            :func:`schedule_free_sgd`).
         schedule: per-leaf float64 ``[n_leaves, 4]`` table: the step count :math:`k`,
             the largest scheduled lr so far, the sum of the averaging weights (the
             reference's group-level ``k``, ``lr_max`` and ``weight_sum``), and which
             point the params hold: ``1`` for :math:`y` (training), ``0`` for :math:`x`
             (evaluation, after :func:`schedule_free_eval`).
-        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
+        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``), a
+            0-d int64 tensor.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> state = fr.schedule_free_adamw().init({"w": torch.ones(2, 3), "b": torch.zeros(3)})
+        >>> state.z["w"].shape, state.schedule.shape
+        (torch.Size([2, 3]), torch.Size([2, 4]))
     """
 
     z: Params
@@ -200,6 +210,20 @@ def schedule_free_sgd(
     :math:`\beta_1` (in the step and in :func:`schedule_free_eval` /
     :func:`schedule_free_train`). Its state's ``exp_avg_sq`` is ``()``. Arguments are
     those of :func:`schedule_free_adamw` and of the reference (``lr=1.0`` by default).
+    The method is Defazio et al., "The Road Less Scheduled" (NeurIPS 2024).
+
+    Args:
+        lr: :math:`\gamma`, the step size per step (absolute), finite and >= 0.
+        momentum: the interpolation :math:`\beta_1` in ``[0, 1)``.
+        weight_decay: :math:`\lambda`, coupled into the direction at ``decay_at``.
+
+    The other arguments are :func:`schedule_free_adamw`'s.
+
+    Raises:
+        ValueError: a hyperparameter out of range (``lr``, ``weight_decay`` negative,
+            ``momentum`` outside ``[0, 1)``, ...), an unknown ``decay_at``, a
+            ``decay_scaling`` other than ``"lr"``; at a step, params that hold the
+            evaluation point.
 
     Example:
         >>> import functorch_reg as fr
@@ -373,6 +397,12 @@ def schedule_free_point(state: ScheduleFreeState) -> Literal["y", "x", "unknown"
     ``"unknown"`` inside ``torch.compile`` or ``vmap`` and on the meta device, where
     the state's values are not read.
 
+    Args:
+        state: a :class:`ScheduleFreeState`.
+
+    Returns:
+        ``"y"``, ``"x"`` or ``"unknown"``.
+
     Example:
         >>> import functorch_reg as fr
         >>> opt = fr.schedule_free_adamw()
@@ -399,6 +429,23 @@ def schedule_free_eval(
     Params already at :math:`x` are returned as they are, as the reference does.
     ``overrides`` are the step's per-call hyperparameters (``betas`` is read).
 
+    Args:
+        optimizer: the :func:`schedule_free_adamw` or :func:`schedule_free_sgd` the
+            state belongs to (its ``betas`` / ``momentum`` give :math:`\beta_1`).
+        params: the pytree of tensors the state is for.
+        state: a :class:`ScheduleFreeState` of ``optimizer``.
+        **overrides: per-call hyperparameters, as the step takes them.
+
+    Returns:
+        ``(params, state)``: new params of the same structure, shapes and dtypes, and a
+        state recording the point; the inputs are not modified.
+
+    Raises:
+        TypeError: ``state`` is not a :class:`ScheduleFreeState`; an unknown keyword in
+            ``overrides``.
+        ValueError: the params' leaf names or shapes differ from the state's; an
+            override out of range.
+
     Example:
         >>> import functorch_reg as fr
         >>> opt = fr.schedule_free_adamw(lr=0.1)
@@ -420,6 +467,36 @@ def schedule_free_train(
     state that records it (``schedulefree``'s ``optimizer.train()``); pure.
 
     Params already at :math:`y` are returned as they are. See :func:`schedule_free_eval`.
+
+    Args:
+        optimizer: the :func:`schedule_free_adamw` or :func:`schedule_free_sgd` the
+            state belongs to (its ``betas`` / ``momentum`` give :math:`\beta_1`).
+        params: the pytree of tensors the state is for.
+        state: a :class:`ScheduleFreeState` of ``optimizer``.
+        **overrides: per-call hyperparameters, as the step takes them.
+
+    Returns:
+        ``(params, state)``: new params of the same structure, shapes and dtypes, and a
+        state recording the point; the inputs are not modified.
+
+    Raises:
+        TypeError: ``state`` is not a :class:`ScheduleFreeState`; an unknown keyword in
+            ``overrides``.
+        ValueError: the params' leaf names or shapes differ from the state's; an
+            override out of range.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> opt = fr.schedule_free_sgd(lr=0.1)
+        >>> params = {"w": torch.ones(2)}
+        >>> params, state = opt.step(params, {"w": torch.ones(2)}, opt.init(params))
+        >>> x, state = fr.schedule_free_eval(opt, params, state)
+        >>> fr.schedule_free_point(state)
+        'x'
+        >>> params, state = fr.schedule_free_train(opt, x, state)
+        >>> fr.schedule_free_point(state)
+        'y'
     """
     return _switch(optimizer, params, state, overrides, to_eval=False)
 
@@ -443,9 +520,9 @@ def _switch(
     leaves, spec = flatten(params)
     z_leaves = matching_leaves(leaves, spec, state.z, other_name="state.z")
     beta1 = h["beta1"] if "beta1" in h else h["momentum"]
-    weight = (1 - 1 / beta1) if to_eval else (1 - beta1)
     if to_eval and is_zero(beta1):
         raise ValueError(f"{name}: beta1 = 0 has no evaluation point (x = y - (z - y) / beta1)")
+    weight = (1 - 1 / beta1) if to_eval else (1 - beta1)
     new_leaves = [
         p
         if z is None
@@ -458,9 +535,18 @@ def _switch(
 
 
 def schedule_free_eval_(optimizer: torch.optim.Optimizer) -> None:
-    """``schedulefree``'s ``optimizer.eval()`` for a :class:`~functorch_reg.TorchOptimizer`
+    r"""``schedulefree``'s ``optimizer.eval()`` for a :class:`~functorch_reg.TorchOptimizer`
     over :func:`schedule_free_adamw`: each param with state moves to :math:`x` in place
     (with its group's ``betas``), and its state records it. A no-op where already at x.
+
+    Args:
+        optimizer: a :class:`~functorch_reg.TorchOptimizer` over
+            :func:`schedule_free_adamw` or :func:`schedule_free_sgd`.
+
+    Raises:
+        TypeError: ``optimizer`` is not such a ``TorchOptimizer`` (e.g. a
+            ``torch.optim.SGD``).
+        ValueError: a group's :math:`\beta_1` is 0 (there is no evaluation point).
 
     Example:
         >>> import functorch_reg as fr
@@ -475,8 +561,29 @@ def schedule_free_eval_(optimizer: torch.optim.Optimizer) -> None:
 
 
 def schedule_free_train_(optimizer: torch.optim.Optimizer) -> None:
-    """``schedulefree``'s ``optimizer.train()`` for a :class:`~functorch_reg.TorchOptimizer`:
-    the inverse of :func:`schedule_free_eval_`."""
+    r"""``schedulefree``'s ``optimizer.train()`` for a :class:`~functorch_reg.TorchOptimizer`:
+    the inverse of :func:`schedule_free_eval_`.
+
+    Args:
+        optimizer: a :class:`~functorch_reg.TorchOptimizer` over
+            :func:`schedule_free_adamw` or :func:`schedule_free_sgd`.
+
+    Raises:
+        TypeError: ``optimizer`` is not such a ``TorchOptimizer``.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = fr.TorchOptimizer(model.parameters(), fr.schedule_free_sgd(lr=0.1))
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> opt.step()
+        >>> before = model.weight.detach().clone()
+        >>> fr.schedule_free_eval_(opt)
+        >>> fr.schedule_free_train_(opt)
+        >>> torch.allclose(model.weight, before)
+        True
+    """
     _switch_(optimizer, to_eval=False)
 
 

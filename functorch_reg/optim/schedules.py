@@ -29,12 +29,34 @@ from torch import Tensor
 from .._checks import NON_NEGATIVE, check_scalars
 
 Schedule: TypeAlias = Callable[[Tensor], Tensor]
+"""A function ``schedule(step) -> value``: ``step`` an integer tensor counting optimizer
+steps from 0, ``value`` a tensor of its shape in the default dtype (per step, absolute:
+e.g. the learning rate of that step)."""
 
 __all__ = ["Schedule", "constant", "cosine", "linear_warmup", "step_decay"]
 
 
 def constant(value: float) -> Schedule:
-    """``value`` at every step."""
+    """``value`` at every step (``torch.optim.lr_scheduler.ConstantLR`` with ``factor=1``).
+
+    Args:
+        value: the hyperparameter, absolute (e.g. a learning rate), finite and >= 0.
+
+    Returns:
+        A :data:`Schedule`.
+    The returned schedule takes ``step``, an integer tensor of optimizer steps (0-d,
+    or any shape for a batch of steps, on any device), and returns a tensor of that
+    shape in the default dtype (float32) on ``step``'s device.
+
+    Raises:
+        ValueError: ``value`` is negative or not finite.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.schedules.constant(0.1)(torch.tensor(7))
+        tensor(0.1000)
+    """
     check_scalars("constant", {"value": value}, {"value": NON_NEGATIVE})
 
     def schedule(step: Tensor) -> Tensor:
@@ -44,8 +66,33 @@ def constant(value: float) -> Schedule:
 
 
 def linear_warmup(peak: float, warmup_steps: int, start_factor: float = 0.0) -> Schedule:
-    """Linear ramp from ``start_factor * peak`` at step 0 to ``peak`` at ``warmup_steps``,
-    then constant (``torch.optim.lr_scheduler.LinearLR`` with ``end_factor=1``)."""
+    r"""Linear ramp from ``start_factor * peak`` at step 0 to ``peak`` at ``warmup_steps``,
+    then constant (``torch.optim.lr_scheduler.LinearLR`` with ``end_factor=1``).
+
+    :math:`\text{peak} \cdot (f + (1 - f) \min(s / W, 1))` at step :math:`s`, with
+    :math:`f` = ``start_factor`` and :math:`W` = ``warmup_steps``.
+
+    Args:
+        peak: the value after warmup, absolute, finite and >= 0.
+        warmup_steps: :math:`W`, the number of optimizer steps of the ramp, a positive int.
+        start_factor: :math:`f`, the value at step 0 relative to ``peak``, >= 0.
+
+    Returns:
+        A :data:`Schedule`.
+    The returned schedule takes ``step``, an integer tensor of optimizer steps (0-d,
+    or any shape for a batch of steps, on any device), and returns a tensor of that
+    shape in the default dtype (float32) on ``step``'s device.
+
+    Raises:
+        ValueError: ``peak`` or ``start_factor`` is negative or not finite;
+            ``warmup_steps`` is not a positive int.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.schedules.linear_warmup(1.0, warmup_steps=4)(torch.arange(6))
+        tensor([0.0000, 0.2500, 0.5000, 0.7500, 1.0000, 1.0000])
+    """
     check_scalars(
         "linear_warmup",
         {"peak": peak, "start_factor": start_factor},
@@ -61,9 +108,37 @@ def linear_warmup(peak: float, warmup_steps: int, start_factor: float = 0.0) -> 
 
 
 def cosine(peak: float, total_steps: int, final: float = 0.0, warmup_steps: int = 0) -> Schedule:
-    """Optional linear warmup from 0 over ``warmup_steps``, then cosine decay from
+    r"""Optional linear warmup from 0 over ``warmup_steps``, then cosine decay from
     ``peak`` to ``final`` at ``total_steps`` (``CosineAnnealingLR`` with ``T_max =
-    total_steps - warmup_steps`` and ``eta_min = final``), constant afterwards."""
+    total_steps - warmup_steps`` and ``eta_min = final``), constant afterwards.
+
+    After warmup, :math:`\text{final} + (\text{peak} - \text{final})(1 + \cos(\pi p))/2`
+    with :math:`p = \min((s - W) / (T - W), 1)` at step :math:`s` (Loshchilov & Hutter,
+    "SGDR", ICLR 2017, without restarts); during warmup :math:`\text{peak} \cdot s / W`.
+
+    Args:
+        peak: the value at the end of warmup, absolute, finite and >= 0.
+        total_steps: :math:`T`, the optimizer step at which ``final`` is reached, a
+            positive int.
+        final: the value from step ``total_steps`` on, absolute, >= 0.
+        warmup_steps: :math:`W`, the steps of the linear ramp from 0, in ``[0, T)``.
+
+    Returns:
+        A :data:`Schedule`.
+    The returned schedule takes ``step``, an integer tensor of optimizer steps (0-d,
+    or any shape for a batch of steps, on any device), and returns a tensor of that
+    shape in the default dtype (float32) on ``step``'s device.
+
+    Raises:
+        ValueError: ``peak`` or ``final`` is negative or not finite; ``total_steps`` is
+            not a positive int; ``warmup_steps`` is not in ``[0, total_steps)``.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.schedules.cosine(1.0, total_steps=5, warmup_steps=1)(torch.arange(6))
+        tensor([0.0000, 1.0000, 0.8536, 0.5000, 0.1464, 0.0000])
+    """
     check_scalars(
         "cosine", {"peak": peak, "final": final}, {"peak": NON_NEGATIVE, "final": NON_NEGATIVE}
     )
@@ -85,7 +160,29 @@ def cosine(peak: float, total_steps: int, final: float = 0.0, warmup_steps: int 
 
 
 def step_decay(initial: float, step_size: int, gamma: float = 0.1) -> Schedule:
-    """``initial * gamma ** (step // step_size)`` (``torch.optim.lr_scheduler.StepLR``)."""
+    """``initial * gamma ** (step // step_size)`` (``torch.optim.lr_scheduler.StepLR``).
+
+    Args:
+        initial: the value at step 0, absolute, finite and >= 0.
+        step_size: the number of optimizer steps between decays, a positive int.
+        gamma: the factor applied every ``step_size`` steps (relative), finite and >= 0.
+
+    Returns:
+        A :data:`Schedule`.
+    The returned schedule takes ``step``, an integer tensor of optimizer steps (0-d,
+    or any shape for a batch of steps, on any device), and returns a tensor of that
+    shape in the default dtype (float32) on ``step``'s device.
+
+    Raises:
+        ValueError: ``initial`` or ``gamma`` is negative or not finite; ``step_size``
+            is not a positive int.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> fr.schedules.step_decay(1.0, step_size=2, gamma=0.5)(torch.arange(6))
+        tensor([1.0000, 1.0000, 0.5000, 0.5000, 0.2500, 0.2500])
+    """
     check_scalars(
         "step_decay",
         {"initial": initial, "gamma": gamma},

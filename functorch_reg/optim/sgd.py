@@ -50,13 +50,23 @@ class SGDState(NamedTuple):
     """State of :func:`sgd`.
 
     Attributes:
-        momentum_buffer: per-leaf momentum, or ``()`` when ``momentum`` is a literal 0.
+        momentum_buffer: per-leaf momentum, a pytree like the params (same leaf names, shapes,
+            dtypes and devices), or ``()`` when ``momentum`` is a
+            literal 0.
         count: per-leaf number of updates applied, as one int64 tensor of shape
             ``[n_leaves]`` (entry ``i`` for the ``i``-th leaf of the flattened params),
             or ``()`` likewise; a leaf's first update starts its buffer as
             ``torch.optim.SGD`` does. :func:`~functorch_reg.state_dict` splits it into
             per-leaf entries.
-        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``).
+        skipped: steps skipped for a non-finite gradient (``skip_nonfinite=True``), a
+            0-d int64 tensor.
+
+    Example:
+        >>> import torch
+        >>> import functorch_reg as fr
+        >>> state = fr.sgd(lr=0.1, momentum=0.9).init({"w": torch.ones(2, 3), "b": torch.zeros(3)})
+        >>> state.momentum_buffer["w"].shape, state.count
+        (torch.Size([2, 3]), tensor([0, 0]))
     """
 
     momentum_buffer: Params | tuple[()]
@@ -158,6 +168,16 @@ def sgd(
             the CPU take the default path.
         prox_metric: ``"euclidean"`` (default) or ``"preconditioned"``, see above
             (needs ``dampening < 1``).
+
+    Raises:
+        ValueError: a hyperparameter out of range or not finite (``lr``,
+            ``momentum``, ``weight_decay`` negative, ...); ``nesterov`` without
+            momentum or with dampening; ``fused=True`` with ``decoupled=True``; an
+            unknown ``prox_metric``, or ``"preconditioned"`` with ``dampening >= 1``;
+            at a step, ``grads`` or ``mask`` that do not fit the params (naming the
+            leaf).
+        TypeError: a hyperparameter that is neither a float nor a tensor; an unknown
+            keyword at a step.
 
     Example:
         >>> import functorch_reg as fr

@@ -20,6 +20,7 @@ def small_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
 
 
+@pytest.mark.slow
 def test_penalized_loss_and_its_grad_compile_once_for_many_lambdas(device):
     model = small_model().to(device)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -40,6 +41,7 @@ def test_penalized_loss_and_its_grad_compile_once_for_many_lambdas(device):
     assert counter.frame_count == 1
 
 
+@pytest.mark.slow
 def test_scheduled_lr_and_changing_lambda_compile_once_and_match_eager(device):
     """100 steps, lr from a cosine schedule and the prox strength changing every step."""
     opt = fr.adamw(lr=1e-2, weight_decay=1e-2, mask="*.weight", prox=fr.prox.l1, prox_strength=0.0)
@@ -64,6 +66,7 @@ def test_scheduled_lr_and_changing_lambda_compile_once_and_match_eager(device):
     assert (params["0.weight"] == 0).any(), "the proximal step gives exact zeros"
 
 
+@pytest.mark.slow
 def test_compiled_vmap_over_lambdas_equals_a_loop(device):
     opt = fr.sgd(lr=0.05, momentum=0.9, prox=fr.prox.l1, mask=fr.select.weights())
     members = [mlp_params(device=device, seed=i) for i in range(5)]

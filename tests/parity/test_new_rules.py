@@ -56,12 +56,14 @@ def max_relative_error(ours, reference):
 
 @pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
 @pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.slow
 def test_muon_equals_torch_optim_muon_over_100_steps(adjust_lr_fn, nesterov):
     kwargs = {"lr": 2e-2, "weight_decay": 0.1, "nesterov": nesterov, "adjust_lr_fn": adjust_lr_fn}
     params, _, _, reference = run(fr.muon(**kwargs), torch.optim.Muon, MATRICES, 100, **kwargs)
     assert max_relative_error(params, reference) < 1e-6
 
 
+@pytest.mark.slow
 def test_muon_hybrid_equals_torch_muon_next_to_torch_adamw():
     """The usual recipe: Muon on the matrices, AdamW with its own lr and decay on the rest."""
     params = start(MIXED)

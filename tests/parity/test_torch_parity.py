@@ -116,6 +116,7 @@ def test_eager_matches_torch_optim(name, dtype, in_place, device):
 
 @pytest.mark.compile
 @pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.slow
 def test_compiled_matches_torch_optim(name, device):
     # Alternate the pure and in-place forms to cover both without doubling compile time.
     in_place = list(CONFIGS).index(name) % 2 == 1

@@ -26,7 +26,7 @@ from . import (
 )
 from .adapter import TorchOptimizer
 from .ensemble import SweepResult, ensemble_step, init_ensemble, sweep
-from .modules import split_module
+from .modules import split_module, unwrap
 from .optim import (
     AdamState,
     LionState,
@@ -119,4 +119,5 @@ __all__ = [
     "sweep_data",
     "train_step",
     "unstack",
+    "unwrap",
 ]

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.func import grad_and_value
 
 from ._compile_log import Announced
+from .modules import unwrap
 from .optim.base import Optimizer, State
 from .tree import Params, flatten
 
@@ -583,7 +584,7 @@ def _refuse_compiled_modules(loss: Loss) -> None:
         f"{name}.{path}" if path else name
         for name, model in _modules_of(loss)
         for path, module in model.named_modules()
-        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+        if unwrap(module) is not module  # a torch.compile wrapper (OptimizedModule)
     ]
     if compiled:
         name = compiled[0]

@@ -44,6 +44,7 @@ def test_split_module_unwraps_a_compiled_module():
     net = torch.nn.Linear(3, 2)
     compiled = torch.compile(net)
     assert unwrap(compiled) is net
+    assert fr.unwrap(compiled) is net  # the name train_step's refusal points at
     params, consts = fr.split_module(compiled)
     assert set(params) == {"weight", "bias"} and consts == {}
 

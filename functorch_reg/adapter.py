@@ -221,12 +221,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._check_group(index)
             if self._flat_groups is not None:
                 group = self.param_groups[index]
+                kept = [i for i, p in enumerate(group["params"]) if p.requires_grad]
+                trainable = [group["params"][i] for i in kept]
                 names = group.get("param_names")
-                if names is not None:
-                    names = [
-                        n for p, n in zip(group["params"], names, strict=True) if p.requires_grad
-                    ]
-                trainable = _trainable(group["params"])
+                names = None if names is None else [names[i] for i in kept]
                 packed = FlatGroup(trainable, f"param group {index}", names) if trainable else None
                 if packed is not None and self._functional.for_flat is not None:
                     try:

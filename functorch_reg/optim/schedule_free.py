@@ -444,7 +444,7 @@ def schedule_free_eval(
         TypeError: ``state`` is not a :class:`ScheduleFreeState`; an unknown keyword in
             ``overrides``.
         ValueError: the params' leaf names or shapes differ from the state's; an
-            override out of range.
+            override out of range; beta1 = 0 (there is no evaluation point).
 
     Example:
         >>> import functorch_reg as fr
@@ -466,24 +466,9 @@ def schedule_free_train(
     r"""The params back at the training point :math:`y = x + (1 - \beta_1)(z - x)`, and a
     state that records it (``schedulefree``'s ``optimizer.train()``); pure.
 
-    Params already at :math:`y` are returned as they are. See :func:`schedule_free_eval`.
+    Params already at :math:`y` are returned as they are.
 
-    Args:
-        optimizer: the :func:`schedule_free_adamw` or :func:`schedule_free_sgd` the
-            state belongs to (its ``betas`` / ``momentum`` give :math:`\beta_1`).
-        params: the pytree of tensors the state is for.
-        state: a :class:`ScheduleFreeState` of ``optimizer``.
-        **overrides: per-call hyperparameters, as the step takes them.
-
-    Returns:
-        ``(params, state)``: new params of the same structure, shapes and dtypes, and a
-        state recording the point; the inputs are not modified.
-
-    Raises:
-        TypeError: ``state`` is not a :class:`ScheduleFreeState`; an unknown keyword in
-            ``overrides``.
-        ValueError: the params' leaf names or shapes differ from the state's; an
-            override out of range.
+    Args, returns and errors as :func:`schedule_free_eval`.
 
     Example:
         >>> import torch

@@ -30,8 +30,9 @@ from .._checks import NON_NEGATIVE, check_scalars
 
 Schedule: TypeAlias = Callable[[Tensor], Tensor]
 """A function ``schedule(step) -> value``: ``step`` an integer tensor counting optimizer
-steps from 0, ``value`` a tensor of its shape in the default dtype (per step, absolute:
-e.g. the learning rate of that step)."""
+steps from 0 (0-d, or any shape for a batch of steps, on any device), ``value`` a tensor of
+its shape in the default dtype (float32) on ``step``'s device (per step, absolute: e.g. the
+learning rate of that step)."""
 
 __all__ = ["Schedule", "constant", "cosine", "linear_warmup", "step_decay"]
 
@@ -44,9 +45,6 @@ def constant(value: float) -> Schedule:
 
     Returns:
         A :data:`Schedule`.
-    The returned schedule takes ``step``, an integer tensor of optimizer steps (0-d,
-    or any shape for a batch of steps, on any device), and returns a tensor of that
-    shape in the default dtype (float32) on ``step``'s device.
 
     Raises:
         ValueError: ``value`` is negative or not finite.
@@ -79,9 +77,6 @@ def linear_warmup(peak: float, warmup_steps: int, start_factor: float = 0.0) -> 
 
     Returns:
         A :data:`Schedule`.
-    The returned schedule takes ``step``, an integer tensor of optimizer steps (0-d,
-    or any shape for a batch of steps, on any device), and returns a tensor of that
-    shape in the default dtype (float32) on ``step``'s device.
 
     Raises:
         ValueError: ``peak`` or ``start_factor`` is negative or not finite;
@@ -125,9 +120,6 @@ def cosine(peak: float, total_steps: int, final: float = 0.0, warmup_steps: int 
 
     Returns:
         A :data:`Schedule`.
-    The returned schedule takes ``step``, an integer tensor of optimizer steps (0-d,
-    or any shape for a batch of steps, on any device), and returns a tensor of that
-    shape in the default dtype (float32) on ``step``'s device.
 
     Raises:
         ValueError: ``peak`` or ``final`` is negative or not finite; ``total_steps`` is
@@ -169,9 +161,6 @@ def step_decay(initial: float, step_size: int, gamma: float = 0.1) -> Schedule:
 
     Returns:
         A :data:`Schedule`.
-    The returned schedule takes ``step``, an integer tensor of optimizer steps (0-d,
-    or any shape for a batch of steps, on any device), and returns a tensor of that
-    shape in the default dtype (float32) on ``step``'s device.
 
     Raises:
         ValueError: ``initial`` or ``gamma`` is negative or not finite; ``step_size``

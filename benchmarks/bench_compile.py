@@ -26,27 +26,9 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
 
 import torch
+from bench_step import transformer_params
 
 import functorch_reg as fr
-
-
-def tensors(layers: int, d: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A transformer's leaves, as in ``bench_step.py``: 16 tensors per layer of width
-    ``d`` (``--layers 10 --d 256``: 160 tensors, 8M elements)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for layer in range(layers):
-        for name in ("q", "k", "v", "o"):
-            shapes[f"{layer}.attn.{name}.weight"] = (d, d)
-            shapes[f"{layer}.attn.{name}.bias"] = (d,)
-        shapes[f"{layer}.mlp.up.weight"] = (4 * d, d)
-        shapes[f"{layer}.mlp.up.bias"] = (4 * d,)
-        shapes[f"{layer}.mlp.down.weight"] = (d, 4 * d)
-        shapes[f"{layer}.mlp.down.bias"] = (d,)
-        for norm in ("norm1", "norm2"):
-            shapes[f"{layer}.{norm}.weight"] = (d,)
-            shapes[f"{layer}.{norm}.bias"] = (d,)
-    gen = torch.Generator().manual_seed(0)
-    return {k: torch.randn(s, generator=gen, dtype=dtype) for k, s in shapes.items()}
 
 
 def main() -> None:
@@ -76,7 +58,8 @@ def main() -> None:
         options[key] = ast.literal_eval(value)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    params = tensors(args.layers, args.d, dtype)
+    # bench_step's transformer leaves: 16 tensors per layer (--layers 10 --d 256: 160, 8M)
+    params = {k: v.to(dtype) for k, v in transformer_params(args.d, args.layers, "cpu", 0).items()}
     grads = {k: torch.randn_like(v) for k, v in params.items()}
     if args.optimizer == "adamw":
         opt = fr.adamw(lr=1e-3, weight_decay=1e-2)

@@ -208,6 +208,35 @@ def enabled(field: Any) -> bool:
     return not (isinstance(field, tuple) and len(field) == 0)
 
 
+class StateLayout(NamedTuple):
+    """What a functional state holds, read from the state itself (see :func:`layout`).
+
+    ``slots`` are the per-leaf fields in use, each a pytree shaped like the params (the
+    leaf-table field excluded); ``table`` is the leaf-table field in use (one row per
+    leaf in a single tensor) or ``None``; ``counter`` is the 0-d step-skip counter.
+    Fields that a state type declares but its configuration does not use appear in
+    neither: build a state from another with ``template._replace(**fields)``.
+    """
+
+    slots: tuple[str, ...]
+    table: str | None
+    counter: str = "skipped"
+
+
+def layout(state: State) -> StateLayout:
+    """The :class:`StateLayout` of ``state``: the only way code outside ``optim/``
+    should read which fields a state uses.
+
+    >>> import torch, functorch_reg as fr
+    >>> layout(fr.adam().init({"w": torch.zeros(2)}))
+    StateLayout(slots=('exp_avg', 'exp_avg_sq'), table='beta_powers', counter='skipped')
+    """
+    table = leaf_table_field(state)
+    fields = state._fields[:-1]
+    in_use = [f for f in fields if enabled(getattr(state, f))]
+    return StateLayout(tuple(f for f in in_use if f != table), table if table in in_use else None)
+
+
 class _Update(NamedTuple):
     """Params leaves and state columns (params first) before and after one step.
 

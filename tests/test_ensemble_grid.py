@@ -220,3 +220,32 @@ def test_swept_hyperparameters_are_checked_by_validate_once_per_value():
     assert not steps, "no trial step: the optimizer's validate checks on meta copies"
     assert sorted(s[1]["weight_decay"] for s in seen) == [0.0, 0.5, 2.0]
     assert all(with_params for with_params, _ in seen)
+
+
+def test_python_float_strengths_reach_a_float64_model_exactly():
+    # torch.optim reads a Python float as a double: a float64 model's 0.05 is 0.05, not
+    # float32(0.05) = 0.05000000074505806 (the list went through the default dtype).
+    train, val = classification_data()
+    model = small_model().double()
+    data = dict(train=(train[0].double(), train[1]), val=(val[0].double(), val[1]))
+    loss_fn, optimizer = torch.nn.functional.cross_entropy, fr.sgd(lr=0.1)
+    one_axis = fr.ensemble.plan(
+        model, loss_fn, optimizer, [0.0, 0.05], penalty=fr.penalties.l2, **data
+    )
+    assert one_axis.grid["penalty"].tolist() == [0.0, 0.05]
+    # axes of different dtypes (a list, a float32 tensor) make one grid
+    two_axes = fr.ensemble.plan(
+        model,
+        loss_fn,
+        optimizer,
+        {"penalty": [0.05], "lr": torch.tensor([0.1, 0.2])},
+        penalty=fr.penalties.l2,
+        **data,
+    )
+    assert two_axes.grid["penalty"].tolist() == [0.05, 0.05]
+    assert two_axes.grid["lr"].tolist() == torch.tensor([0.1, 0.2]).double().tolist()
+    # a float32 model gets float32(0.05), as before
+    single = fr.ensemble.plan(
+        small_model(), loss_fn, optimizer, [0.05], penalty=fr.penalties.l2, train=train, val=val
+    )
+    assert torch.equal(single.grid["penalty"], torch.tensor([0.05]))

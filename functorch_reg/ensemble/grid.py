@@ -10,6 +10,7 @@ members' initial parameters and buffers, the flat layout, how members see their 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -420,7 +421,10 @@ def _grid(
     axes = {
         axis: as_strengths(values, f"strengths[{axis!r}]") for axis, values in strengths.items()
     }
-    mesh = torch.meshgrid(*axes.values(), indexing="ij")
+    # One dtype for the mesh (a list is float64, a tensor its own; plan casts the grid to
+    # the params' dtype): every value promoted exactly.
+    common = functools.reduce(torch.promote_types, (values.dtype for values in axes.values()))
+    mesh = torch.meshgrid(*(values.to(common) for values in axes.values()), indexing="ij")
     return {axis: values.reshape(-1) for axis, values in zip(axes, mesh, strict=True)}
 
 

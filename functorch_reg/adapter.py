@@ -8,7 +8,7 @@ training loop, LR scheduler and checkpoint code use it unchanged.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import torch
@@ -332,6 +332,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         except (TypeError, ValueError) as error:
             raise type(error)(f"TorchOptimizer: {label}: {error}") from error
 
+    @torch._disable_dynamo  # type: ignore[attr-defined]  # as torch.optim.Optimizer.zero_grad
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients: with ``flat=True`` zero each group's gradient buffer
         (whatever ``set_to_none`` says, so the gradients stay views of it), else as
@@ -358,7 +359,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 when both sides have them (a checkpoint may list them in another
                 order); names that differ are refused.
         """
-        state_dict = self._by_name(state_dict)
+        state_dict = _by_name(self.param_groups, state_dict)
         saved = self._saved_slots(state_dict)
         for index, group in enumerate(state_dict["param_groups"]):
             self._validate_hyperparams(f"param group {index} of state_dict", group)
@@ -373,17 +374,7 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _check_group(self, index: int) -> None:
         group = self.param_groups[index]
-        extra = set(group) - set(self.defaults) - _GROUP_KEYS - _SCHEDULER_KEYS
-        for key in sorted(extra, key=str):
-            close = difflib.get_close_matches(str(key), self._hyperparam_names, n=1, cutoff=0.75)
-            if close or key in _HYPERPARAMETER_NAMES:
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise TypeError(
-                    f"TorchOptimizer: param group {index} has unknown hyperparameter "
-                    f"{key!r}; the functional optimizer accepts "
-                    + ", ".join(sorted(self._hyperparam_names))
-                    + hint
-                )
+        _check_keys(f"param group {index}", set(group) - set(self.defaults), self._hyperparam_names)
         params = group["params"]
         for position, p in enumerate(params):
             if not p.is_floating_point():
@@ -404,30 +395,6 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
         except (TypeError, ValueError) as error:
             raise type(error)(f"TorchOptimizer: param group {index}: {error}") from error
-
-    def _by_name(self, state_dict: StateDict) -> StateDict:
-        """``state_dict`` with each saved group's params in this optimizer's order, by
-        ``param_names`` where both have them (torch matches params by position)."""
-        groups = list(state_dict.get("param_groups", []))
-        for index, (group, saved) in enumerate(zip(self.param_groups, groups, strict=False)):
-            names, saved_names = group.get("param_names"), saved.get("param_names")
-            if names is None or saved_names is None or list(names) == list(saved_names):
-                continue
-            if sorted(names) != sorted(saved_names):
-                missing = sorted(set(names) - set(saved_names)) or ["-"]
-                extra = sorted(set(saved_names) - set(names)) or ["-"]
-                raise ValueError(
-                    f"param group {index} of state_dict names other params: missing "
-                    f"{missing[0]!r}, unexpected {extra[0]!r}; load a checkpoint of this model"
-                )
-            position = {name: i for i, name in enumerate(saved_names)}
-            order = [position[name] for name in names]
-            groups[index] = {
-                **saved,
-                "params": [saved["params"][i] for i in order],
-                "param_names": list(names),
-            }
-        return {**state_dict, "param_groups": groups}
 
     def _hyperparams(self, index: int, group: dict[str, Any]) -> dict[str, Any]:
         values = {name: group[name] for name in self._hyperparam_names}
@@ -487,6 +454,45 @@ class TorchOptimizer(torch.optim.Optimizer):
         if "param_names" in group:
             return f"param {group['param_names'][position]!r}"
         return f"param {position} of param group {index}"
+
+
+def _check_keys(label: str, extra: set[Any], accepted: Sequence[str]) -> None:
+    """Refuse a group key that is not a default of the rule but looks like a
+    hyperparameter (another rule's, another library's name, or a near-miss of one
+    that the rule takes); keep tags such as Lightning's ``"name"``."""
+    for key in sorted(extra - _GROUP_KEYS - _SCHEDULER_KEYS, key=str):
+        close = difflib.get_close_matches(str(key), accepted, n=1, cutoff=0.75)
+        if close or key in _HYPERPARAMETER_NAMES:
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(
+                f"TorchOptimizer: {label} has unknown hyperparameter {key!r}; the "
+                "functional optimizer accepts " + ", ".join(sorted(accepted)) + hint
+            )
+
+
+def _by_name(param_groups: Sequence[Mapping[str, Any]], state_dict: StateDict) -> StateDict:
+    """``state_dict`` with each saved group's params in the order of ``param_groups``, by
+    ``param_names`` where both have them (torch matches params by position)."""
+    groups = list(state_dict.get("param_groups", []))
+    for index, (group, saved) in enumerate(zip(param_groups, groups, strict=False)):
+        names, saved_names = group.get("param_names"), saved.get("param_names")
+        if names is None or saved_names is None or list(names) == list(saved_names):
+            continue
+        if sorted(names) != sorted(saved_names):
+            missing = sorted(set(names) - set(saved_names)) or ["-"]
+            extra = sorted(set(saved_names) - set(names)) or ["-"]
+            raise ValueError(
+                f"param group {index} of state_dict names other params: missing "
+                f"{missing[0]!r}, unexpected {extra[0]!r}; load a checkpoint of this model"
+            )
+        position = {name: i for i, name in enumerate(saved_names)}
+        order = [position[name] for name in names]
+        groups[index] = {
+            **saved,
+            "params": [saved["params"][i] for i in order],
+            "param_names": list(names),
+        }
+    return {**state_dict, "param_groups": groups}
 
 
 def _to_cpu(value: Any) -> Any:

@@ -2,7 +2,10 @@
 
 :class:`TorchOptimizer` puts :func:`~functorch_reg.sgd`, :func:`~functorch_reg.adam` or
 :func:`~functorch_reg.adamw` behind the ``torch.optim`` interface, so that an existing
-training loop, LR scheduler and checkpoint code use it unchanged.
+training loop, LR scheduler and checkpoint code use it unchanged. This module keeps that
+protocol (param groups, hyperparameters, ``step``, ``zero_grad``, the checkpoint format);
+where each group's state lives, per param or in one flat buffer, is
+``functorch_reg._adapter_groups``'s job.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from ..select import Where
 from ..tree import Params
 from ._fused import adam_kernel
 from .base import (
-    LEAF_TABLES,
     LeafTable,
     Optimizer,
     Prox,
@@ -80,8 +79,11 @@ class AdamState(NamedTuple):
     beta_powers: Tensor
     skipped: Tensor
 
-
-LEAF_TABLES[AdamState] = "beta_powers"
+    @classmethod
+    def leaf_table_field(cls) -> str:
+        """The field that holds a row per leaf in one tensor (see
+        :class:`~functorch_reg.optim.base.LeafTable`)."""
+        return "beta_powers"
 
 
 def adam(

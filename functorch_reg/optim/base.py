@@ -33,22 +33,26 @@ from .decay import References
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]  # noqa: F822
 
 State = Any
-"""An optimizer state: a NamedTuple whose fields are pytrees of tensors.
+"""An optimizer state: a NamedTuple whose fields are pytrees of tensors, ``skipped`` last.
 
-A state type may name one field in :data:`LEAF_TABLES`: that field holds a scalar (or
-a small row) per leaf as a single ``[n_leaves, *row]`` tensor, one row per leaf of the
-flattened params in order, rather than as a pytree of tiny tensors."""
-
-LEAF_TABLES: dict[type, str] = {}
-"""Per state type, the name of its leaf-table field (see :data:`State`), if it has one.
-
-A registry rather than a class attribute of the state: type checkers allow only fields
-in a NamedTuple's body."""
+A state type may keep one *leaf-table* field, named by its classmethod
+``leaf_table_field()`` (e.g. ``AdamState.leaf_table_field() == "beta_powers"``): that
+field holds a scalar (or a small row) per leaf as a single ``[n_leaves, *row]``
+tensor, one row per leaf of the flattened params in order, rather than as a pytree
+of tiny tensors. Read it with :func:`leaf_table_field`, and a state's whole shape
+with :func:`layout`."""
 
 
 def leaf_table_field(state: Any) -> str | None:
-    """The leaf-table field of a state (or state type), or ``None`` when it has none."""
-    return LEAF_TABLES.get(state if isinstance(state, type) else type(state))
+    """The leaf-table field of a state (or state type), as its type's
+    ``leaf_table_field()`` classmethod names it; ``None`` when the type has none.
+
+    >>> import functorch_reg as fr
+    >>> leaf_table_field(fr.AdamState), leaf_table_field(fr.optim.LionState)
+    ('beta_powers', None)
+    """
+    describe = getattr(state if isinstance(state, type) else type(state), "leaf_table_field", None)
+    return None if describe is None else cast(str, describe())
 
 
 class Prox(Protocol):
@@ -180,7 +184,7 @@ class LeafRule(Protocol):
 
 
 class LeafTable(NamedTuple):
-    """How the state's leaf-table field (:data:`LEAF_TABLES`) starts and advances.
+    """How the state's leaf-table field (see :data:`State`) starts and advances.
 
     Scalars that each leaf keeps for itself (Adam's beta products, SGD's update count)
     live in one ``[n_leaves, *row]`` tensor, so a step advances all of them with one
@@ -299,7 +303,7 @@ def build(
     """Lift ``rule`` to an :class:`Optimizer` over pytrees.
 
     ``state_type`` is a NamedTuple whose last field is ``skipped``. Its leaf-table field
-    (if :data:`LEAF_TABLES` names one) is driven by ``table``, and is :data:`DISABLED`
+    (if its ``leaf_table_field()`` names one) is driven by ``table``, and is :data:`DISABLED`
     when ``table`` is ``None``. Its other fields are pytrees shaped like the params, one
     per slot of ``init_slots``, or :data:`DISABLED` when ``init_slots`` gives ``None``
     for them. ``references`` gives each leaf's decay reference (see :mod:`.decay`), checked

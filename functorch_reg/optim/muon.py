@@ -17,7 +17,6 @@ from ..tree import Params, flatten, is_float, matching_leaves, spec_names
 from .adam import AdamState
 from .base import (
     DISABLED,
-    LEAF_TABLES,
     Optimizer,
     Prox,
     State,
@@ -80,8 +79,10 @@ class MuonState(NamedTuple):
     beta_powers: Tensor | tuple[()]
     skipped: Tensor
 
-
-LEAF_TABLES[MuonState] = "beta_powers"
+    @classmethod
+    def leaf_table_field(cls) -> str:
+        """The AdamW part's leaf table (see :class:`~functorch_reg.optim.base.LeafTable`)."""
+        return "beta_powers"
 
 
 _PER_LEAF = ("momentum_buffer", "exp_avg_sq", "max_exp_avg_sq")

@@ -12,7 +12,7 @@ from torch import Tensor
 from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
 from ..select import Where
 from ..tree import Params, flatten, matching_leaves
-from .base import LEAF_TABLES, LeafTable, Optimizer, Prox, State, build, is_zero, resolve
+from .base import LeafTable, Optimizer, Prox, State, build, is_zero, resolve
 from .clipping import with_clipping
 from .decay import decay_options
 
@@ -73,8 +73,11 @@ class ScheduleFreeState(NamedTuple):
     schedule: Tensor
     skipped: Tensor
 
-
-LEAF_TABLES[ScheduleFreeState] = "schedule"
+    @classmethod
+    def leaf_table_field(cls) -> str:
+        """The field that holds a row per leaf in one tensor (see
+        :class:`~functorch_reg.optim.base.LeafTable`)."""
+        return "schedule"
 
 
 def schedule_free_adamw(

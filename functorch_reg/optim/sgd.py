@@ -14,7 +14,6 @@ from ..select import Where
 from ..tree import Params
 from ._fused import sgd_kernel
 from .base import (
-    LEAF_TABLES,
     LeafTable,
     Optimizer,
     Prox,
@@ -75,8 +74,11 @@ class SGDState(NamedTuple):
     count: Tensor | tuple[()]  # type: ignore[assignment]
     skipped: Tensor
 
-
-LEAF_TABLES[SGDState] = "count"
+    @classmethod
+    def leaf_table_field(cls) -> str:
+        """The field that holds a row per leaf in one tensor (see
+        :class:`~functorch_reg.optim.base.LeafTable`)."""
+        return "count"
 
 
 def sgd(

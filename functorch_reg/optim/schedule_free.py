@@ -12,9 +12,8 @@ from torch import Tensor
 from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
 from ..select import Where
 from ..tree import Params, flatten, matching_leaves
-from .base import LeafTable, Optimizer, Prox, State, build, is_zero, resolve
-from .clipping import with_clipping
-from .decay import decay_options
+from .base import LeafTable, Optimizer, Prox, State, is_zero, resolve
+from .regularization import regularization
 
 __all__ = [
     "ScheduleFreeState",
@@ -165,27 +164,7 @@ def schedule_free_adamw(
         >>> fr.schedule_free_point(eval_state)
         'x'
     """
-    return _schedule_free(
-        "schedule_free_adamw",
-        {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "warmup_steps": warmup_steps,
-            "r": r,
-            "weight_lr_power": weight_lr_power,
-            "prox_strength": prox_strength,
-        },
-        decay_at=decay_at,
-        decay_scaling=decay_scaling,
-        cautious_decay=cautious_decay,
-        decay_to=decay_to,
-        mask=mask,
-        prox=prox,
-        skip_nonfinite=skip_nonfinite,
-        clip_grad_norm=clip_grad_norm,
-    )
+    return _schedule_free("schedule_free_adamw", locals())
 
 
 def schedule_free_sgd(
@@ -236,61 +215,27 @@ def schedule_free_sgd(
         >>> params["w"]
         tensor([0.9000, 0.9000])
     """
-    return _schedule_free(
-        "schedule_free_sgd",
-        {
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "warmup_steps": warmup_steps,
-            "r": r,
-            "weight_lr_power": weight_lr_power,
-            "prox_strength": prox_strength,
-        },
-        decay_at=decay_at,
-        decay_scaling=decay_scaling,
-        cautious_decay=cautious_decay,
-        decay_to=decay_to,
-        mask=mask,
-        prox=prox,
-        skip_nonfinite=skip_nonfinite,
-        clip_grad_norm=clip_grad_norm,
-    )
+    return _schedule_free("schedule_free_sgd", locals())
 
 
-def _schedule_free(
-    name: str,
-    hyperparams: dict[str, Any],
-    *,
-    decay_at: str,
-    decay_scaling: str,
-    cautious_decay: bool,
-    decay_to: Params | None,
-    mask: Where,
-    prox: Prox | None,
-    skip_nonfinite: bool,
-    clip_grad_norm: Scalar | None,
-) -> Optimizer:
-    """The Schedule-Free rule: the gradient normalized as Adam's when ``hyperparams``
-    has ``betas``, the raw gradient (SGD) otherwise."""
-    adaptive = "betas" in hyperparams
-    if decay_scaling != "lr":
+def _schedule_free(name: str, arguments: Mapping[str, Any]) -> Optimizer:
+    """The Schedule-Free rule of the public factory ``name``, from its ``arguments``
+    (its ``locals()``): the gradient normalized as Adam's when they hold ``betas``, the
+    raw gradient (SGD) otherwise."""
+    adaptive = "betas" in arguments
+    own = ("lr", "betas", "eps") if adaptive else ("lr", "momentum")
+    names = (*own, "weight_decay", "warmup_steps", "r", "weight_lr_power")
+    hyperparams = {key: arguments[key] for key in names}
+    decay_at, cautious_decay = arguments["decay_at"], arguments["cautious_decay"]
+    if arguments["decay_scaling"] != "lr":
         raise ValueError(
-            f"{name}: decay_scaling={decay_scaling!r} does not apply: the decay "
+            f"{name}: decay_scaling={arguments['decay_scaling']!r} does not apply: the decay "
             "enters the step direction, which both sequences follow with the scheduled lr "
             "(so it scales with the lr already); only 'lr' is accepted"
         )
     if decay_at not in ("y", "z"):
         raise ValueError(f"{name}: decay_at must be 'y' or 'z', got {decay_at!r}")
-    _, references = decay_options(
-        name,
-        lr=hyperparams["lr"],
-        decoupled=True,
-        decay_scaling="lr",
-        decay_reference_lr=None,
-        cautious_decay=cautious_decay,
-        decay_to=decay_to,
-    )
+    options = regularization(name, arguments, decoupled=True)
 
     def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
         return p.detach().clone(), torch.zeros_like(p) if adaptive else None
@@ -345,21 +290,15 @@ def _schedule_free(
         z = z - direction * lr_t.to(p.dtype)
         return y, (z, exp_avg_sq)
 
-    optimizer = build(
-        name,
-        state_type=ScheduleFreeState,
-        init_slots=init_slots,
-        rule=rule,
-        hyperparams=hyperparams,
-        intervals=_INTERVALS,
-        mask=mask,
-        prox=prox,
-        skip_nonfinite=skip_nonfinite,
+    optimizer = options.build(
+        hyperparams,
+        ScheduleFreeState,
+        init_slots,
+        rule,
+        _INTERVALS,
         table=LeafTable(init_row, advance),
-        references=references,
     )
-    guarded = _refusing_eval_point(name, optimizer)
-    return with_clipping(name, guarded, clip_grad_norm)
+    return options.finish(_refusing_eval_point(name, optimizer))
 
 
 def _refusing_eval_point(name: str, optimizer: Optimizer) -> Optimizer:

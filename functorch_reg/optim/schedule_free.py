@@ -3,6 +3,7 @@ params between its training point :math:`y` and its evaluation point :math:`x`."
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -240,24 +241,6 @@ def _schedule_free(name: str, arguments: Mapping[str, Any]) -> Optimizer:
     def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
         return p.detach().clone(), torch.zeros_like(p) if adaptive else None
 
-    def init_row(device: torch.device) -> Tensor:
-        return torch.tensor([0.0, -1.0, 0.0, 1.0], dtype=torch.float64, device=device)
-
-    def advance(table: Tensor, h: Mapping[str, Scalar]) -> tuple[Tensor, Tensor]:
-        k, lr_max, weight_sum, mode = table.unbind(1)
-        t = k + 1
-        warmup = h["warmup_steps"]
-        # The division by a zero warmup is discarded by where (k < 0 never holds).
-        sched = torch.where(k < warmup, t / warmup, torch.ones_like(t))
-        lr_t = h["lr"] * sched
-        lr_max = torch.maximum(lr_t, lr_max)
-        weight = t ** h["r"] * lr_max ** h["weight_lr_power"]
-        weight_sum = weight_sum + weight
-        ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight))
-        bias_correction2 = 1 - h["beta2"] ** t if adaptive else torch.ones_like(t)
-        derived = torch.stack([lr_t, ckp1, bias_correction2], dim=1)
-        return torch.stack([t, lr_max, weight_sum, mode], dim=1), derived
-
     def rule(
         p: Tensor,
         g: Tensor,
@@ -296,9 +279,34 @@ def _schedule_free(name: str, arguments: Mapping[str, Any]) -> Optimizer:
         init_slots,
         rule,
         _INTERVALS,
-        table=LeafTable(init_row, advance),
+        table=LeafTable(_init_schedule, functools.partial(_advance_schedule, adaptive)),
     )
     return options.finish(_refusing_eval_point(name, optimizer))
+
+
+def _init_schedule(device: torch.device) -> Tensor:
+    """A leaf's row before its first step: ``k = 0``, no lr yet, no weight, at ``y``."""
+    return torch.tensor([0.0, -1.0, 0.0, 1.0], dtype=torch.float64, device=device)
+
+
+def _advance_schedule(
+    adaptive: bool, table: Tensor, h: Mapping[str, Scalar]
+) -> tuple[Tensor, Tensor]:
+    """The ``schedule`` table after one step, and per leaf the rule's ``(lr_t, c_t,
+    1 - beta2^t)`` (``1`` for the SGD form)."""
+    k, lr_max, weight_sum, mode = table.unbind(1)
+    t = k + 1
+    warmup = h["warmup_steps"]
+    # The division by a zero warmup is discarded by where (k < 0 never holds).
+    sched = torch.where(k < warmup, t / warmup, torch.ones_like(t))
+    lr_t = h["lr"] * sched
+    lr_max = torch.maximum(lr_t, lr_max)
+    weight = t ** h["r"] * lr_max ** h["weight_lr_power"]
+    weight_sum = weight_sum + weight
+    ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight))
+    bias_correction2 = 1 - h["beta2"] ** t if adaptive else torch.ones_like(t)
+    derived = torch.stack([lr_t, ckp1, bias_correction2], dim=1)
+    return torch.stack([t, lr_max, weight_sum, mode], dim=1), derived
 
 
 def _refusing_eval_point(name: str, optimizer: Optimizer) -> Optimizer:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import sweep_data
+from .._checks import check_positive_int
 from ..flat import FlatParams, pack
 from ..modules import Logits, logits_of
 from ..optim import Optimizer
@@ -276,8 +277,7 @@ def probe(
 
 
 def _check_steps_and_select(steps: Any, select: Any) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"sweep: steps must be a positive int, got {steps!r}")
+    check_positive_int("sweep", "steps", steps)
     if select not in ("val_loss", "val_accuracy") and not callable(select):
         raise ValueError(
             f"sweep: select must be 'val_loss', 'val_accuracy' or a callable, got {select!r}"

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from .._checks import check_positive_int
 from ..flat import FlatParams
 from ..modules import split_module, unwrap
 from ..optim import Optimizer
@@ -198,8 +199,7 @@ def init_ensemble(
         >>> members["weight"].shape
         torch.Size([4, 2, 3])
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"init_ensemble: n must be a positive int, got {n!r}")
+    check_positive_int("init_ensemble", "n", n)
     where = torch.arange(n) if positions is None else torch.as_tensor(positions).long().cpu()
     if where.shape != (n,) or (where < 0).any():
         raise ValueError(f"init_ensemble: positions must be {n} non-negative ints, got {where}")

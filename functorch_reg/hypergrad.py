@@ -405,11 +405,10 @@ def tune(
     Raises:
         TypeError: ``strengths`` is not a floating tensor; ``optimizer`` is not a
             functorch_reg ``Optimizer``.
-        ValueError: before training, ``strengths`` not positive and finite, a params
-            leaf not finite, ``rounds`` or ``steps_per_round`` not a positive int, an
-            unknown ``method``, ``hyper_lr`` not positive and finite; at the first
-            implicit hypergradient (after the first round's training steps),
-            ``maxiter`` not a positive int or ``damping`` negative.
+        ValueError: before any forward pass, ``strengths`` not positive and finite, a
+            params leaf not finite, ``rounds``, ``steps_per_round`` or ``maxiter`` not a
+            positive int, an unknown ``method``, ``hyper_lr`` not positive and finite,
+            ``damping`` negative or not finite.
 
     Example:
         Noise-free targets: less regularization is better, and the strength falls.
@@ -426,16 +425,9 @@ def tune(
         >>> result.train_steps, bool(result.strengths < 0.5)
         (50, True)
     """
-    _check_strengths("tune", strengths)
-    _check_positive_int("tune", "rounds", rounds)
-    _check_positive_int("tune", "steps_per_round", steps_per_round)
-    _check_optimizer("tune", optimizer)
-    if method not in ("implicit", "unrolled"):
-        raise ValueError(f"tune: method must be 'implicit' or 'unrolled', got {method!r}")
-    if not bool((strengths > 0).all()):
-        raise ValueError(f"tune: strengths must be positive (tuned in log space), got {strengths}")
-    if not _positive_finite(hyper_lr):
-        raise ValueError(f"tune: hyper_lr must be a positive, finite float, got {hyper_lr!r}")
+    _check_tune_arguments(
+        strengths, optimizer, rounds, steps_per_round, method, hyper_lr, maxiter, damping
+    )
     split = _Split(params)
     _check_params("tune", split, strengths, finite=True)
     hyper_optimizer = adam(lr=hyper_lr)
@@ -448,25 +440,12 @@ def tune(
     bar = tqdm(range(rounds), desc="tune strengths", disable=not progress)
     for round_index in bar:
         current = log_strengths.exp()
-        previous = split
-        if method == "unrolled":
-            hyper, trained, state = _unroll(
-                train_loss, val_loss, split, current, optimizer, state, steps_per_round, False
-            )
-            split = _Split(trained)
-        else:
-            floats = split.floats
-            for _ in range(steps_per_round):
-                gradient = _train_grad(train_loss, split, floats, current)
-                new_params, state = optimizer.step(
-                    split.tree(floats), split.grads_tree(gradient), state
-                )
-                floats = split.float_leaves(new_params)
-            split = _Split(split.tree(floats))
-            hyper, _ = _implicit_unchecked(split, current, train_loss, val_loss, maxiter, damping)
-        hyper = hyper.detach()
-        val = _value(val_loss, split.tree(split.floats)).detach()
-        problem = _nonfinite_round(split, val, hyper, method)
+        trained, state, hyper = _tune_round(
+            train_loss, val_loss, split, current, optimizer, state, steps_per_round, method,
+            maxiter, damping,
+        )  # fmt: skip
+        val = _value(val_loss, trained.tree(trained.floats)).detach()
+        problem = _nonfinite_round(trained, val, hyper, method)
         if problem is not None:
             warnings.warn(
                 f"hypergrad.tune: stopped at round {round_index + 1} of {rounds} (after "
@@ -476,8 +455,8 @@ def tune(
                 RuntimeWarning,
                 stacklevel=2,
             )
-            split = previous
             break
+        split = trained
         done += steps_per_round
         log_strengths, hyper_state = hyper_optimizer.step(
             log_strengths, hyper * current, hyper_state
@@ -503,6 +482,60 @@ def tune(
         train_steps=done,
         history=history,
     )
+
+
+def _check_tune_arguments(
+    strengths: Any,
+    optimizer: Any,
+    rounds: Any,
+    steps_per_round: Any,
+    method: Any,
+    hyper_lr: Any,
+    maxiter: Any,
+    damping: Any,
+) -> None:
+    """Every argument of :func:`tune` but the params, before any forward pass."""
+    _check_strengths("tune", strengths)
+    _check_positive_int("tune", "rounds", rounds)
+    _check_positive_int("tune", "steps_per_round", steps_per_round)
+    _check_optimizer("tune", optimizer)
+    if method not in ("implicit", "unrolled"):
+        raise ValueError(f"tune: method must be 'implicit' or 'unrolled', got {method!r}")
+    if not bool((strengths > 0).all()):
+        raise ValueError(f"tune: strengths must be positive (tuned in log space), got {strengths}")
+    if not _positive_finite(hyper_lr):
+        raise ValueError(f"tune: hyper_lr must be a positive, finite float, got {hyper_lr!r}")
+    _check_solver_settings("tune", maxiter, 1e-10, damping)
+
+
+def _tune_round(
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    split: _Split,
+    strengths: Tensor,
+    optimizer: Optimizer,
+    state: Any,
+    steps: int,
+    method: str,
+    maxiter: int,
+    damping: float,
+) -> tuple[_Split, Any, Tensor]:
+    """One round of :func:`tune`: ``steps`` optimizer steps from ``(split, state)`` and
+    the hypergradient; returns the trained params, the optimizer state and the
+    hypergradient (detached)."""
+    if method == "unrolled":
+        hyper, trained, state = _unroll(
+            train_loss, val_loss, split, strengths, optimizer, state, steps, False
+        )
+        return _Split(trained), state, hyper.detach()
+    floats = split.floats
+    for _ in range(steps):
+        gradient = _train_grad(train_loss, split, floats, strengths)
+        new_params, state = optimizer.step(split.tree(floats), split.grads_tree(gradient), state)
+        floats = split.float_leaves(new_params)
+    split = _Split(split.tree(floats))
+    hyper, _ = _implicit_unchecked(split, strengths, train_loss, val_loss, maxiter, damping)
+    return split, state, hyper.detach()
 
 
 def _implicit_unchecked(

@@ -826,7 +826,9 @@ def _implicit(
 Optimality = Callable[[Leaves, Tensor], Leaves]
 """``fun(w, strengths) -> leaves shaped like w``, the map an optimality condition is made of."""
 
-Solve = Callable[[Callable[[Leaves], Leaves], Leaves, Callable[[Leaves], Leaves]], Leaves]
+Matvec = Callable[[Leaves], Leaves]
+
+Solve = Callable[[Matvec, Leaves, Matvec], Leaves]
 """``solve(matvec, b, rmatvec) -> x`` with ``matvec(x) = A x`` and ``rmatvec(y) = A^T y``."""
 
 
@@ -912,7 +914,9 @@ def _root_vjp(
             return transpose_matvec(x)
         return damped(x, jvp(lambda floats: optimality.fun(floats, strengths), (w,), (x,))[1])
 
-    system, forward, rhs = transpose_matvec, matvec, cotangent
+    system: Matvec = transpose_matvec
+    forward: Matvec = matvec
+    rhs = cotangent
     if support is not None:
         system, forward = _restrict(transpose_matvec, support), _restrict(matvec, support)
         rhs = tuple(m * v for m, v in zip(support, cotangent, strict=True))
@@ -926,7 +930,7 @@ def _root_vjp(
     return _RootVJP(hypergradient, residual, rhs_norm, value)
 
 
-def _restrict(matvec: Callable[[Leaves], Leaves], mask: Leaves) -> Callable[[Leaves], Leaves]:
+def _restrict(matvec: Matvec, mask: Leaves) -> Matvec:
     """``x -> D A D x`` for ``matvec = A`` and the 0/1 diagonal ``D`` of ``mask``."""
 
     def restricted(x: Leaves) -> Leaves:

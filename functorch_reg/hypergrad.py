@@ -22,6 +22,9 @@ the cost of a few trainings. Two forms:
 :func:`tune` alternates training steps with steps on :math:`\log\lambda`, tuning
 per-layer strengths within one training run.
 
+:func:`cg` and :func:`normal_cg` are the linear solvers behind ``implicit``'s
+``solver="cg"`` and ``"normal_cg"``, for a ``solver=`` callable of one's own.
+
 ``train_loss(params, strengths)`` is the training objective, penalties included, and
 ``val_loss(params)`` the validation loss; both return a 0-d tensor. ``strengths`` is a
 floating 0-d tensor or a vector (e.g. one strength per layer), and the hypergradient
@@ -58,7 +61,7 @@ from .tree import Params, flatten, is_float, spec_names
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["TuneHistory", "TuneResult", "implicit", "tune", "unrolled"]
+__all__ = ["TuneHistory", "TuneResult", "cg", "implicit", "normal_cg", "tune", "unrolled"]
 
 Leaves = tuple[Tensor, ...]
 TrainLoss = Callable[[Params, Tensor], Tensor]
@@ -153,8 +156,8 @@ def implicit(
             :math:`(1 + \text{damping}) I - \partial_w T^\top` with one (not symmetric in
             general, and not restricted to the support); ``maxiter`` does not apply to it,
             ``tol`` only sets when the residual warning fires. For example
-            ``functools.partial(cg, maxiter=50, tol=1e-8)`` with ``cg`` from
-            ``functorch_reg._linear_solve``, or a wrapper that counts products.
+            ``functools.partial(fr.hypergrad.cg, maxiter=50, tol=1e-8)``, or a wrapper
+            of it that counts products.
         maxiter: iterations of the solver (matrix-vector products).
         tol: relative residual at which the solver stops.
         damping: added to the Hessian (``H + damping * I``), for non-convex losses;

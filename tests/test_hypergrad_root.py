@@ -174,3 +174,16 @@ def test_implicit_checks_settings_before_any_forward_pass():
     with pytest.raises(ValueError, match="damping must be"):
         fr.hypergrad.implicit(counted, val, w, lam, damping=-0.1)
     assert calls == []
+
+
+def test_the_public_solvers_through_the_solver_seam_equal_the_named_solvers():
+    train, val, w, lam = ridge()
+    cg = functools.partial(fr.hypergrad.cg, maxiter=30, tol=1e-10)
+
+    def normal_cg(matvec, b):  # the Hessian is symmetric: A^T is A
+        return fr.hypergrad.normal_cg(matvec, b, rmatvec=matvec, maxiter=30, tol=1e-10)
+
+    for name, given in [("cg", cg), ("normal_cg", normal_cg)]:
+        got = fr.hypergrad.implicit(train, val, w, lam, solver=given, maxiter=30)
+        expected = fr.hypergrad.implicit(train, val, w, lam, solver=name, maxiter=30)
+        assert torch.equal(got, expected), name

@@ -54,6 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from . import _plot
+from ._checks import check_positive_int
 from ._linear_solve import cg, norm, normal_cg
 from .optim import Optimizer, adam
 from .tree import Params, flatten, is_float, spec_names
@@ -712,8 +713,7 @@ def _positive_finite(value: Any) -> bool:
 
 
 def _check_positive_int(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"hypergrad.{owner}: {name} must be a positive int, got {value!r}")
+    check_positive_int(f"hypergrad.{owner}", name, value)
 
 
 def _check_solver_settings(owner: str, maxiter: Any, tol: Any, damping: Any) -> None:

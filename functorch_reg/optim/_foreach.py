@@ -183,6 +183,38 @@ class TensorList:
     def __rtruediv__(self, other: Any) -> Any:
         return _map(torch.div, (other, self), {})
 
+    # The fused elementwise methods a rule calls on a Tensor, as one foreach call each.
+    def mul(self, other: Any) -> Any:
+        temps = sys.getrefcount(self) <= _METHOD_TEMPORARY[0], False
+        return _binary("mul", self, other, *temps)
+
+    def add(self, other: Any, *, alpha: Any = 1) -> Any:
+        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0]
+        if _is_scalar(alpha) and alpha == 1:
+            return _binary("add", self, other, temporary, False)
+        if not isinstance(other, TensorList) or not _is_scalar(alpha):
+            return _map(Tensor.add, (self, other), {"alpha": alpha})
+        return _fused("add", self, (other,), {"alpha": alpha}, temporary)
+
+    def lerp(self, end: Any, weight: Any) -> Any:
+        """``self + weight * (end - self)``, as ``Tensor.lerp``."""
+        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0]
+        if isinstance(weight, Tensor) and weight.dim() == 0:
+            weight = TensorList([weight] * len(self.tensors), SCALARS)
+        if not _is_scalar(weight) and not isinstance(weight, TensorList):
+            return _map(Tensor.lerp, (self, end, weight), {})
+        return _fused("lerp", self, (end, weight), {}, temporary)
+
+    def addcmul(self, tensor1: Any, tensor2: Any, *, value: Any = 1) -> Any:
+        """``self + value * tensor1 * tensor2``, as ``Tensor.addcmul``."""
+        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0]
+        return _fused("addcmul", self, (tensor1, tensor2), {"value": value}, temporary)
+
+    def addcdiv(self, tensor1: Any, tensor2: Any, *, value: Any = 1) -> Any:
+        """``self + value * tensor1 / tensor2``, as ``Tensor.addcdiv``."""
+        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0]
+        return _fused("addcdiv", self, (tensor1, tensor2), {"value": value}, temporary)
+
     def __pow__(self, other: Any) -> Any:
         return _binary("pow", self, other, False, False)
 
@@ -241,6 +273,9 @@ class _Probe:
     def __mul__(self, other: Any) -> tuple[int, int]:
         return sys.getrefcount(self), sys.getrefcount(other)
 
+    def mul(self, other: Any) -> tuple[int, int]:
+        return sys.getrefcount(self), sys.getrefcount(other)
+
 
 def _measure_temporaries() -> tuple[int, int]:
     """The reference counts that an operator's ``self`` and ``other`` have when they are
@@ -254,7 +289,18 @@ def _measure_temporaries() -> tuple[int, int]:
     return temporary
 
 
+def _measure_method_temporaries() -> tuple[int, int]:
+    """As :func:`_measure_temporaries`, for a method call ``a.mul(b)``."""
+    temporary = _Probe().mul(_Probe())
+    left, right = _Probe(), _Probe()
+    named = left.mul(right)
+    if temporary[0] >= named[0] or temporary[1] >= named[1]:
+        return -1, -1
+    return temporary
+
+
 _TEMPORARY = _measure_temporaries()
+_METHOD_TEMPORARY = _measure_method_temporaries()
 
 
 def _check_length(a: TensorList, b: TensorList) -> list[Tensor]:
@@ -324,6 +370,40 @@ def _binary(name: str, a: TensorList, b: Any, a_temporary: bool, b_temporary: bo
                 torch._foreach_add_(b.tensors, a.tensors)
                 return b
     return TensorList(getattr(torch, f"_foreach_{name}")(a.tensors, other), layout, owned=True)
+
+
+def _fused(
+    name: str, a: TensorList, operands: tuple[Any, ...], kwargs: dict[str, Any], temporary: bool
+) -> Any:
+    """``a.<name>(*operands, **kwargs)`` (``lerp``, ``addcmul``, ``addcdiv``, ``add``
+    with ``alpha``) as one foreach call: in place in ``a`` where ``a`` is a temporary
+    of the result's layout, else into new tensors. Operands are TensorLists of ``a``'s
+    length, 0-d tensors (broadcast, as a list) or, for ``lerp``'s weight, a number;
+    anything else, or a tensor ``value``, runs leaf by leaf as ``Tensor.<name>``."""
+    if not all(_is_scalar(v) for v in kwargs.values()):
+        return _map(getattr(Tensor, name), (a, *operands), kwargs)
+    lists: list[Any] = []
+    layout = a.layout
+    for operand in operands:
+        if isinstance(operand, TensorList):
+            lists.append(_check_length(a, operand))
+        elif isinstance(operand, Tensor) and operand.dim() == 0 and name != "lerp":
+            lists.append([operand] * len(a.tensors))
+        elif _is_scalar(operand) and name == "lerp":
+            lists.append(operand)
+        else:
+            return _map(getattr(Tensor, name), (a, *operands), kwargs)
+        layout = _result_layout(_token(layout), operand)
+    if isinstance(layout, Layout) and temporary and a.owned and a.layout is layout:
+        getattr(torch, f"_foreach_{name}_")(a.tensors, *lists, **kwargs)
+        return a
+    result = getattr(torch, f"_foreach_{name}")(a.tensors, *lists, **kwargs)
+    return TensorList(result, layout, owned=True)
+
+
+def _token(layout: Layout | str | None) -> TensorList:
+    """An empty TensorList carrying ``layout``, to fold :func:`_result_layout`."""
+    return TensorList((), layout)
 
 
 def _map(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:

@@ -260,18 +260,30 @@ def adam(
         weight_decay = decay_rate(h, decay_scaling) if decay else 0.0
         if not is_zero(weight_decay) and not decoupled:
             g = g + weight_decay * p
-        exp_avg = exp_avg + (g - exp_avg) * (1 - beta1)
-        exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * (g * g)
+        # torch.optim's fused elementwise ops, one pass over memory each (on a
+        # TensorList, one foreach call each, in place in its temporaries).
+        exp_avg = exp_avg.lerp(g, 1 - beta1)
+        if isinstance(beta2, Tensor):  # addcmul's value is a number: (1 - beta2) g g
+            exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(g * (1 - beta2), g)
+        else:
+            exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(g, g, value=1 - beta2)
         if max_exp_avg_sq is not None:
             max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
         second = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
         step_size, bias_correction2_sqrt = row.unbind()
         denom = second.sqrt() / bias_correction2_sqrt + h["eps"]
-        direction = exp_avg / denom
+        # p - step_size * exp_avg / denom, as torch.optim's addcdiv with value=-step_size
+        # (step_size is a tensor here, so it scales exp_avg first; -1 is exact).
+        step = exp_avg * step_size
         if not is_zero(weight_decay) and decoupled:
             coefficient = decay_coefficient(h, weight_decay, decay_scaling)
-            p = decayed(p, coefficient, direction, reference=reference, cautious=cautious_decay)
-        new_p = p - step_size * direction
+            # The cautious mask reads the direction exp_avg / denom; the plain decay does not.
+            direction = exp_avg / denom if cautious_decay else exp_avg
+            new_p = decayed(
+                p, coefficient, direction, reference=reference, cautious=cautious_decay
+            ).addcdiv(step, denom, value=-1)
+        else:
+            new_p = p.addcdiv(step, denom, value=-1)
         if in_metric:
             return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq), denom
         return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq)

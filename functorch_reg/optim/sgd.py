@@ -213,17 +213,23 @@ def sgd(
                 raise ValueError("sgd: momentum override needs a state made with momentum != 0")
             # buf starts at zero, so the first step gives buf = g as in torch.optim.SGD.
             started = row.to(g.dtype)
-            buf = h["momentum"] * buf + (1 - h["dampening"] * started) * g
+            # torch.optim's buf.mul_(momentum).add_(g, alpha=1 - dampening), with the
+            # weight a tensor: two passes over memory (one foreach call each on a list).
+            buf = buf.mul(h["momentum"]).addcmul(g, 1 - h["dampening"] * started)
             g = g + h["momentum"] * buf if nesterov else buf
         elif not is_zero(h["momentum"]):
             raise ValueError("sgd: momentum override needs a state made with momentum != 0")
         if not is_zero(weight_decay) and decoupled:
             coefficient = decay_coefficient(h, weight_decay, decay_scaling)
             p = decayed(p, coefficient, g, reference=reference, cautious=cautious_decay)
+        lr = h["lr"]
+        # p - lr * g in one pass, as torch.optim's p.add_(g, alpha=-lr); a tensor lr
+        # (scheduled, swept) scales g instead, as alpha takes a number only.
+        new_p = p.addcmul(g, lr, value=-1) if isinstance(lr, Tensor) else p.add(g, alpha=-lr)
         if in_metric:
             # The steady state of the buffer is (1 - tau) g / (1 - mu).
-            return p - h["lr"] * g, (buf,), (1 - h["momentum"]) / (1 - h["dampening"])
-        return p - h["lr"] * g, (buf,)
+            return new_p, (buf,), (1 - h["momentum"]) / (1 - h["dampening"])
+        return new_p, (buf,)
 
     return options.finish(
         options.build(

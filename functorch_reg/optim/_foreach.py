@@ -77,7 +77,7 @@ class TensorList:
         [tensor([3., 3.]), tensor([1., 1., 1.])]
     """
 
-    __slots__ = ("layout", "owned", "tensors")
+    __slots__ = ("donated", "layout", "owned", "tensors")
 
     def __init__(
         self, tensors: Iterable[Tensor], layout: Layout | str | None = None, owned: bool = False
@@ -85,6 +85,10 @@ class TensorList:
         self.tensors: list[Tensor] = list(tensors)
         self.layout = layout
         self.owned = owned  # the tensors were made by an op here, for this list only
+        # The caller's storage, which the first fused method called on this list (mul,
+        # add, lerp, addcmul, addcdiv) may overwrite: set by step_ for a rule that never
+        # reads an input again after calling such a method on it (see base.build).
+        self.donated = False
 
     # A rule's len(x) or iteration means the leaf's rows, not the leaves.
     def __len__(self) -> int:
@@ -183,13 +187,23 @@ class TensorList:
     def __rtruediv__(self, other: Any) -> Any:
         return _map(torch.div, (other, self), {})
 
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """``Tensor.to`` leaf by leaf; a list of real 0-d tensors stays one (a row
+        cast to the leaves' dtype still broadcasts without promoting them)."""
+        result = _map(Tensor.to, (self, *args), kwargs)
+        if self.layout == SCALARS and all(
+            t.dim() == 0 and not t.is_complex() for t in result.tensors
+        ):
+            result.layout = SCALARS
+        return result
+
     # The fused elementwise methods a rule calls on a Tensor, as one foreach call each.
     def mul(self, other: Any) -> Any:
-        temps = sys.getrefcount(self) <= _METHOD_TEMPORARY[0], False
+        temps = sys.getrefcount(self) <= _METHOD_TEMPORARY[0] or self.donated, False
         return _binary("mul", self, other, *temps)
 
     def add(self, other: Any, *, alpha: Any = 1) -> Any:
-        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0]
+        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0] or self.donated
         if _is_scalar(alpha) and alpha == 1:
             return _binary("add", self, other, temporary, False)
         if not isinstance(other, TensorList) or not _is_scalar(alpha):
@@ -198,7 +212,7 @@ class TensorList:
 
     def lerp(self, end: Any, weight: Any) -> Any:
         """``self + weight * (end - self)``, as ``Tensor.lerp``."""
-        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0]
+        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0] or self.donated
         if isinstance(weight, Tensor) and weight.dim() == 0:
             weight = TensorList([weight] * len(self.tensors), SCALARS)
         if not _is_scalar(weight) and not isinstance(weight, TensorList):
@@ -207,12 +221,12 @@ class TensorList:
 
     def addcmul(self, tensor1: Any, tensor2: Any, *, value: Any = 1) -> Any:
         """``self + value * tensor1 * tensor2``, as ``Tensor.addcmul``."""
-        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0]
+        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0] or self.donated
         return _fused("addcmul", self, (tensor1, tensor2), {"value": value}, temporary)
 
     def addcdiv(self, tensor1: Any, tensor2: Any, *, value: Any = 1) -> Any:
         """``self + value * tensor1 / tensor2``, as ``Tensor.addcdiv``."""
-        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0]
+        temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0] or self.donated
         return _fused("addcdiv", self, (tensor1, tensor2), {"value": value}, temporary)
 
     def __pow__(self, other: Any) -> Any:
@@ -358,9 +372,9 @@ def _binary(name: str, a: TensorList, b: Any, a_temporary: bool, b_temporary: bo
         name, other = "add", -b
     layout = _result_layout(a, b)
     if isinstance(layout, Layout):
-        if a_temporary and a.owned and a.layout is layout and name != "pow":
+        if a_temporary and (a.owned or a.donated) and a.layout is layout and name != "pow":
             getattr(torch, f"_foreach_{name}_")(a.tensors, other)
-            return a
+            return _written(a)
         if b_temporary and isinstance(b, TensorList) and b.owned and b.layout is layout:
             if name in ("add", "mul"):  # commutes bit for bit
                 getattr(torch, f"_foreach_{name}_")(b.tensors, a.tensors)
@@ -394,11 +408,20 @@ def _fused(
         else:
             return _map(getattr(Tensor, name), (a, *operands), kwargs)
         layout = _result_layout(_token(layout), operand)
-    if isinstance(layout, Layout) and temporary and a.owned and a.layout is layout:
+    if isinstance(layout, Layout) and temporary and (a.owned or a.donated) and a.layout is layout:
         getattr(torch, f"_foreach_{name}_")(a.tensors, *lists, **kwargs)
-        return a
+        return _written(a)
     result = getattr(torch, f"_foreach_{name}")(a.tensors, *lists, **kwargs)
     return TensorList(result, layout, owned=True)
+
+
+def _written(a: TensorList) -> TensorList:
+    """``a`` after an op wrote its result into it: a donated list's storage now holds
+    the result, as a new temporary (the donation is used up)."""
+    if not a.donated:
+        return a
+    a.donated = False
+    return TensorList(a.tensors, a.layout, owned=True)
 
 
 def _token(layout: Layout | str | None) -> TensorList:

@@ -299,6 +299,7 @@ def adam(
             fused=adam_kernel(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
             if fused
             else None,
+            donates=True,  # reads p and each slot no more after a fused method
         )
     )
 

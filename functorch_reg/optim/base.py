@@ -299,6 +299,7 @@ def build(
     references: References | None = None,
     check: Callable[[Mapping[str, Scalar]], None] | None = None,
     fused: FusedStep | None = None,
+    donates: bool = False,
 ) -> Optimizer:
     """Lift ``rule`` to an :class:`Optimizer` over pytrees.
 
@@ -312,6 +313,14 @@ def build(
     ``fused`` (see :class:`FusedStep`) steps the groups of leaves whose options it
     implements outside ``torch.compile``; the prox, when one is set, then runs through
     ``rule`` instead.
+
+    ``donates=True`` promises that ``rule`` never reads ``p`` or a slot again after
+    calling one of the fused methods ``mul``, ``add``, ``lerp``, ``addcmul`` or
+    ``addcdiv`` on it (``m = m.lerp(g, w)``, never ``m.lerp(g, w) + m``). ``step_`` may
+    then run the rule on a group of leaves after every check has passed, with those
+    methods writing straight into the params and state (no new tensors, no copy
+    back): for a group whose rule already ran elementwise with the same leaves and
+    kinds of hyperparameters, without ``skip_nonfinite`` and without a prox on it.
     """
     lift = _Lift(
         name,
@@ -327,6 +336,7 @@ def build(
         references=references,
         check=check,
         fused=fused,
+        donates=donates,
     )
 
     def step(params: Params, grads: Params, state: State, **overrides: Any) -> tuple[Params, State]:
@@ -376,11 +386,13 @@ class _Lift:
         references: References | None,
         check: Callable[[Mapping[str, Scalar]], None] | None,
         fused: FusedStep | None,
+        donates: bool = False,
     ) -> None:
         self.name, self.state_type, self.init_slots, self.rule = name, state_type, init_slots, rule
         self.intervals, self.mask, self.prox, self.table = intervals, mask, prox, table
         self.skip_nonfinite, self.references, self.check = skip_nonfinite, references, check
-        self.fused = fused
+        self.fused, self.donates = fused, donates
+        self.elementwise: set[tuple[Any, ...]] = set()  # groups the rule ran over as lists
         self.defaults = {key: _numbers_of(value) for key, value in hyperparams.items()}
         self.resolved({})
         self.table_field = leaf_table_field(state_type)
@@ -557,6 +569,17 @@ class _Lift:
                     else:
                         run(targets, grads_group, found_inf)
                     continue
+            key = _group_key(indices, inputs, h) if self.donates else None
+            if in_place and finite is None and not (decay and proxed) and key in self.elementwise:
+                targets = _fused_targets(indices, new_values, in_place)
+                written.extend(
+                    (c, i) for c, column in enumerate(targets) if column for i in indices
+                )
+                run = functools.partial(
+                    _grouped_rule, self.rule, indices, leaves, grad_leaves, columns, derived
+                )
+                pending.append(functools.partial(_donated_run, run, refs, h, decay, targets))
+                continue
             try:
                 results = _grouped_rule(
                     self.rule, indices, leaves, grad_leaves, columns, derived, refs, h, decay
@@ -565,6 +588,8 @@ class _Lift:
                 for i in indices:
                     per_leaf(i)
                 continue
+            if key is not None:
+                self.elementwise.add(key)
             stepped.update(zip(indices, results, strict=True))
         return stepped, written, pending
 
@@ -614,6 +639,7 @@ class _Lift:
             references=self.references,
             check=self.check,
             fused=self.fused,
+            donates=self.donates,
         )
 
 
@@ -891,16 +917,18 @@ def _grouped_rule(
     refs: Sequence[Tensor | None],
     h: Mapping[str, Scalar],
     decay: bool,
+    donate: bool = False,
 ) -> list[Any]:
     """``rule`` over the group's leaves at once, as TensorLists: per leaf,
     what ``rule`` gives on that leaf alone. Raises :class:`NotElementwiseError` when the
-    rule needs a leaf's own shape (then each leaf steps alone)."""
+    rule needs a leaf's own shape (then each leaf steps alone). With ``donate``, the
+    params and slots are donated (see :func:`build`): the rule may write into them."""
     first = indices[0]
     params = [leaves[i] for i in indices]
     layout = layout_of(params)
     shapes = [p.shape for p in params]
 
-    def group(column: Sequence[Any]) -> TensorList | None:
+    def group(column: Sequence[Any], donated: bool = False) -> TensorList | None:
         if column[first] is None:
             return None
         tensors = [column[i] for i in indices]
@@ -910,7 +938,9 @@ def _grouped_rule(
             t.shape == shape and t.dtype == params[0].dtype
             for t, shape in zip(tensors, shapes, strict=True)
         )
-        return TensorList(tensors, layout if same else None)
+        result = TensorList(tensors, layout if same else None)
+        result.donated = donated
+        return result
 
     row = None
     if derived is not None:
@@ -920,9 +950,9 @@ def _grouped_rule(
         else:
             row = Rows(derived[torch.tensor(indices, device=derived.device)])
     output = rule(
-        cast(Tensor, group(leaves)),
+        cast(Tensor, group(leaves, donate)),
         cast(Tensor, group(grad_leaves)),
-        tuple(cast(Tensor | None, group(column)) for column in columns),
+        tuple(cast(Tensor | None, group(column, donate)) for column in columns),
         cast(Tensor | None, row),
         h,
         decay,
@@ -947,6 +977,46 @@ def _grouped_rule(
         per_leaf = metric.tensors if isinstance(metric, TensorList) else [metric] * len(indices)
         results = [(*result, m) for result, m in zip(results, per_leaf, strict=True)]
     return results
+
+
+def _group_key(indices: list[int], inputs: _Gathered, h: Mapping[str, Scalar]) -> tuple[Any, ...]:
+    """What decides the path a rule takes over a group: its leaves (shape, dtype,
+    device, memory layout), which slots and references it has, and the kinds of the
+    hyperparameters (tensor, number, zero)."""
+    tensors = [inputs.leaves, inputs.grads, *inputs.columns, inputs.refs]
+    leaves = tuple(
+        None if column[i] is None else (column[i].shape, column[i].dtype, column[i].stride())
+        for column in tensors
+        for i in indices
+    )
+    kinds = tuple((key, type(value), is_zero(value)) for key, value in h.items())
+    return (
+        tuple(indices),
+        inputs.leaves[indices[0]].device,
+        inputs.decays[indices[0]],
+        leaves,
+        kinds,
+    )
+
+
+def _donated_run(
+    run: Callable[..., list[Any]],
+    refs: Sequence[Tensor | None],
+    h: Mapping[str, Scalar],
+    decay: bool,
+    targets: list[list[Tensor]],
+) -> None:
+    """``step_``'s deferred rule over a group whose params and state it may write
+    (see :func:`build`), then a copy of each new value it did not write in place."""
+    results = run(refs, h, decay, True)
+    olds: list[Tensor] = []
+    news: list[Tensor] = []
+    for j, (new_p, new_slots, *_) in enumerate(results):
+        for column, new in zip(targets, (new_p, *new_slots), strict=True):
+            if column and new is not None and new is not column[j]:
+                olds.append(column[j])
+                news.append(new)
+    _copy(olds, news)
 
 
 def _contiguous(indices: Sequence[int], columns: Sequence[Sequence[Any]]) -> bool:

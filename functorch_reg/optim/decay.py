@@ -287,8 +287,9 @@ def decayed(
         cautious: apply the decay only where ``sign(u) * sign(w - w_ref) >= 0``.
     """
     if reference is None and not cautious:
-        # torch.optim's form, kept to the bit so that parity with it holds exactly.
-        return p * (1 - coefficient)
+        # torch.optim's form, kept to the bit so that parity with it holds exactly; as
+        # a method, so that step_ may write it into a donated p (see base.build).
+        return p.mul(1 - coefficient)
     offset = p if reference is None else p - reference
     if cautious:
         # Signs rather than the product u * offset, which can overflow or underflow.

@@ -75,11 +75,13 @@ class Regularization:
         table: LeafTable | None = None,
         fused: FusedStep | None = None,
         skip_nonfinite: bool | None = None,
+        donates: bool = False,
     ) -> Optimizer:
         """:func:`.base.build` of ``rule``, with the rule's ``own`` hyperparameters
         (in their order; a ``weight_decay`` there keeps its place) followed by
         :attr:`hyperparams`, and ``intervals`` over :data:`INTERVALS`. Without
-        clipping (see :meth:`finish`); ``skip_nonfinite`` overrides the keyword's."""
+        clipping (see :meth:`finish`); ``skip_nonfinite`` overrides the keyword's;
+        ``donates`` as in :func:`.base.build`."""
         return build(
             self.name,
             state_type=state_type,
@@ -94,6 +96,7 @@ class Regularization:
             table=table,
             references=self.references,
             fused=fused,
+            donates=donates,
         )
 
     def finish(self, optimizer: Optimizer) -> Optimizer:

@@ -242,6 +242,7 @@ def sgd(
             fused=sgd_kernel(has_momentum=has_momentum, nesterov=nesterov, maximize=maximize)
             if fused
             else None,
+            donates=True,  # reads p and each slot no more after a fused method
         )
     )
 

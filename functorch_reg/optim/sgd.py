@@ -62,12 +62,17 @@ def _init_count(device: torch.device) -> Tensor:
 
 
 def _advance_count(count: Tensor, h: Mapping[str, Scalar]) -> tuple[Tensor, Tensor]:
-    return count + 1, count > 0
+    # The gradient's weight in the momentum buffer, for all leaves with one kernel (in
+    # float64, as torch.optim's Python-float alpha = 1 - dampening): 1 on a leaf's
+    # first update, which sets buf = g as torch.optim.SGD does.
+    started = (count > 0).to(torch.float64)
+    return count + 1, 1 - h["dampening"] * started
 
 
 _COUNT = LeafTable(_init_count, _advance_count)
-"""The ``count`` table: per leaf, the updates applied, and for the rule whether the
-momentum buffer has started (torch.optim.SGD's first step sets ``buf = g``)."""
+"""The ``count`` table: per leaf, the updates applied, and for the rule the weight of
+the gradient in the momentum buffer (``1 - dampening`` once the buffer has started;
+torch.optim.SGD's first step sets ``buf = g``)."""
 
 
 def sgd(
@@ -212,10 +217,10 @@ def sgd(
             if buf is None or row is None:
                 raise ValueError("sgd: momentum override needs a state made with momentum != 0")
             # buf starts at zero, so the first step gives buf = g as in torch.optim.SGD.
-            started = row.to(g.dtype)
             # torch.optim's buf.mul_(momentum).add_(g, alpha=1 - dampening), with the
-            # weight a tensor: two passes over memory (one foreach call each on a list).
-            buf = buf.mul(h["momentum"]).addcmul(g, 1 - h["dampening"] * started)
+            # weight (the table's row) a tensor: two passes over memory (one foreach
+            # call each on a list).
+            buf = buf.mul(h["momentum"]).addcmul(g, row)
             g = g + h["momentum"] * buf if nesterov else buf
         elif not is_zero(h["momentum"]):
             raise ValueError("sgd: momentum override needs a state made with momentum != 0")

@@ -272,8 +272,17 @@ class Rows(TensorList):
     __slots__ = ("table",)
 
     def __init__(self, table: Tensor) -> None:
-        super().__init__(table.unbind(0), SCALARS if table.dim() == 1 else None)
+        # The rows themselves (``tensors``) are split off on first use only: a rule
+        # that reads its fields through unbind() never needs them.
+        self.layout = SCALARS if table.dim() == 1 else None
+        self.owned = self.donated = False
         self.table = table
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "tensors":
+            self.tensors = list(self.table.unbind(0))
+            return self.tensors
+        return super().__getattr__(name)
 
     def unbind(self, dim: int = 0) -> tuple[TensorList, ...]:
         if dim != 0 or self.table.dim() != 2:

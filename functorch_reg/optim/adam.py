@@ -263,10 +263,9 @@ def adam(
         # torch.optim's fused elementwise ops, one pass over memory each (on a
         # TensorList, one foreach call each, in place in its temporaries).
         exp_avg = exp_avg.lerp(g, 1 - beta1)
-        if isinstance(beta2, Tensor):  # addcmul's value is a number: (1 - beta2) g g
-            exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(g * (1 - beta2), g)
-        else:
-            exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(g, g, value=1 - beta2)
+        # addcmul's value is a number: a tensor beta2 scales g first.
+        weight, value = (g * (1 - beta2), 1) if isinstance(beta2, Tensor) else (g, 1 - beta2)
+        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(weight, g, value=value)
         if max_exp_avg_sq is not None:
             max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
         second = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
@@ -284,9 +283,8 @@ def adam(
             ).addcdiv(step, denom, value=-1)
         else:
             new_p = p.addcdiv(step, denom, value=-1)
-        if in_metric:
-            return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq), denom
-        return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq)
+        slots = (exp_avg, exp_avg_sq, max_exp_avg_sq)
+        return (new_p, slots, denom) if in_metric else (new_p, slots)
 
     return options.finish(
         options.build(

@@ -575,10 +575,10 @@ class _Lift:
                 written.extend(
                     (c, i) for c, column in enumerate(targets) if column for i in indices
                 )
-                run = functools.partial(
+                deferred = functools.partial(
                     _grouped_rule, self.rule, indices, leaves, grad_leaves, columns, derived
                 )
-                pending.append(functools.partial(_donated_run, run, refs, h, decay, targets))
+                pending.append(functools.partial(_donated_run, deferred, refs, h, decay, targets))
                 continue
             try:
                 results = _grouped_rule(
@@ -589,6 +589,8 @@ class _Lift:
                     per_leaf(i)
                 continue
             if key is not None:
+                if len(self.elementwise) >= 256:  # params of ever new layouts: start over
+                    self.elementwise.clear()
                 self.elementwise.add(key)
             stepped.update(zip(indices, results, strict=True))
         return stepped, written, pending
@@ -980,23 +982,16 @@ def _grouped_rule(
 
 
 def _group_key(indices: list[int], inputs: _Gathered, h: Mapping[str, Scalar]) -> tuple[Any, ...]:
-    """What decides the path a rule takes over a group: its leaves (shape, dtype,
-    device, memory layout), which slots and references it has, and the kinds of the
-    hyperparameters (tensor, number, zero)."""
-    tensors = [inputs.leaves, inputs.grads, *inputs.columns, inputs.refs]
-    leaves = tuple(
-        None if column[i] is None else (column[i].shape, column[i].dtype, column[i].stride())
-        for column in tensors
-        for i in indices
-    )
+    """What decides the path a donating rule takes over a group: its leaves (position,
+    shape, dtype, device), which slots and reference they have, whether they decay, and
+    the kinds of the hyperparameters (tensor, number, zero). The group shares its dtype,
+    device and options (see :func:`_groups`), so its first leaf speaks for the rest."""
+    first = indices[0]
+    leaf = inputs.leaves[first]
+    present = tuple(column[first] is None for column in (*inputs.columns, inputs.refs))
+    shapes = tuple(inputs.leaves[i].shape for i in indices)
     kinds = tuple((key, type(value), is_zero(value)) for key, value in h.items())
-    return (
-        tuple(indices),
-        inputs.leaves[indices[0]].device,
-        inputs.decays[indices[0]],
-        leaves,
-        kinds,
-    )
+    return (tuple(indices), shapes, leaf.dtype, leaf.device, inputs.decays[first], present, kinds)
 
 
 def _donated_run(

@@ -13,7 +13,7 @@ from ..select import Where
 from ..tree import Params
 from ._fused import adam_kernel
 from .base import LeafTable, Optimizer, Prox, ProxMetric, RuleOutput, is_zero
-from .decay import DecayScaling, decay_coefficient, decay_rate, decayed
+from .decay import DecayScaling, coupled, decay_coefficient, decay_rate, decayed
 from .regularization import regularization
 
 __all__ = ["AdamState", "adam", "adamw"]
@@ -259,7 +259,7 @@ def adam(
             g = -g
         weight_decay = decay_rate(h, decay_scaling) if decay else 0.0
         if not is_zero(weight_decay) and not decoupled:
-            g = g + weight_decay * p
+            g = coupled(g, p, weight_decay)
         # torch.optim's fused elementwise ops, one pass over memory each (on a
         # TensorList, one foreach call each, in place in its temporaries).
         exp_avg = exp_avg.lerp(g, 1 - beta1)

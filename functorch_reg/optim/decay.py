@@ -193,6 +193,15 @@ def _is_zero_literal(value: Scalar) -> bool:
     return not isinstance(value, Tensor) and value == 0
 
 
+def coupled(g: Tensor, p: Tensor, weight_decay: Scalar) -> Tensor:
+    """The gradient with coupled (L2) decay, ``g + weight_decay * p``: in one pass as
+    torch.optim's ``g.add(p, alpha=weight_decay)`` for a number (``alpha`` takes no
+    tensor), else as a product and a sum."""
+    if isinstance(weight_decay, Tensor):
+        return g + weight_decay * p
+    return g.add(p, alpha=weight_decay)
+
+
 def decay_rate(h: Mapping[str, Scalar], scaling: str) -> Scalar:
     """:math:`\\lambda` for this step: ``weight_decay``, or from ``decay_timescale``."""
     if "decay_timescale" not in h:

@@ -13,7 +13,7 @@ from ..select import Where
 from ..tree import Params
 from ._fused import sgd_kernel
 from .base import LeafTable, Optimizer, Prox, ProxMetric, RuleOutput, is_zero
-from .decay import DecayScaling, decay_coefficient, decay_rate, decayed
+from .decay import DecayScaling, coupled, decay_coefficient, decay_rate, decayed
 from .regularization import regularization
 
 __all__ = ["SGDState", "sgd"]
@@ -212,7 +212,7 @@ def sgd(
             g = -g
         weight_decay = decay_rate(h, decay_scaling) if decay else 0.0
         if not is_zero(weight_decay) and not decoupled:
-            g = g + weight_decay * p
+            g = coupled(g, p, weight_decay)
         if has_momentum:
             if buf is None or row is None:
                 raise ValueError("sgd: momentum override needs a state made with momentum != 0")
@@ -220,7 +220,10 @@ def sgd(
             # torch.optim's buf.mul_(momentum).add_(g, alpha=1 - dampening), with the
             # weight (the table's row) a tensor: two passes over memory (one foreach
             # call each on a list).
-            buf = buf.mul(h["momentum"]).addcmul(g, row)
+            if is_zero(h["dampening"]):  # the weight is 1: one add, without the row
+                buf = buf.mul(h["momentum"]).add(g)
+            else:
+                buf = buf.mul(h["momentum"]).addcmul(g, row)
             g = g + h["momentum"] * buf if nesterov else buf
         elif not is_zero(h["momentum"]):
             raise ValueError("sgd: momentum override needs a state made with momentum != 0")

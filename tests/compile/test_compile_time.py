@@ -16,6 +16,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import functorch_reg as fr
+from functorch_reg.optim._foreach import NotElementwiseError, TensorList
 from functorch_reg.tree import flatten, matching_leaves, spec_names
 
 pytestmark = pytest.mark.compile
@@ -134,3 +135,14 @@ def test_a_compiled_torch_optimizer_says_it_is_compiling_once(caplog):
     assert len(messages) == 2, messages  # before and after the first step only
     assert messages[0].startswith("TorchOptimizer: compiling")
     assert messages[1].startswith("TorchOptimizer: compiled in")
+
+
+def test_tensor_list_answers_dunder_lookups_as_python_does():
+    """Dynamo (and copy, pickle, NumPy) probe dunders such as ``__dict__`` with
+    ``hasattr``, which only catches AttributeError; per-leaf metadata still raises."""
+    x = TensorList([torch.ones(2), torch.zeros(3)])
+    assert not hasattr(x, "__dict__")
+    assert not hasattr(x, "__array_interface__")
+    with pytest.raises(NotElementwiseError):
+        _ = x.shape
+    assert x.dtype == torch.float32

@@ -1,7 +1,7 @@
-"""A lambda sweep as one vmapped compiled step vs a Python loop over the same members.
+"""A sweep over strengths as one vmapped compiled step vs a Python loop over the same members.
 
 Each member is a 64-128-10 MLP trained with Adam on ``cross_entropy + lam * l1(weights)``
-over a shared batch; K members, one per lambda. One training step of all K members:
+over a shared batch; K members, one per strength ``lam``. One training step of all K members:
 
 * ``vmap+compile``: ``torch.compile(fr.ensemble_step(...))`` (what ``fr.sweep`` runs)
 * ``vmap+compile flat``: the same over stacked flat buffers (``fr.sweep(flat=True)``)
@@ -68,7 +68,7 @@ def bench(members: int, device: str) -> dict[str, float]:
     model = make_model(device)
     x = torch.randn(BATCH, FEATURES, device=device)
     y = torch.randint(CLASSES, (BATCH,), device=device)
-    lams = torch.logspace(-4, -1, members, device=device)
+    values = torch.logspace(-4, -1, members, device=device)  # one strength per member
     optimizer = fr.adam(lr=1e-3)
     params = {k: v.detach() for k, v in model.named_parameters()}
     loss_fn = torch.nn.functional.cross_entropy
@@ -81,12 +81,12 @@ def bench(members: int, device: str) -> dict[str, float]:
         fr.ensemble_step(model, loss_fn, optimizer, penalty=penalty), fullgraph=True
     )
     started = time.perf_counter()
-    stacked, states, _ = step(stacked, states, lams, x, y)
+    stacked, states, _ = step(stacked, states, values, x, y)
     times["compile s"] = time.perf_counter() - started
     box = {"members": stacked, "states": states}
 
     def vmapped() -> None:
-        box["members"], box["states"], _ = step(box["members"], box["states"], lams, x, y)
+        box["members"], box["states"], _ = step(box["members"], box["states"], values, x, y)
 
     times["vmap+compile"] = median_ms(vmapped, device)
 
@@ -100,18 +100,18 @@ def bench(members: int, device: str) -> dict[str, float]:
 
     def vmapped_flat() -> None:
         flat_box["members"], flat_box["states"], _ = flat_step(
-            flat_box["members"], flat_box["states"], lams, x, y
+            flat_box["members"], flat_box["states"], values, x, y
         )
 
     vmapped_flat()
     times["vmap+compile flat"] = median_ms(vmapped_flat, device)
 
     # a Python loop of functional single-member steps, eager and compiled
-    def objective(p: dict[str, torch.Tensor], lam: torch.Tensor) -> torch.Tensor:
-        return loss_fn(functional_call(model, p, (x,)), y) + lam * penalty(p)
+    def objective(p: dict[str, torch.Tensor], strength: torch.Tensor) -> torch.Tensor:
+        return loss_fn(functional_call(model, p, (x,)), y) + strength * penalty(p)
 
-    def one(p: dict, s: object, lam: torch.Tensor) -> tuple[dict, object]:
-        return optimizer.step(p, grad(objective)(p, lam), s)
+    def one(p: dict, s: object, strength: torch.Tensor) -> tuple[dict, object]:
+        return optimizer.step(p, grad(objective)(p, strength), s)
 
     for label, member_step in (
         ("loop functional", one),
@@ -121,7 +121,7 @@ def bench(members: int, device: str) -> dict[str, float]:
 
         def loop(step_one=member_step, looped=looped) -> None:
             for i in range(members):
-                looped[i] = step_one(*looped[i], lams[i])
+                looped[i] = step_one(*looped[i], values[i])
 
         times[label] = median_ms(loop, device)
 
@@ -130,10 +130,12 @@ def bench(members: int, device: str) -> dict[str, float]:
     torch_optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in modules]
 
     def torch_loop() -> None:
-        for module, torch_optimizer, lam in zip(modules, torch_optimizers, lams, strict=True):
+        for module, torch_optimizer, strength in zip(
+            modules, torch_optimizers, values, strict=True
+        ):
             torch_optimizer.zero_grad()
             weights = {k: v for k, v in module.named_parameters() if v.ndim >= 2}
-            loss = loss_fn(module(x), y) + lam * sum(w.abs().sum() for w in weights.values())
+            loss = loss_fn(module(x), y) + strength * sum(w.abs().sum() for w in weights.values())
             loss.backward()
             torch_optimizer.step()
 
@@ -149,30 +151,30 @@ def bench_folds(folds: int, strengths: int, device: str) -> dict[str, float]:
     optimizer = fr.adam(lr=1e-3)
     params = {k: v.detach() for k, v in model.named_parameters()}
     loss_fn = torch.nn.functional.cross_entropy
-    lams = torch.logspace(-4, -1, strengths, device=device)
+    grid = torch.logspace(-4, -1, strengths, device=device)
     held_out = fr.sweep_data.kfold_masks(BATCH, folds).to(device)
     sample_losses = fr.sweep_data.per_sample(loss_fn, model(x[:2]).detach(), y[:2])
     times: dict[str, float] = {}
     split = BATCH * (folds - 1) // folds
     cases = {
-        "one member": (1, False, lams[:1], x[:split], y[:split], ()),
-        "one split": (strengths, False, lams, x[:split], y[:split], ()),
+        "one member": (1, False, grid[:1], x[:split], y[:split], ()),
+        "one split": (strengths, False, grid, x[:split], y[:split], ()),
         # as many members as the folds, unmasked: isolates what the fold masks cost
-        "members, no folds": (strengths * folds, False, lams.repeat_interleave(folds), x, y, ()),
+        "members, no folds": (strengths * folds, False, grid.repeat_interleave(folds), x, y, ()),
         "folds": (
             strengths * folds,
             True,
-            lams.repeat_interleave(folds),
+            grid.repeat_interleave(folds),
             x,
             y,
             ((~held_out).float().repeat(strengths, 1),),
         ),
     }
-    for label, (members, weighted, member_lams, xs, ys, extra) in cases.items():
-        # The step fr.sweep compiles (the same private builder), timed without the loop.
+    for label, (members, weighted, member_strengths, xs, ys, extra) in cases.items():
+        # The step fr.sweep compiles (its public seam, member_step), timed without the loop.
         step = torch.compile(
-            fr.sweep_step.vmapped_step(
-                fr.sweep_step.model_parts(model, "bench"),
+            fr.ensemble.member_step(
+                fr.ensemble.model_parts(model, "bench"),
                 loss_fn,
                 optimizer,
                 {"penalty": penalty},
@@ -185,11 +187,11 @@ def bench_folds(folds: int, strengths: int, device: str) -> dict[str, float]:
             "members": fr.stack([params] * members),
             "states": fr.stack([optimizer.init(params)] * members),
         }
-        grid = {"penalty": member_lams}
+        axes = {"penalty": member_strengths}
 
-        def run(step=step, box=box, grid=grid, xs=xs, ys=ys, extra=extra) -> None:
+        def run(step=step, box=box, axes=axes, xs=xs, ys=ys, extra=extra) -> None:
             box["members"], _, box["states"], _ = step(
-                box["members"], {}, box["states"], grid, xs, ys, *(extra or (None,))
+                box["members"], {}, box["states"], axes, xs, ys, *(extra or (None,))
             )
 
         started = time.perf_counter()

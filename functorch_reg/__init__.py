@@ -23,6 +23,7 @@ from . import (
     prox,
     select,
     sweep_data,
+    sweep_step,  # noqa: F401  (fr.sweep_step: the member step's old home, kept)
 )
 from .adapter import TorchOptimizer
 from .ensemble import SweepResult, ensemble_step, init_ensemble, sweep

@@ -1,4 +1,5 @@
-"""Validation of scalar hyperparameters, shared by penalties, prox and optimizers."""
+"""Validation of arguments, shared by every module: scalar hyperparameters (a float
+or a 0-d tensor inside an interval) and counts (a positive int)."""
 
 from __future__ import annotations
 
@@ -124,4 +125,40 @@ def as_scalar(value: Any) -> Any:
         return value
     if isinstance(value, numbers.Real):
         return value.item() if hasattr(value, "item") else float(value)
+    return value
+
+
+def check_positive_int(owner: str, name: str, value: object, *, minimum: int = 1) -> int:
+    """``value`` if it is an ``int`` of at least ``minimum`` (default 1), else raise.
+
+    A ``bool`` is not a count, and neither is a float (``3.0``) or a NumPy integer.
+
+    Args:
+        owner: the function or object checking, for the message (``"sweep"``).
+        name: the argument's name (``"steps"``).
+        value: the value passed.
+        minimum: the least value allowed.
+
+    Returns:
+        ``value``, typed as an ``int``.
+
+    Raises:
+        ValueError: ``value`` is not an int, or is less than ``minimum`` (the message
+            names ``owner`` and ``name``).
+
+    Example:
+        >>> check_positive_int("sweep", "steps", 10)
+        10
+        >>> check_positive_int("sweep", "steps", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: sweep: steps must be a positive int, got 0
+        >>> check_positive_int("sweep", "folds", 1, minimum=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: sweep: folds must be an int >= 2, got 1
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        wanted = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{owner}: {name} must be {wanted}, got {value!r}")
     return value

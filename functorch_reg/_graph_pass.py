@@ -1,12 +1,16 @@
-"""The Inductor graph pass that :func:`functorch_reg.train_step` adds to its compile.
+"""The compiler internals of :func:`functorch_reg.train_step`: the Inductor options and
+the graph pass it adds, a code object per compiled step, and the static-address marks of
+the CUDA-graph modes.
 
-A module of its own so that ``import functorch_reg`` does not load Inductor: it is
-imported with the first compiled step.
+A module of its own so that ``import functorch_reg`` does not load Dynamo or Inductor:
+``train_step(compile=True)`` imports it.
 """
 
 from __future__ import annotations
 
 import operator
+import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,7 +18,9 @@ from torch import Tensor
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.utils import is_pointwise_use, is_view
 
-__all__ = ["UnfuseGradientAddmm"]
+from .tree import flatten
+
+__all__ = ["UnfuseGradientAddmm", "inductor_options", "mark_static", "own_code"]
 
 
 class UnfuseGradientAddmm(CustomGraphPass):
@@ -88,3 +94,37 @@ def _elementwise_of_inputs(node: Any, known: dict[torch.fx.Node, bool]) -> bool:
             and all(_elementwise_of_inputs(arg, known) for arg in node.all_input_nodes)
         )
     return known[node]
+
+
+def inductor_options(mode: str | None) -> dict[str, Any]:
+    """The options of ``torch.compile(mode=mode)`` plus :class:`UnfuseGradientAddmm`."""
+    options = dict(torch._inductor.list_mode_options(mode or "default"))
+    options["post_grad_custom_post_pass"] = UnfuseGradientAddmm()
+    return options
+
+
+def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` as a function with a code object of its own.
+
+    Dynamo caches compiled graphs per code object and counts every new closure or
+    bound ``self`` as a recompile of that code; with ``fullgraph=True`` the ninth
+    ``train_step`` of a process would then fail at the recompile limit.
+    """
+    function = method.__func__  # type: ignore[attr-defined]
+    fresh = types.FunctionType(
+        function.__code__.replace(),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    return types.MethodType(fresh, method.__self__)  # type: ignore[attr-defined]
+
+
+def mark_static(*trees: Any) -> None:
+    """Mark every tensor of the trees as a static input (its address is fixed), so a
+    CUDA-graph replay reads it in place instead of copying it in."""
+    for tree in trees:
+        for leaf in flatten(tree)[0]:
+            if isinstance(leaf, Tensor) and not hasattr(leaf, "_dynamo_static_input_type"):
+                torch._dynamo.mark_static_address(leaf)

@@ -5,7 +5,8 @@ tuple of leaves), by conjugate gradients (Hestenes and Stiefel, 1952; Nocedal an
 *Numerical Optimization*, 2nd ed., algorithm 5.2) for a symmetric positive definite ``A``
 (:func:`cg`), or on the normal equations ``A^T A x = A^T b`` for any nonsingular ``A``
 (:func:`normal_cg`). Both have the signature of a ``solver=`` callable of
-``fr.hypergrad.implicit`` once ``maxiter`` and ``tol`` are bound (``functools.partial``).
+``fr.hypergrad.implicit`` once ``maxiter`` and ``tol`` are bound (``functools.partial``);
+the public names are ``fr.hypergrad.cg`` and ``fr.hypergrad.normal_cg``.
 
 The loop has two forms with the same iterates: eager mode leaves it at convergence or at
 non-positive curvature and records why in ``report``; under ``torch.compile`` or
@@ -55,7 +56,8 @@ def cg(
         ``x`` as a tuple of tensors shaped like ``b``.
 
     Example:
-        >>> from functorch_reg._linear_solve import cg
+        >>> import functorch_reg as fr
+        >>> cg = fr.hypergrad.cg
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
         >>> (x,) = cg(lambda v: (A @ v[0],), (b,), maxiter=10, tol=1e-12)
@@ -96,7 +98,8 @@ def normal_cg(
         ``x`` as a tuple of tensors shaped like ``b``.
 
     Example:
-        >>> from functorch_reg._linear_solve import normal_cg
+        >>> import functorch_reg as fr
+        >>> normal_cg = fr.hypergrad.normal_cg
         >>> A = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
         >>> b = torch.tensor([1.0, 1.0], dtype=torch.float64)
         >>> (x,) = normal_cg(lambda v: (A @ v[0],), (b,), rmatvec=lambda v: (A.T @ v[0],),

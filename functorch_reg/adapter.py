@@ -2,23 +2,25 @@
 
 :class:`TorchOptimizer` puts :func:`~functorch_reg.sgd`, :func:`~functorch_reg.adam` or
 :func:`~functorch_reg.adamw` behind the ``torch.optim`` interface, so that an existing
-training loop, LR scheduler and checkpoint code use it unchanged.
+training loop, LR scheduler and checkpoint code use it unchanged. This module keeps that
+protocol (param groups, hyperparameters, ``step``, ``zero_grad``, the checkpoint format);
+where each group's state lives, per param or in one flat buffer, is
+``functorch_reg._adapter_groups``'s job.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, cast, overload
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, StateDict
 
+from ._adapter_groups import FlatGroup, Gathered, GroupState, LeafGroup, check_flat_rule, param_tree
 from ._compile_log import Announced
-from .adapter_flat import FlatGroup
-from .optim.base import DISABLED, Optimizer, State, check_optimizer, enabled, leaf_table_field
-from .tree import flatten
+from .optim.base import Optimizer, State, check_optimizer
 
 __all__ = ["TorchOptimizer"]
 
@@ -153,28 +155,13 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
         if compile_options is not None and not compile:
             raise ValueError("TorchOptimizer: compile_options needs compile=True")
-        if flat and optimizer.for_flat is None:
-            _check_mask_selects_a_buffer(optimizer)
-        # Per group index, with flat=True: the functional optimizer for its buffer (a
-        # mask or prox written for params translated to it, or refused).
-        self._flat_optimizers: dict[int, Optimizer] = {}
-        # Per group index, with flat=True: the packed group, and its functional state.
-        # A group without trainable params has no FlatGroup (None).
-        self._flat_groups: dict[int, FlatGroup | None] | None = {} if flat else None
-        self._flat_states: dict[int, tuple[State, list[dict[str, Tensor]]]] = {}
+        if flat:
+            check_flat_rule(optimizer)
         self._functional = optimizer
-        template = optimizer.init([torch.empty((), device="meta")])
-        self._state_type: type[Any] = type(template)
-        self._slot_names = tuple(
-            field
-            for field, tree in zip(template._fields[:-1], template[:-1], strict=True)
-            if enabled(tree)
-        )
-        table_field = leaf_table_field(self._state_type)
-        self._table_field = table_field if table_field in self._slot_names else None
-        # Per group index, the functional state's leaf table, whose rows the group's
-        # params hold as views in self.state (see _leaf_table).
-        self._tables: dict[int, Tensor] = {}
+        # The storage of each param group's state, in the order of param_groups; the
+        # only place where flat=True and flat=False differ.
+        self._groups: list[GroupState] = []
+        self._new_group: Callable[..., GroupState] = FlatGroup if flat else LeafGroup
         self._compiled = compile
         self._update: Callable[..., None] = (
             Announced(
@@ -219,25 +206,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         try:
             index = len(self.param_groups) - 1
             self._check_group(index)
-            if self._flat_groups is not None:
-                group = self.param_groups[index]
-                kept = [i for i, p in enumerate(group["params"]) if p.requires_grad]
-                trainable = [group["params"][i] for i in kept]
-                names = group.get("param_names")
-                names = None if names is None else [names[i] for i in kept]
-                packed = FlatGroup(trainable, f"param group {index}", names) if trainable else None
-                if packed is not None and self._functional.for_flat is not None:
-                    try:
-                        self._flat_optimizers[index] = self._functional.for_flat(packed.layout)
-                    except ValueError as error:
-                        raise ValueError(
-                            f"TorchOptimizer(flat=True), param group {index}: {error}; or "
-                            "split the param group by the mask"
-                        ) from None
-                self._flat_groups[index] = packed
+            group = self.param_groups[index]
+            params, names = group["params"], group.get("param_names")
+            labels = [self._label(index, position) for position in range(len(params))]
+            storage = self._new_group(
+                self._functional, params, names, labels, f"param group {index}"
+            )
         except Exception:
             self.param_groups.pop()
             raise
+        self._groups.append(storage)
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -266,28 +244,19 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            for position, p in enumerate(group["params"]):
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(
-                        "TorchOptimizer does not support sparse gradients; "
-                        f"{self._label(index, position)} has one"
-                    )
-            if self._flat_groups is not None:
-                self._check_trainable_unchanged(index)
+        for index, (group, storage) in enumerate(zip(self.param_groups, self._groups, strict=True)):
+            storage.check()
             if any(p.grad is not None for p in group["params"]):
                 self._validate_hyperparams(f"param group {index}", group)
         created = [
             p for group in self.param_groups for p in group["params"] if not self.state.get(p)
         ]
-        tables = dict(self._tables)
         try:
             self._step_groups()
         except BaseException:
             # A first step that fails (e.g. while compiling) leaves no state behind.
             for p in created:
                 self.state.pop(p, None)
-            self._tables = tables
             raise
         return loss
 
@@ -333,35 +302,24 @@ class TorchOptimizer(torch.optim.Optimizer):
         return out
 
     def _step_groups(self) -> None:
-        trees: list[Any] = []
-        grads: list[Any] = []
-        states: list[State] = []
+        steps: list[Gathered] = []
         hyperparams: list[dict[str, Any]] = []
-        steps: list[Callable[..., None]] = []
         with torch.no_grad():
-            for index, group in enumerate(self.param_groups):
-                params = group["params"]
-                if self._flat_groups is not None:
-                    packed = self._flat_groups[index]
-                    if packed is None:
-                        continue
-                    packed.refresh(packed.members)
-                    trees.append({packed.key: packed.params})
-                    grads.append({packed.key: packed.grads})
-                    steps.append(self._flat_optimizers.get(index, self._functional).step_)
-                    states.append(self._flat_state(index))
+            for index, (group, storage) in enumerate(
+                zip(self.param_groups, self._groups, strict=True)
+            ):
+                gathered = storage.gather(self.state)
+                if gathered is not None:
+                    steps.append(gathered)
                     hyperparams.append(self._hyperparams(index, group))
-                    continue
-                group_grads = [p.grad for p in params]
-                if all(g is None for g in group_grads):
-                    continue
-                trees.append(_tree(group, params))
-                grads.append(_tree(group, group_grads))
-                states.append(self._functional_state(index, group_grads))
-                hyperparams.append(self._hyperparams(index, group))
-                steps.append(self._functional.step_)
-            if trees:
-                self._update(steps, trees, grads, states, hyperparams)
+            if steps:
+                self._update(
+                    [s.step_ for s in steps],
+                    [s.params for s in steps],
+                    [s.grads for s in steps],
+                    [s.state for s in steps],
+                    hyperparams,
+                )
 
     def _validate_hyperparams(self, label: str, group: Mapping[str, Any]) -> None:
         """Raise, naming the group, unless its hyperparameters suit the functional step.
@@ -372,24 +330,20 @@ class TorchOptimizer(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"TorchOptimizer: {label} lacks hyperparameter {missing[0]!r}")
         values = {name: _to_cpu(group[name]) for name in self._hyperparam_names}
-        validate = self._functional.validate
         try:
-            if validate is not None:
-                validate(**values)
+            check_optimizer(self._functional, None, **values)
         except (TypeError, ValueError) as error:
             raise type(error)(f"TorchOptimizer: {label}: {error}") from error
 
+    @torch._disable_dynamo  # type: ignore[attr-defined]  # as torch.optim.Optimizer.zero_grad
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients: with ``flat=True`` zero each group's gradient buffer
         (whatever ``set_to_none`` says, so the gradients stay views of it), else as
         ``torch.optim.Optimizer.zero_grad``."""
-        if self._flat_groups is None:
-            super().zero_grad(set_to_none)
-            return
-        for packed in self._flat_groups.values():
-            if packed is not None:
-                packed.refresh(packed.members)
-                packed.grads.zero_()
+        name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"  # as torch.optim's
+        with torch.autograd.profiler.record_function(name):
+            for storage in self._groups:
+                storage.zero_grad(set_to_none)
 
     def load_state_dict(self, state_dict: StateDict) -> None:
         """Load a :meth:`state_dict`, validated before anything changes.
@@ -408,15 +362,12 @@ class TorchOptimizer(torch.optim.Optimizer):
                 when both sides have them (a checkpoint may list them in another
                 order); names that differ are refused.
         """
-        state_dict = self._by_name(state_dict)
+        state_dict = _by_name(self.param_groups, state_dict)
         saved = self._saved_slots(state_dict)
         for index, group in enumerate(state_dict["param_groups"]):
             self._validate_hyperparams(f"param group {index} of state_dict", group)
-        if self._flat_groups is not None:
-            for index, packed in self._flat_groups.items():
-                if packed is not None:  # a group of frozen params only has no buffer
-                    members = packed.members
-                    self._check_flat_slots(index, members, [saved.get(p) for p in members])
+        for storage in self._groups:
+            storage.check_saved(saved)
         super().load_state_dict(state_dict)
         # torch casts floating-point state to its param's dtype, but beta_powers is
         # float64 on purpose: put back exact copies, which also keep later in-place
@@ -424,37 +375,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         for p, slots in saved.items():
             self.state[p] = {key: value.to(p.device, copy=True) for key, value in slots.items()}
 
-    def _check_trainable_unchanged(self, index: int) -> None:
-        """With ``flat=True``, raise unless the group's trainable params are the packed ones."""
-        assert self._flat_groups is not None
-        packed = self._flat_groups[index]
-        members = [] if packed is None else packed.members
-        params = self.param_groups[index]["params"]
-        if [id(p) for p in _trainable(params)] != [id(p) for p in members]:
-            packed_ids = {id(p) for p in members}
-            position = next(
-                i for i, p in enumerate(params) if p.requires_grad != (id(p) in packed_ids)
-            )
-            raise ValueError(
-                f"TorchOptimizer(flat=True): {self._label(index, position)} changed "
-                "requires_grad since the optimizer was built; a flat group's buffer holds "
-                "the params that were trainable then: build a new optimizer after "
-                "freezing or unfreezing, or use flat=False"
-            )
-
     def _check_group(self, index: int) -> None:
         group = self.param_groups[index]
-        extra = set(group) - set(self.defaults) - _GROUP_KEYS - _SCHEDULER_KEYS
-        for key in sorted(extra, key=str):
-            close = difflib.get_close_matches(str(key), self._hyperparam_names, n=1, cutoff=0.75)
-            if close or key in _HYPERPARAMETER_NAMES:
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise TypeError(
-                    f"TorchOptimizer: param group {index} has unknown hyperparameter "
-                    f"{key!r}; the functional optimizer accepts "
-                    + ", ".join(sorted(self._hyperparam_names))
-                    + hint
-                )
+        _check_keys(f"param group {index}", set(group) - set(self.defaults), self._hyperparam_names)
         params = group["params"]
         for position, p in enumerate(params):
             if not p.is_floating_point():
@@ -470,188 +393,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         try:
             check_optimizer(
                 self._functional,
-                _tree(group, params),
+                param_tree(params, group.get("param_names")),
                 **{name: _to_cpu(group[name]) for name in self._hyperparam_names},
             )
         except (TypeError, ValueError) as error:
             raise type(error)(f"TorchOptimizer: param group {index}: {error}") from error
-
-    def _functional_state(self, index: int, grads: Sequence[Tensor | None]) -> State:
-        """Group ``index``'s functional state: views of ``self.state``, created where missing.
-
-        A param without a gradient and without state gets ``None`` slots, which the
-        functional step leaves alone, so frozen params cost no memory.
-        """
-        group = self.param_groups[index]
-        params = group["params"]
-        for p, g in zip(params, grads, strict=True):
-            if g is not None and not self.state.get(p):
-                self.state[p] = self._fresh_slots(p)
-        slots = [self.state.get(p) or None for p in params]
-        skipped = next(s for s in slots if s is not None)["skipped"]
-        for s in slots:
-            if s is not None:
-                s["skipped"] = skipped
-        fields: list[Any] = []
-        for field in self._state_type._fields[:-1]:
-            if field not in self._slot_names:
-                fields.append(DISABLED)
-            elif field == self._table_field:
-                fields.append(self._leaf_table(index, slots))
-            else:
-                # A param may lack a field that others have (Muon's matrices keep no
-                # exp_avg_sq): None, as for a frozen param.
-                fields.append(_tree(group, [None if s is None else s.get(field) for s in slots]))
-        return self._state_type(*fields, skipped)
-
-    def _flat_state(self, index: int) -> State:
-        """Group ``index``'s functional state over its one buffer (``flat=True``).
-
-        Each param's entry in ``self.state`` holds views of it (its slice of each slot
-        buffer, the table's single row, the shared ``skipped``). The state is rebuilt
-        from those entries when one was replaced: first step, or ``load_state_dict``.
-        """
-        assert self._flat_groups is not None
-        packed = self._flat_groups[index]
-        assert packed is not None
-        params = packed.members
-        state, entries = self._flat_states.get(index, (None, []))
-        if state is not None and all(
-            self.state.get(p) is entry for p, entry in zip(params, entries, strict=True)
-        ):
-            return state
-        state = self._packed_state(index, packed, params)
-        views = {
-            field: packed.views(getattr(state, field)[packed.key])
-            for field in self._slot_names
-            if field != self._table_field
-        }
-        entries = []
-        for i, p in enumerate(params):
-            entry = {field: view[i] for field, view in views.items()}
-            if self._table_field is not None:
-                entry[self._table_field] = getattr(state, self._table_field)[0]
-            entry["skipped"] = state.skipped
-            self.state[p] = entry
-            entries.append(entry)
-        self._flat_states[index] = (state, entries)
-        return state
-
-    def _packed_state(self, index: int, packed: FlatGroup, params: Sequence[Tensor]) -> State:
-        """A fresh functional state, or one packed from the params' entries in ``self.state``."""
-        fresh = self._functional.init({packed.key: packed.params})
-        slots = [self.state.get(p) or None for p in params]
-        if all(s is None for s in slots):
-            return fresh
-        self._check_flat_slots(index, params, slots)
-        entries = cast("list[dict[str, Tensor]]", slots)  # none is None, as checked
-        fields: list[Any] = []
-        for field, tree in zip(fresh._fields[:-1], fresh[:-1], strict=True):
-            if not enabled(tree):
-                fields.append(DISABLED)
-            elif field == self._table_field:
-                fields.append(entries[0][field].to(tree.device).clone().unsqueeze(0))
-            else:
-                fields.append({packed.key: packed.pack([s[field] for s in entries])})
-        skipped = entries[0]["skipped"].detach().clone().to(fresh.skipped.device)
-        return self._state_type(*fields, skipped)
-
-    def _check_flat_slots(
-        self,
-        index: int,
-        params: Sequence[Tensor],
-        slots: Sequence[Mapping[str, Tensor] | None],
-    ) -> None:
-        """A flat group steps its (trainable) ``params`` together: all or none have
-        state, and the same per-leaf scalars (the leaf table: how often each was
-        updated)."""
-        if all(s is None for s in slots):
-            return
-        group_params = self.param_groups[index]["params"]
-
-        def position(member: int) -> int:  # in the param group, frozen params included
-            return next(i for i, p in enumerate(group_params) if p is params[member])
-
-        if any(s is None for s in slots):
-            missing = next(i for i, s in enumerate(slots) if s is None)
-            raise ValueError(
-                f"TorchOptimizer(flat=True): {self._label(index, position(missing))} has no "
-                "state while "
-                "others of its group do (e.g. a flat=False checkpoint where it never had a "
-                "gradient); with flat=True a group's params step together: load it with "
-                "flat=False, or put that param in a param group of its own"
-            )
-        field = self._table_field
-        if field is None:
-            return
-        rows = [cast("Mapping[str, Tensor]", s)[field].cpu() for s in slots]
-        for member, row in enumerate(rows):
-            if not torch.equal(row, rows[0]):
-                raise ValueError(
-                    f"TorchOptimizer(flat=True): the params of param group {index} have "
-                    f"different {field} ({self._label(index, position(member))} differs from the "
-                    "first: they were updated different numbers of times); with flat=True "
-                    "a group's params step together: load it with flat=False"
-                )
-
-    def _by_name(self, state_dict: StateDict) -> StateDict:
-        """``state_dict`` with each saved group's params in this optimizer's order, by
-        ``param_names`` where both have them (torch matches params by position)."""
-        groups = list(state_dict.get("param_groups", []))
-        for index, (group, saved) in enumerate(zip(self.param_groups, groups, strict=False)):
-            names, saved_names = group.get("param_names"), saved.get("param_names")
-            if names is None or saved_names is None or list(names) == list(saved_names):
-                continue
-            if sorted(names) != sorted(saved_names):
-                missing = sorted(set(names) - set(saved_names)) or ["-"]
-                extra = sorted(set(saved_names) - set(names)) or ["-"]
-                raise ValueError(
-                    f"param group {index} of state_dict names other params: missing "
-                    f"{missing[0]!r}, unexpected {extra[0]!r}; load a checkpoint of this model"
-                )
-            position = {name: i for i, name in enumerate(saved_names)}
-            order = [position[name] for name in names]
-            groups[index] = {
-                **saved,
-                "params": [saved["params"][i] for i in order],
-                "param_names": list(names),
-            }
-        return {**state_dict, "param_groups": groups}
-
-    def _leaf_table(self, index: int, slots: Sequence[dict[str, Tensor] | None]) -> Tensor:
-        """Group ``index``'s leaf table (e.g. Adam's ``beta_powers``).
-
-        Its rows follow the leaf order of the group's flattened tree, and each param's
-        entry in ``self.state`` is a view of its row, so the in-place step updates it.
-        The table is rebuilt from those entries when one is not such a view: new state,
-        or state put back by ``load_state_dict``.
-        """
-        field = self._table_field
-        order = flatten(_tree(self.param_groups[index], range(len(slots))))[0]
-        rows = [slots[position] for position in order]
-        table = self._tables.get(index)
-        if (
-            table is None
-            or len(table) != len(rows)
-            or not all(s is None or _is_row(s[field], table, i) for i, s in enumerate(rows))
-        ):
-            fresh = next(s for s in rows if s is not None)[field]
-            table = torch.stack([fresh if s is None else s[field] for s in rows])
-            for i, s in enumerate(rows):
-                if s is not None:
-                    s[field] = table[i]
-            self._tables[index] = table
-        return table
-
-    def _fresh_slots(self, p: Tensor) -> dict[str, Tensor]:
-        """One param's initial state, keyed by field name, plus ``skipped``."""
-        state = self._functional.init([p])
-        slots = {
-            field: tree[0]
-            for field, tree in zip(state._fields[:-1], state[:-1], strict=True)
-            if enabled(tree) and tree[0] is not None
-        }
-        return {**slots, "skipped": state.skipped}
 
     def _hyperparams(self, index: int, group: dict[str, Any]) -> dict[str, Any]:
         values = {name: group[name] for name in self._hyperparam_names}
@@ -702,30 +448,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             if not saved:  # an entry that a mere lookup of the defaultdict created
                 continue
             index, position = owners[key]
-            p, label = groups[index]["params"][position], self._label(index, position)
-            expected = self._fresh_slots(torch.empty_like(p, device="meta"))
-            if set(saved) != set(expected):
-                raise ValueError(
-                    f"state_dict state of {label} has keys {sorted(saved)}, "
-                    f"expected {sorted(expected)}"
-                )
-            for name, like in expected.items():
-                value = saved[name]
-                if (
-                    not isinstance(value, Tensor)
-                    or value.shape != like.shape
-                    or value.dtype != like.dtype
-                ):
-                    got = (
-                        f"{value.dtype} {tuple(value.shape)}"
-                        if isinstance(value, Tensor)
-                        else repr(value)
-                    )
-                    raise ValueError(
-                        f"state_dict entry {name} of {label} should be {like.dtype} "
-                        f"{tuple(like.shape)}, got {got}"
-                    )
-            slots[p] = saved
+            self._groups[index].check_entry(position, saved)
+            slots[groups[index]["params"][position]] = saved
         return slots
 
     def _label(self, index: int, position: int) -> str:
@@ -735,39 +459,43 @@ class TorchOptimizer(torch.optim.Optimizer):
         return f"param {position} of param group {index}"
 
 
-def _check_mask_selects_a_buffer(optimizer: Optimizer) -> None:
-    """With ``flat=True`` a group is one buffer, which a ``mask`` made for named leaves
-    would silently leave undecayed: probe one step on a one-element buffer."""
-    probe = [torch.ones(1)]
-    hint = (
-        "TorchOptimizer(flat=True) steps each param group as one buffer, which the "
-        "functional optimizer's mask must select; drop the mask and choose decay per "
-        "param group with weight_decay"
-    )
-    try:
-        out, _ = optimizer.step(
-            probe, [torch.zeros(1)], optimizer.init(probe), lr=1.0, weight_decay=0.5
-        )
-    except ValueError as error:
-        raise ValueError(f"{hint} ({error})") from None
-    if torch.equal(out[0], probe[0]):
-        raise ValueError(f"{hint}: this mask leaves it out")
+def _check_keys(label: str, extra: set[Any], accepted: Sequence[str]) -> None:
+    """Refuse a group key that is not a default of the rule but looks like a
+    hyperparameter (another rule's, another library's name, or a near-miss of one
+    that the rule takes); keep tags such as Lightning's ``"name"``."""
+    for key in sorted(extra - _GROUP_KEYS - _SCHEDULER_KEYS, key=str):
+        close = difflib.get_close_matches(str(key), accepted, n=1, cutoff=0.75)
+        if close or key in _HYPERPARAMETER_NAMES:
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(
+                f"TorchOptimizer: {label} has unknown hyperparameter {key!r}; the "
+                "functional optimizer accepts " + ", ".join(sorted(accepted)) + hint
+            )
 
 
-def _trainable(params: Sequence[Tensor]) -> list[Tensor]:
-    return [p for p in params if p.requires_grad]
-
-
-def _tree(group: dict[str, Any], values: Sequence[Any]) -> dict[str, Any] | list[Any]:
-    """``values``, one per param of ``group``, as a pytree named like its params."""
-    if "param_names" in group:
-        return dict(zip(group["param_names"], values, strict=True))
-    return list(values)
-
-
-def _is_row(value: Tensor, table: Tensor, i: int) -> bool:
-    """Whether ``value`` is a view of row ``i`` of ``table``."""
-    return value._base is table and value.storage_offset() == i * value.numel()
+def _by_name(param_groups: Sequence[Mapping[str, Any]], state_dict: StateDict) -> StateDict:
+    """``state_dict`` with each saved group's params in the order of ``param_groups``, by
+    ``param_names`` where both have them (torch matches params by position)."""
+    groups = list(state_dict.get("param_groups", []))
+    for index, (group, saved) in enumerate(zip(param_groups, groups, strict=False)):
+        names, saved_names = group.get("param_names"), saved.get("param_names")
+        if names is None or saved_names is None or list(names) == list(saved_names):
+            continue
+        if sorted(names) != sorted(saved_names):
+            missing = sorted(set(names) - set(saved_names)) or ["-"]
+            extra = sorted(set(saved_names) - set(names)) or ["-"]
+            raise ValueError(
+                f"param group {index} of state_dict names other params: missing "
+                f"{missing[0]!r}, unexpected {extra[0]!r}; load a checkpoint of this model"
+            )
+        position = {name: i for i, name in enumerate(saved_names)}
+        order = [position[name] for name in names]
+        groups[index] = {
+            **saved,
+            "params": [saved["params"][i] for i in order],
+            "param_names": list(names),
+        }
+    return {**state_dict, "param_groups": groups}
 
 
 def _to_cpu(value: Any) -> Any:

@@ -1,6 +1,9 @@
-"""Storage for ``TorchOptimizer(flat=True)``: a param group's params, gradients and
+"""The buffers of ``TorchOptimizer(flat=True)``: a param group's params, gradients and
 optimizer state each live in one contiguous buffer, and the per-param tensors that
 modules, autograd and ``state_dict`` see are views of them.
+
+:class:`FlatBuffers` packs the params and keeps them views of their buffer;
+:class:`functorch_reg._adapter_groups.FlatGroup` keeps the group's optimizer state over it.
 
 Backward accumulates into ``.grad`` in place once it is defined, so setting each
 ``p.grad`` to a view of one gradient buffer makes the whole group's gradient flat
@@ -17,10 +20,10 @@ from torch import Tensor
 from .flat import FlatParams, pack
 from .tree import is_dtensor
 
-__all__ = ["FlatGroup"]
+__all__ = ["FlatBuffers", "FlatGroup"]
 
 
-class FlatGroup:
+class FlatBuffers:
     """One param group packed into buffers: ``params`` and ``grads`` (1-D tensors).
 
     Packing re-points every ``p.data`` at a view of ``params`` and every ``p.grad`` at a
@@ -116,3 +119,8 @@ def _same_view(tensor: Tensor, view: Tensor) -> bool:
         and tensor.shape == view.shape
         and tensor.stride() == view.stride()
     )
+
+
+FlatGroup = FlatBuffers
+"""The former name of :class:`FlatBuffers` (a param group's storage is now
+:class:`functorch_reg._adapter_groups.FlatGroup`, which holds one)."""

@@ -22,6 +22,9 @@ the cost of a few trainings. Two forms:
 :func:`tune` alternates training steps with steps on :math:`\log\lambda`, tuning
 per-layer strengths within one training run.
 
+:func:`cg` and :func:`normal_cg` are the linear solvers behind ``implicit``'s
+``solver="cg"`` and ``"normal_cg"``, for a ``solver=`` callable of one's own.
+
 ``train_loss(params, strengths)`` is the training objective, penalties included, and
 ``val_loss(params)`` the validation loss; both return a 0-d tensor. ``strengths`` is a
 floating 0-d tensor or a vector (e.g. one strength per layer), and the hypergradient
@@ -42,7 +45,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -51,6 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from . import _plot
+from ._checks import check_positive_int
 from ._linear_solve import cg, norm, normal_cg
 from .optim import Optimizer, adam
 from .tree import Params, flatten, is_float, spec_names
@@ -58,7 +62,7 @@ from .tree import Params, flatten, is_float, spec_names
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["TuneHistory", "TuneResult", "implicit", "tune", "unrolled"]
+__all__ = ["TuneHistory", "TuneResult", "cg", "implicit", "normal_cg", "tune", "unrolled"]
 
 Leaves = tuple[Tensor, ...]
 TrainLoss = Callable[[Params, Tensor], Tensor]
@@ -153,8 +157,8 @@ def implicit(
             :math:`(1 + \text{damping}) I - \partial_w T^\top` with one (not symmetric in
             general, and not restricted to the support); ``maxiter`` does not apply to it,
             ``tol`` only sets when the residual warning fires. For example
-            ``functools.partial(cg, maxiter=50, tol=1e-8)`` with ``cg`` from
-            ``functorch_reg._linear_solve``, or a wrapper that counts products.
+            ``functools.partial(fr.hypergrad.cg, maxiter=50, tol=1e-8)``, or a wrapper
+            of it that counts products.
         maxiter: iterations of the solver (matrix-vector products).
         tol: relative residual at which the solver stops.
         damping: added to the Hessian (``H + damping * I``), for non-convex losses;
@@ -405,11 +409,10 @@ def tune(
     Raises:
         TypeError: ``strengths`` is not a floating tensor; ``optimizer`` is not a
             functorch_reg ``Optimizer``.
-        ValueError: before training, ``strengths`` not positive and finite, a params
-            leaf not finite, ``rounds`` or ``steps_per_round`` not a positive int, an
-            unknown ``method``, ``hyper_lr`` not positive and finite; at the first
-            implicit hypergradient (after the first round's training steps),
-            ``maxiter`` not a positive int or ``damping`` negative.
+        ValueError: before any forward pass, ``strengths`` not positive and finite, a
+            params leaf not finite, ``rounds``, ``steps_per_round`` or ``maxiter`` not a
+            positive int, an unknown ``method``, ``hyper_lr`` not positive and finite,
+            ``damping`` negative or not finite.
 
     Example:
         Noise-free targets: less regularization is better, and the strength falls.
@@ -426,16 +429,9 @@ def tune(
         >>> result.train_steps, bool(result.strengths < 0.5)
         (50, True)
     """
-    _check_strengths("tune", strengths)
-    _check_positive_int("tune", "rounds", rounds)
-    _check_positive_int("tune", "steps_per_round", steps_per_round)
-    _check_optimizer("tune", optimizer)
-    if method not in ("implicit", "unrolled"):
-        raise ValueError(f"tune: method must be 'implicit' or 'unrolled', got {method!r}")
-    if not bool((strengths > 0).all()):
-        raise ValueError(f"tune: strengths must be positive (tuned in log space), got {strengths}")
-    if not _positive_finite(hyper_lr):
-        raise ValueError(f"tune: hyper_lr must be a positive, finite float, got {hyper_lr!r}")
+    _check_tune_arguments(
+        strengths, optimizer, rounds, steps_per_round, method, hyper_lr, maxiter, damping
+    )
     split = _Split(params)
     _check_params("tune", split, strengths, finite=True)
     hyper_optimizer = adam(lr=hyper_lr)
@@ -448,25 +444,12 @@ def tune(
     bar = tqdm(range(rounds), desc="tune strengths", disable=not progress)
     for round_index in bar:
         current = log_strengths.exp()
-        previous = split
-        if method == "unrolled":
-            hyper, trained, state = _unroll(
-                train_loss, val_loss, split, current, optimizer, state, steps_per_round, False
-            )
-            split = _Split(trained)
-        else:
-            floats = split.floats
-            for _ in range(steps_per_round):
-                gradient = _train_grad(train_loss, split, floats, current)
-                new_params, state = optimizer.step(
-                    split.tree(floats), split.grads_tree(gradient), state
-                )
-                floats = split.float_leaves(new_params)
-            split = _Split(split.tree(floats))
-            hyper, _ = _implicit_unchecked(split, current, train_loss, val_loss, maxiter, damping)
-        hyper = hyper.detach()
-        val = _value(val_loss, split.tree(split.floats)).detach()
-        problem = _nonfinite_round(split, val, hyper, method)
+        trained, state, hyper = _tune_round(
+            train_loss, val_loss, split, current, optimizer, state, steps_per_round, method,
+            maxiter, damping,
+        )  # fmt: skip
+        val = _value(val_loss, trained.tree(trained.floats)).detach()
+        problem = _nonfinite_round(trained, val, hyper, method)
         if problem is not None:
             warnings.warn(
                 f"hypergrad.tune: stopped at round {round_index + 1} of {rounds} (after "
@@ -476,8 +459,8 @@ def tune(
                 RuntimeWarning,
                 stacklevel=2,
             )
-            split = previous
             break
+        split = trained
         done += steps_per_round
         log_strengths, hyper_state = hyper_optimizer.step(
             log_strengths, hyper * current, hyper_state
@@ -503,6 +486,60 @@ def tune(
         train_steps=done,
         history=history,
     )
+
+
+def _check_tune_arguments(
+    strengths: Any,
+    optimizer: Any,
+    rounds: Any,
+    steps_per_round: Any,
+    method: Any,
+    hyper_lr: Any,
+    maxiter: Any,
+    damping: Any,
+) -> None:
+    """Every argument of :func:`tune` but the params, before any forward pass."""
+    _check_strengths("tune", strengths)
+    _check_positive_int("tune", "rounds", rounds)
+    _check_positive_int("tune", "steps_per_round", steps_per_round)
+    _check_optimizer("tune", optimizer)
+    if method not in ("implicit", "unrolled"):
+        raise ValueError(f"tune: method must be 'implicit' or 'unrolled', got {method!r}")
+    if not bool((strengths > 0).all()):
+        raise ValueError(f"tune: strengths must be positive (tuned in log space), got {strengths}")
+    if not _positive_finite(hyper_lr):
+        raise ValueError(f"tune: hyper_lr must be a positive, finite float, got {hyper_lr!r}")
+    _check_solver_settings("tune", maxiter, 1e-10, damping)
+
+
+def _tune_round(
+    train_loss: TrainLoss,
+    val_loss: ValLoss,
+    split: _Split,
+    strengths: Tensor,
+    optimizer: Optimizer,
+    state: Any,
+    steps: int,
+    method: str,
+    maxiter: int,
+    damping: float,
+) -> tuple[_Split, Any, Tensor]:
+    """One round of :func:`tune`: ``steps`` optimizer steps from ``(split, state)`` and
+    the hypergradient; returns the trained params, the optimizer state and the
+    hypergradient (detached)."""
+    if method == "unrolled":
+        hyper, trained, state = _unroll(
+            train_loss, val_loss, split, strengths, optimizer, state, steps, False
+        )
+        return _Split(trained), state, hyper.detach()
+    floats = split.floats
+    for _ in range(steps):
+        gradient = _train_grad(train_loss, split, floats, strengths)
+        new_params, state = optimizer.step(split.tree(floats), split.grads_tree(gradient), state)
+        floats = split.float_leaves(new_params)
+    split = _Split(split.tree(floats))
+    hyper, _ = _implicit_unchecked(split, strengths, train_loss, val_loss, maxiter, damping)
+    return split, state, hyper.detach()
 
 
 def _implicit_unchecked(
@@ -676,8 +713,46 @@ def _positive_finite(value: Any) -> bool:
 
 
 def _check_positive_int(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"hypergrad.{owner}: {name} must be a positive int, got {value!r}")
+    check_positive_int(f"hypergrad.{owner}", name, value)
+
+
+def _check_solver_settings(owner: str, maxiter: Any, tol: Any, damping: Any) -> None:
+    """``maxiter``, ``tol`` and ``damping`` of an implicit hypergradient, checked before
+    any forward pass."""
+    _check_positive_int(owner, "maxiter", maxiter)
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"hypergrad.{owner}: tol must be finite and >= 0, got {tol!r}")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"hypergrad.{owner}: damping must be finite and >= 0, got {damping!r}")
+
+
+def _check_implicit_arguments(
+    strengths: Any,
+    prox: Callable[[Params, Tensor], Params] | None,
+    step_size: float | Tensor | None,
+    solver: Any,
+    maxiter: Any,
+    tol: Any,
+    damping: Any,
+) -> None:
+    """Every argument of :func:`implicit` but the params, in the order the errors name them."""
+    _check_strengths("implicit", strengths)
+    if not callable(solver) and solver not in ("cg", "normal_cg"):
+        raise ValueError(
+            "hypergrad.implicit: solver must be 'cg', 'normal_cg' or a callable "
+            f"solve(matvec, b) -> x, got {solver!r}"
+        )
+    _check_solver_settings("implicit", maxiter, tol, damping)
+    if prox is not None and step_size is None:
+        raise ValueError(
+            "hypergrad.implicit: prox needs step_size, the step of the proximal-gradient "
+            "map w -> prox(w - step_size * grad, step_size * strengths)"
+        )
+    if step_size is not None and not _positive_finite(step_size):
+        raise ValueError(
+            f"hypergrad.implicit: step_size must be a positive, finite number (the "
+            f"learning rate of the proximal-gradient map), got {step_size!r}"
+        )
 
 
 @_math_attention
@@ -697,28 +772,10 @@ def _implicit(
     warn: bool,
     check_params: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """The hypergradient and the relative residual of the linear solve."""
-    _check_strengths("implicit", strengths)
-    if not callable(solver) and solver not in ("cg", "normal_cg"):
-        raise ValueError(
-            "hypergrad.implicit: solver must be 'cg', 'normal_cg' or a callable "
-            f"solve(matvec, b) -> x, got {solver!r}"
-        )
-    _check_positive_int("implicit", "maxiter", maxiter)
-    if not (math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"hypergrad.implicit: tol must be finite and >= 0, got {tol!r}")
-    if not (math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"hypergrad.implicit: damping must be finite and >= 0, got {damping!r}")
-    if prox is not None and step_size is None:
-        raise ValueError(
-            "hypergrad.implicit: prox needs step_size, the step of the proximal-gradient "
-            "map w -> prox(w - step_size * grad, step_size * strengths)"
-        )
-    if step_size is not None and not _positive_finite(step_size):
-        raise ValueError(
-            f"hypergrad.implicit: step_size must be a positive, finite number (the "
-            f"learning rate of the proximal-gradient map), got {step_size!r}"
-        )
+    """The hypergradient and the relative residual of the linear solve: the optimality
+    map of the case (the gradient, or the proximal-gradient map's fixed point) handed to
+    :func:`_root_vjp`."""
+    _check_implicit_arguments(strengths, prox, step_size, solver, maxiter, tol, damping)
     split = _Split(params)
     _check_params("implicit", split, strengths, finite=check_params)
     w = split.floats
@@ -728,132 +785,235 @@ def _implicit(
         return _scalar("val_loss", val_loss(split.tree(floats)))
 
     val_grad: Leaves = grad(val_objective)(w)
-
+    support: Leaves | None = None
     if prox is None:
-        gradient, gradient_vjp = vjp(  # type: ignore[misc]  # typed as if has_aux
-            lambda floats, lam: _train_grad(train_loss, split, floats, lam), w, strengths
-        )
-        stationarity = norm(gradient)
-
-        def transpose_matvec(x: Leaves) -> Leaves:  # H^T x = H x
-            product = gradient_vjp(x)[0]
-            return tuple(p + damping * a for p, a in zip(product, x, strict=True))
-
-        matvec = transpose_matvec
-
-        def strength_vjp(u: Leaves) -> Tensor:
-            cotangent: Tensor = gradient_vjp(u)[1]
-            return -cotangent
-
-        support: Leaves | None = None
+        optimality = _gradient_map(train_loss, split)
     else:
         assert step_size is not None
-        eta = step_size
-
-        def fixed_point_map(floats: Leaves, lam: Tensor) -> Leaves:
-            gradient = _train_grad(train_loss, split, floats, lam)
-            moved = tuple(x - eta * g for x, g in zip(floats, gradient, strict=True))
-            return split.float_leaves(prox(split.tree(moved), eta * lam))
-
-        image, map_vjp = vjp(fixed_point_map, w, strengths)  # type: ignore[misc]
-        stationarity = norm(tuple(t - x for t, x in zip(image, w, strict=True))) / eta
-
-        def transpose_matvec(x: Leaves) -> Leaves:  # (I - dT)^T x
-            product = map_vjp(x)[0]
-            return tuple((1 + damping) * a - b for a, b in zip(x, product, strict=True))
-
-        def matvec(x: Leaves) -> Leaves:  # (I - dT) x
-            product = jvp(lambda floats: fixed_point_map(floats, strengths), (w,), (x,))[1]
-            return tuple((1 + damping) * a - b for a, b in zip(x, product, strict=True))
-
-        def strength_vjp(u: Leaves) -> Tensor:
-            cotangent: Tensor = map_vjp(u)[1]
-            return cotangent
-
-        support = None
+        optimality = _proximal_gradient_map(train_loss, split, prox, step_size)
         if solver == "cg":
-            support = _identity_support(split, prox, w, eta, strengths, train_loss)
-
-    eps = torch.finfo(w[0].dtype).eps
-    tolerance = max(tol, 64 * eps)
-    system, rhs = transpose_matvec, val_grad  # the system M^T u = v that u solves
-    if support is not None:
-        mask = support
-
-        def restricted(x: Leaves) -> Leaves:
-            masked = tuple(m * a for m, a in zip(mask, x, strict=True))
-            return tuple(m * a for m, a in zip(mask, transpose_matvec(masked), strict=True))
-
-        system, rhs = restricted, tuple(m * v for m, v in zip(mask, val_grad, strict=True))
+            support = _identity_support(split, prox, w, step_size, strengths, train_loss)
+    tolerance = max(tol, 64 * torch.finfo(w[0].dtype).eps)
     report: dict[str, float] = {}
-    if callable(solver):
-        u = tuple(solver(system, rhs))
-    elif solver == "normal_cg":  # M M^T u = M v
-        u = normal_cg(
-            transpose_matvec,
-            val_grad,
-            rmatvec=matvec,
-            maxiter=maxiter,
-            tol=tolerance,
-            report=report,
-        )
-    else:
-        u = cg(system, rhs, maxiter=maxiter, tol=tolerance, report=report)
-    hypergradient = strength_vjp(u)
-    mismatch = tuple(a - b for a, b in zip(system(u), rhs, strict=True))
-    residual = norm(mismatch) / norm(rhs).clamp_min(torch.finfo(w[0].dtype).tiny)
+    solve = _solve(solver, maxiter, tolerance, report)
+    root = _root_vjp(optimality, w, strengths, val_grad, solve, damping=damping, support=support)
+    hypergradient = root.hypergradient
     # A NaN in the solve stops CG at its first step with the zero iterate: say NaN.
     broken = not torch.compiler.is_compiling() and not (
-        math.isfinite(report.get("curvature", 0.0)) and bool(norm(rhs).isfinite())
+        math.isfinite(report.get("curvature", 0.0)) and bool(root.rhs_norm.isfinite())
     )
     if broken:
         hypergradient = torch.full_like(hypergradient, math.nan)
     if warn and not torch.compiler.is_compiling():
-        if not float(stationarity) <= stationary_tol:  # NaN included
-            what = "the gradient norm" if prox is None else "|T(w) - w| / step_size"
-            warnings.warn(
-                f"hypergrad.implicit: params are not a stationary point of train_loss: "
-                f"{what} is {float(stationarity):.3g} > stationary_tol={stationary_tol:.3g}; "
-                "the implicit hypergradient assumes trained parameters",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        if broken:
-            warnings.warn(
-                "hypergrad.implicit: the hypergradient is NaN: the gradient of val_loss or "
-                "a Hessian-vector product of train_loss at params is not finite",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        elif "curvature" in report and not float(residual) <= tolerance:
-            where = "the Hessian" if prox is None else "I - dT on the support"
-            warnings.warn(
-                f"hypergrad.implicit: {solver} did not converge: it stopped at negative "
-                f"curvature (p.Ap = {report['curvature']:.3g} after "
-                f"{int(report['iteration'])} CG iteration(s)), so {where} is not positive "
-                "definite at params: a saddle point or a maximum of train_loss, not a "
-                f"minimum; the result (relative residual {float(residual):.3g}) is not "
-                "the hypergradient. Train to a minimum, pass damping= larger than the "
-                "magnitude of the most negative eigenvalue (a regularized answer), or "
-                "solver='normal_cg' (exact for a nonsingular indefinite matrix, slower)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        elif not float(residual) <= tolerance:
-            warnings.warn(
-                f"hypergrad.implicit: {_did_not_converge(solver, maxiter)}: relative "
-                f"residual {float(residual):.3g} > {tolerance:.3g}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        if not broken and not bool(torch.isfinite(hypergradient).all()):
-            warnings.warn(
-                f"hypergrad.implicit: the hypergradient is not finite ({hypergradient}): "
-                "val_loss, train_loss or one of their derivatives is NaN or inf at params",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return hypergradient.detach(), residual.detach()
+        if prox is None:
+            stationarity = norm(root.value)
+        else:
+            assert step_size is not None
+            stationarity = norm(tuple(t - x for t, x in zip(root.value, w, strict=True)))
+            stationarity = stationarity / step_size
+        _warn_implicit(
+            stationarity=float(stationarity),
+            stationary_tol=stationary_tol,
+            smooth=prox is None,
+            broken=broken,
+            report=report,
+            residual=float(root.residual),
+            tolerance=tolerance,
+            hypergradient=hypergradient,
+            solver=solver,
+            maxiter=maxiter,
+        )
+    return hypergradient.detach(), root.residual.detach()
+
+
+Optimality = Callable[[Leaves, Tensor], Leaves]
+"""``fun(w, strengths) -> leaves shaped like w``, the map an optimality condition is made of."""
+
+Matvec = Callable[[Leaves], Leaves]
+
+Solve = Callable[[Matvec, Leaves, Matvec], Leaves]
+"""``solve(matvec, b, rmatvec) -> x`` with ``matvec(x) = A x`` and ``rmatvec(y) = A^T y``."""
+
+
+class _OptimalityMap(NamedTuple):
+    r"""An optimality condition :math:`F(w^*, \lambda) = 0` that defines :math:`w^*(\lambda)`.
+
+    ``F = fun`` (a root condition, e.g. the gradient of the training loss), or with
+    ``fixed_point`` the fixed-point residual ``F(w, lam) = w - fun(w, lam)`` of a map
+    ``fun`` (e.g. the proximal-gradient map). ``symmetric``: :math:`\partial_w F` is
+    symmetric (``fun`` is a gradient: its Jacobian is a Hessian).
+    """
+
+    fun: Optimality
+    fixed_point: bool
+    symmetric: bool
+
+
+class _RootVJP(NamedTuple):
+    """What :func:`_root_vjp` returns: the hypergradient, the relative residual of the
+    linear solve, the norm of its right-hand side and ``fun(w, strengths)``."""
+
+    hypergradient: Tensor
+    residual: Tensor
+    rhs_norm: Tensor
+    value: Leaves
+
+
+def _gradient_map(train_loss: TrainLoss, split: _Split) -> _OptimalityMap:
+    r"""Without a prox, :math:`F(w, \lambda) = \nabla_w L(w, \lambda)`, zero at a minimizer;
+    :math:`\partial_w F = H`, the Hessian."""
+
+    def gradient(floats: Leaves, lam: Tensor) -> Leaves:
+        return _train_grad(train_loss, split, floats, lam)
+
+    return _OptimalityMap(gradient, fixed_point=False, symmetric=True)
+
+
+def _proximal_gradient_map(
+    train_loss: TrainLoss,
+    split: _Split,
+    prox: Callable[[Params, Tensor], Params],
+    eta: float | Tensor,
+) -> _OptimalityMap:
+    r"""With a prox, the fixed points of
+    :math:`T(w) = \operatorname{prox}(w - \eta \nabla_w L(w, \lambda), \eta\lambda)`:
+    :math:`F = w - T(w)`, whose Jacobian is not symmetric in general."""
+
+    def proximal_gradient(floats: Leaves, lam: Tensor) -> Leaves:
+        gradient = _train_grad(train_loss, split, floats, lam)
+        moved = tuple(x - eta * g for x, g in zip(floats, gradient, strict=True))
+        return split.float_leaves(prox(split.tree(moved), eta * lam))
+
+    return _OptimalityMap(proximal_gradient, fixed_point=True, symmetric=False)
+
+
+def _root_vjp(
+    optimality: _OptimalityMap,
+    w: Leaves,
+    strengths: Tensor,
+    cotangent: Leaves,
+    solve: Solve,
+    *,
+    damping: float = 0.0,
+    support: Leaves | None = None,
+) -> _RootVJP:
+    r"""The VJP of the root :math:`w^*(\lambda)` of :math:`F(w, \lambda) = 0` with
+    ``cotangent`` :math:`v` (implicit function theorem; jaxopt's ``root_vjp``): solve
+    :math:`A^\top u = v`, :math:`A = \partial_w F + \text{damping}\, I`, and return
+    :math:`-(\partial_\lambda F)^\top u`. With ``support`` (0/1 masks), the system is
+    restricted to it: :math:`D A^\top D u = D v`."""
+    value, fun_vjp = vjp(optimality.fun, w, strengths)  # type: ignore[misc]
+
+    def damped(x: Leaves, product: Leaves) -> Leaves:  # (A x from fun's product with x)
+        if optimality.fixed_point:  # (1 + damping) x - dfun x
+            return tuple((1 + damping) * a - b for a, b in zip(x, product, strict=True))
+        return tuple(p + damping * a for p, a in zip(product, x, strict=True))
+
+    def transpose_matvec(x: Leaves) -> Leaves:
+        return damped(x, fun_vjp(x)[0])
+
+    def matvec(x: Leaves) -> Leaves:
+        if optimality.symmetric:
+            return transpose_matvec(x)
+        return damped(x, jvp(lambda floats: optimality.fun(floats, strengths), (w,), (x,))[1])
+
+    system: Matvec = transpose_matvec
+    forward: Matvec = matvec
+    rhs = cotangent
+    if support is not None:
+        system, forward = _restrict(transpose_matvec, support), _restrict(matvec, support)
+        rhs = tuple(m * v for m, v in zip(support, cotangent, strict=True))
+    u = solve(system, rhs, forward)
+    strength_cotangent: Tensor = fun_vjp(u)[1]
+    # -(dF/dlam)^T u: dF/dlam = dfun/dlam, or -dfun/dlam for a fixed-point residual.
+    hypergradient = strength_cotangent if optimality.fixed_point else -strength_cotangent
+    mismatch = tuple(a - b for a, b in zip(system(u), rhs, strict=True))
+    rhs_norm = norm(rhs)
+    residual = norm(mismatch) / rhs_norm.clamp_min(torch.finfo(w[0].dtype).tiny)
+    return _RootVJP(hypergradient, residual, rhs_norm, value)
+
+
+def _restrict(matvec: Matvec, mask: Leaves) -> Matvec:
+    """``x -> D A D x`` for ``matvec = A`` and the 0/1 diagonal ``D`` of ``mask``."""
+
+    def restricted(x: Leaves) -> Leaves:
+        masked = tuple(m * a for m, a in zip(mask, x, strict=True))
+        return tuple(m * a for m, a in zip(mask, matvec(masked), strict=True))
+
+    return restricted
+
+
+def _solve(solver: Solver, maxiter: int, tolerance: float, report: dict[str, float]) -> Solve:
+    """``solver=`` as a :data:`Solve`; ``report`` receives CG's curvature breakdown."""
+    if callable(solver):
+        user_solver = solver
+        return lambda matvec, b, rmatvec: tuple(user_solver(matvec, b))
+    if solver == "normal_cg":  # A A^T x' = A b with A^T = rmatvec
+        return lambda matvec, b, rmatvec: normal_cg(
+            matvec, b, rmatvec=rmatvec, maxiter=maxiter, tol=tolerance, report=report
+        )
+    return lambda matvec, b, rmatvec: cg(matvec, b, maxiter=maxiter, tol=tolerance, report=report)
+
+
+def _warn_implicit(
+    *,
+    stationarity: float,
+    stationary_tol: float,
+    smooth: bool,
+    broken: bool,
+    report: dict[str, float],
+    residual: float,
+    tolerance: float,
+    hypergradient: Tensor,
+    solver: Solver,
+    maxiter: int,
+) -> None:
+    """The warnings of :func:`implicit`: params not stationary, a NaN in the solve,
+    non-positive curvature, no convergence, a non-finite hypergradient."""
+    if not stationarity <= stationary_tol:  # NaN included
+        what = "the gradient norm" if smooth else "|T(w) - w| / step_size"
+        warnings.warn(
+            f"hypergrad.implicit: params are not a stationary point of train_loss: "
+            f"{what} is {stationarity:.3g} > stationary_tol={stationary_tol:.3g}; "
+            "the implicit hypergradient assumes trained parameters",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    if broken:
+        warnings.warn(
+            "hypergrad.implicit: the hypergradient is NaN: the gradient of val_loss or "
+            "a Hessian-vector product of train_loss at params is not finite",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    elif "curvature" in report and not residual <= tolerance:
+        where = "the Hessian" if smooth else "I - dT on the support"
+        warnings.warn(
+            f"hypergrad.implicit: {solver} did not converge: it stopped at negative "
+            f"curvature (p.Ap = {report['curvature']:.3g} after "
+            f"{int(report['iteration'])} CG iteration(s)), so {where} is not positive "
+            "definite at params: a saddle point or a maximum of train_loss, not a "
+            f"minimum; the result (relative residual {residual:.3g}) is not "
+            "the hypergradient. Train to a minimum, pass damping= larger than the "
+            "magnitude of the most negative eigenvalue (a regularized answer), or "
+            "solver='normal_cg' (exact for a nonsingular indefinite matrix, slower)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    elif not residual <= tolerance:
+        warnings.warn(
+            f"hypergrad.implicit: {_did_not_converge(solver, maxiter)}: relative "
+            f"residual {residual:.3g} > {tolerance:.3g}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    if not broken and not bool(torch.isfinite(hypergradient).all()):
+        warnings.warn(
+            f"hypergrad.implicit: the hypergradient is not finite ({hypergradient}): "
+            "val_loss, train_loss or one of their derivatives is NaN or inf at params",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _did_not_converge(solver: Solver, maxiter: int) -> str:

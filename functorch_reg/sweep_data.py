@@ -439,7 +439,9 @@ def _describe(value: Any) -> str:
 def as_strengths(strengths: Tensor | Sequence[float], name: str = "strengths") -> Tensor:
     """``strengths`` as a non-empty 1-d floating tensor of finite, non-negative values.
 
-    Integer values are cast to the default dtype; floating ones keep their dtype.
+    Integer values are cast to the default dtype; a floating tensor keeps its dtype; a
+    sequence of Python floats becomes float64, the value torch.optim reads from a Python
+    float (the caller casts to the params' dtype: a float64 model's ``0.05`` is ``0.05``).
 
     Args:
         strengths: a 1-D tensor or sequence of ``K`` strengths (absolute multipliers of
@@ -458,7 +460,7 @@ def as_strengths(strengths: Tensor | Sequence[float], name: str = "strengths") -
         >>> fr.sweep_data.as_strengths([0, 1, 10])
         tensor([ 0.,  1., 10.])
     """
-    strengths = torch.as_tensor(strengths)
+    given, strengths = strengths, torch.as_tensor(strengths)
     if strengths.is_complex():
         raise TypeError(
             f"{name} must be real, got complex values {strengths.tolist()}; a "
@@ -467,6 +469,8 @@ def as_strengths(strengths: Tensor | Sequence[float], name: str = "strengths") -
         )
     if not strengths.is_floating_point():
         strengths = strengths.to(torch.get_default_dtype())
+    elif isinstance(given, Sequence) and not any(isinstance(v, Tensor) for v in given):
+        strengths = torch.as_tensor(given, dtype=torch.float64)  # Python floats are doubles
     if strengths.ndim != 1 or len(strengths) == 0:
         raise ValueError(
             f"{name} must be a non-empty 1-d tensor, got shape {tuple(strengths.shape)}"

@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import types
 import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -123,18 +122,7 @@ class TrainStep:
         # Positions (in the flattened consts) of the tensors that a forward has updated,
         # which an eager step copies first; None until the first eager step.
         self._mutated: set[int] | None = None
-        self._compiled_step = (
-            Announced(
-                torch.compile(
-                    _own_code(self._step_in_place),
-                    fullgraph=fullgraph,
-                    options=_inductor_options(mode),
-                ),
-                "train_step",
-            )
-            if compile
-            else None
-        )
+        self._compiled_step = _compiled(self._step_in_place, fullgraph, mode) if compile else None
 
     def __call__(self, params: Params, state: State, *args: Any, **overrides: Any) -> Any:
         """One step in place: ``params`` and ``state`` are updated, the loss is returned.
@@ -150,7 +138,9 @@ class TrainStep:
             return self._step_in_place(params, state, args, overrides)
         self._floats.watch(args, overrides)
         if self._captures_cuda_graphs:
-            _mark_static(params, state, args[0] if self.consts and args else None)
+            from ._graph_pass import mark_static  # loaded by the compile in __init__
+
+            mark_static(params, state, args[0] if self.consts and args else None)
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]  # untyped in torch
         try:
             out = self._compiled_step(params, state, args, overrides)
@@ -485,30 +475,15 @@ def _float_arguments(args: tuple[Any, ...], overrides: dict[str, Any]) -> list[t
     return found
 
 
-def _inductor_options(mode: str | None) -> dict[str, Any]:
-    options = dict(torch._inductor.list_mode_options(mode or "default"))
-    from ._graph_pass import UnfuseGradientAddmm  # Inductor loads with the first compile
+def _compiled(method: Callable[..., Any], fullgraph: bool, mode: str | None) -> Any:
+    """``torch.compile`` of ``method`` with train_step's Inductor options and a code
+    object of its own, announced on its first call; the compiler internals load here."""
+    from ._graph_pass import inductor_options, own_code
 
-    options["post_grad_custom_post_pass"] = UnfuseGradientAddmm()
-    return options
-
-
-def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` as a function with a code object of its own.
-
-    Dynamo caches compiled graphs per code object and counts every new closure or
-    bound ``self`` as a recompile of that code; with ``fullgraph=True`` the ninth
-    ``train_step`` of a process would then fail at the recompile limit.
-    """
-    function = method.__func__  # type: ignore[attr-defined]
-    fresh = types.FunctionType(
-        function.__code__.replace(),
-        function.__globals__,
-        function.__name__,
-        function.__defaults__,
-        function.__closure__,
+    return Announced(
+        torch.compile(own_code(method), fullgraph=fullgraph, options=inductor_options(mode)),
+        "train_step",
     )
-    return types.MethodType(fresh, method.__self__)  # type: ignore[attr-defined]
 
 
 def _as_before_update(value: Any, params: Params) -> Any:
@@ -538,13 +513,6 @@ def _tensor_ids(params: Params) -> set[int]:
     """The ids of the tensors in ``params`` (a flat dict without flattening: cheaper)."""
     leaves = params.values() if type(params) is dict else flatten(params)[0]
     return {id(leaf) for leaf in leaves if isinstance(leaf, Tensor)}
-
-
-def _mark_static(params: Params, state: State, consts: Any = None) -> None:
-    for tree in (params, state, consts):
-        for leaf in flatten(tree)[0]:
-            if isinstance(leaf, Tensor) and not hasattr(leaf, "_dynamo_static_input_type"):
-                torch._dynamo.mark_static_address(leaf)
 
 
 class _CapturedBufferError(RuntimeError):

@@ -53,14 +53,14 @@ def test_flat_equals_per_leaf_and_params_are_views(device, name):
     flat_model, _ = model_and_batches(device)
     optimizer = fr.TorchOptimizer(groups(model), FUNCTIONAL[name]())
     flat_optimizer = fr.TorchOptimizer(groups(flat_model), FUNCTIONAL[name](), flat=True)
-    buffer = flat_optimizer._flat_groups[0].params
+    buffer = flat_optimizer._groups[0].params
     train(model, optimizer, batches, 100)
     train(flat_model, flat_optimizer, batches, 100)
     for p, q in zip(model.parameters(), flat_model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
     weight = flat_model[0].weight
     assert weight.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
-    grad_buffer = flat_optimizer._flat_groups[0].grads
+    grad_buffer = flat_optimizer._groups[0].grads
     assert weight.grad.untyped_storage().data_ptr() == grad_buffer.untyped_storage().data_ptr()
     flat_optimizer.zero_grad()
     assert weight.grad is not None and not weight.grad.any()
@@ -101,7 +101,7 @@ def test_state_dict_has_the_per_leaf_format_and_loads_either_way(device):
 def test_repointed_params_and_gradients_are_copied_back_in():
     model, _batches = model_and_batches("cpu")
     optimizer = fr.TorchOptimizer(model.parameters(), fr.sgd(lr=0.1), flat=True)
-    buffer = optimizer._flat_groups[0].params
+    buffer = optimizer._groups[0].params
     new_weight = torch.full_like(model[0].weight, 0.5)
     model[0].weight.data = new_weight  # e.g. what load_state_dict(assign=True) does
     model[0].weight.grad = None  # e.g. zero_grad(set_to_none=True) from other code

@@ -196,7 +196,7 @@ def ddp_flat_scenario(rank: int) -> dict[str, Any]:
         optimizer.zero_grad()
         nn.functional.mse_loss(ddp(x), y).backward()
         optimizer.step()
-    grads = optimizer._flat_groups[0].grads
+    grads = optimizer._groups[0].grads
     return {
         "params": {name: p.detach().clone() for name, p in model.named_parameters()},
         # DDP copied its reduced buckets into the views instead of replacing them.

@@ -1,5 +1,6 @@
-"""Sweeps over lambda: vmapped equals a loop, reproducible, and the lasso path matches
-scikit-learn."""
+"""fr.sweep end to end (functorch_reg/ensemble/search.py with the rooms it calls): vmapped
+equals a loop, reproducible, folds, grids, flat buffers, plots. The rooms' own tests:
+tests/test_ensemble_{members,grid,loop,search}.py."""
 
 from __future__ import annotations
 
@@ -142,18 +143,6 @@ def test_regression_sweep_has_no_accuracy():
     assert result.param_norm[1] < result.param_norm[0]
 
 
-def test_init_ensemble_is_reproducible_and_independent():
-    model = small_model()
-    before = {k: v.clone() for k, v in model.named_parameters()}
-    a = fr.init_ensemble(model, 3, seed=7)
-    b = fr.init_ensemble(model, 3, seed=7)
-    c = fr.init_ensemble(model, 3, seed=8)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert not torch.equal(a["0.weight"], c["0.weight"])
-    assert not torch.equal(a["0.weight"][0], a["0.weight"][1])
-    torch.testing.assert_close(dict(model.named_parameters()), before, rtol=0, atol=0)
-
-
 def test_sweep_is_reproducible_from_the_seed():
     train, val = classification_data()
     run = functools.partial(
@@ -174,41 +163,6 @@ def test_sweep_is_reproducible_from_the_seed():
     first, second, other = run(seed=1), run(seed=1), run(seed=2)
     torch.testing.assert_close(first.params, second.params, rtol=0, atol=0)
     assert not torch.equal(first.params["0.weight"], other.params["0.weight"])
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        (
-            {"init": fr.init_ensemble(small_model(), 3)},
-            "init holds \\[3\\] members but there are 4",
-        ),
-        ({"penalty": fr.penalties.l1, "hyperparameter": "lr"}, "exactly one of"),
-        ({"penalty": None}, "exactly one of"),
-        ({"penalty": None, "hyperparameter": "betas"}, "not a scalar hyperparameter"),
-        ({"strengths": [[0.1, 0.2]]}, "1-d"),
-        ({"strengths": [0.1, -0.2]}, "non-negative"),
-        ({"steps": 0}, "positive int"),
-        ({"batch_size": 1000}, "batch_size"),
-        ({"init": "random"}, "'shared', 'independent'"),
-    ],
-)
-def test_bad_sweep_input_raises(kwargs, message):
-    train, val = classification_data()
-    arguments = {
-        "strengths": [0.0, 0.1, 0.2, 0.3],
-        "train": train,
-        "val": val,
-        "penalty": fr.penalties.l1,
-        "compile": False,
-        "progress": False,
-        **kwargs,
-    }
-    strengths = arguments.pop("strengths")
-    with pytest.raises(ValueError, match=message):
-        fr.sweep(
-            small_model(), torch.nn.functional.cross_entropy, fr.adam(), strengths, **arguments
-        )
 
 
 @pytest.mark.slow
@@ -300,71 +254,6 @@ def test_dataloader_sweep_equals_tensor_batches_and_val_is_the_exact_mean():
         torch.testing.assert_close(
             result.val_accuracy[i], (logits.argmax(1) == val[1]).float().mean()
         )
-
-
-def mismatched_init():
-    members = fr.init_ensemble(small_model(), 2)
-    del members["2.bias"]
-    return members
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
-    [
-        ({"train": 5}, TypeError, "pair of tensors"),
-        ({"train": [{"x": torch.zeros(2, 5), "y": torch.zeros(2)}]}, TypeError, "train batch 0"),
-        (
-            {"train": DataLoader([{"x": torch.zeros(5), "y": 0}] * 4, batch_size=2)},
-            TypeError,
-            "train batch 0 must be an \\(x, y\\) pair of tensors, got a dict",
-        ),
-        ({"train": (batch for batch in [])}, TypeError, "one-shot iterator"),
-        ({"train": []}, ValueError, "train is empty"),
-        ({"train": (torch.zeros(20, 5), torch.zeros(40).long())}, ValueError, "same leading"),
-        ({"train": (torch.zeros(0, 5), torch.zeros(0).long())}, ValueError, "train is empty"),
-        ({"val": (torch.zeros(0, 5), torch.zeros(0).long())}, ValueError, "val is empty"),
-        ({"val": (torch.zeros(30, 5), torch.zeros(20).long())}, ValueError, "same leading"),
-        ({"init": mismatched_init()}, ValueError, "missing \\['2.bias'\\]"),
-        ({"batch_size": True}, ValueError, "batch_size"),
-        ({"batch_size": 8.0}, ValueError, "batch_size"),
-        ({"strengths": [0.1, float("nan")]}, ValueError, "finite"),
-        ({"strengths": [-0.1, 0.1]}, ValueError, "non-negative"),
-        (
-            {"penalty": None, "hyperparameter": "dampening", "optimizer": fr.sgd(lr=0.1)},
-            ValueError,
-            "dampening=2.0",
-        ),
-        ({"strengths": {"penalty": [0.1], "gamma": [1.0]}}, ValueError, "grid axis 'gamma'"),
-        ({"strengths": {"lr": [0.1]}}, ValueError, "penalty axis and penalty="),
-        ({"select": "val_f1"}, ValueError, "select must be"),
-        ({"val": None}, ValueError, "give val="),
-        ({"folds": 3}, ValueError, "pass val=None"),
-        ({"val": None, "folds": 65}, ValueError, "more than the 64"),
-        ({"val": None, "folds": 1}, ValueError, "folds must be an int >= 2"),
-        ({"val": None, "folds": 2, "cv": [([0], [1])] * 2}, ValueError, "not both"),
-        (
-            {
-                "val": [
-                    (torch.zeros(4, 5), torch.zeros(4).long()),
-                    (torch.zeros(4, 5), torch.zeros(3)),
-                ]
-            },
-            ValueError,
-            "val batch 1",
-        ),
-    ],
-)
-def test_bad_sweep_data_raises_before_training(kwargs, error, message):
-    kwargs = {"strengths": [0.0, 2.0], "optimizer": fr.adam(), **kwargs}
-    strengths, optimizer = kwargs.pop("strengths"), kwargs.pop("optimizer")
-    model = small_model()
-    calls = []
-    model.register_forward_pre_hook(lambda *_: calls.append(1))
-    with pytest.raises(error, match=message):
-        fr.sweep(
-            model, torch.nn.functional.cross_entropy, optimizer, strengths, **sweep_kwargs(**kwargs)
-        )
-    assert len(calls) <= 1, "at most the one-sample probe ran"
 
 
 def test_select_val_accuracy_on_regression_is_refused():
@@ -531,30 +420,6 @@ def test_grid_runs_the_product_of_its_axes():
     assert set(result.best) == {"penalty", "lr"}
 
 
-def test_progress_bar_says_compiling_and_counts_every_step(capsys):
-    calls = []
-
-    def step(members, buffers, states, grid, x, y, extra):
-        calls.append(len(x))
-        return members, buffers, states, torch.zeros(2)
-
-    batches = [(torch.zeros(4, 1), torch.zeros(4), None)] * 5
-    fr.sweep_step.train(
-        step,
-        {},
-        {},
-        (),
-        {},
-        batches,
-        5,
-        progress=True,
-        compiling=True,
-        desc="sweep",
-    )
-    err = capsys.readouterr().err
-    assert "compiling" in err and "5/5" in err and len(calls) == 5
-
-
 def test_plot_names_layers_marks_the_choice_and_has_two_legends(tmp_path):
     pytest.importorskip("matplotlib")
     result = fr.sweep(
@@ -679,29 +544,3 @@ def test_flat_sweep_equals_the_per_leaf_sweep(folds):
     refit, flat_refit = per_leaf.refit(steps=5), flat.refit(steps=5)
     for name, leaf in refit.items():
         torch.testing.assert_close(flat_refit[name], leaf, rtol=1e-5, atol=1e-6)
-
-
-def test_flat_ensemble_step_updates_stacked_buffers_like_per_leaf_members():
-    train, _ = classification_data()
-    model = small_model()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    members = fr.init_ensemble(model, 3, seed=1)
-    layout = fr.flat.pack(params)
-    buffers = fr.stack([layout.pack_like(m) for m in fr.unstack(members)])
-    assert buffers["float32"].shape == (3, layout.buffers["float32"].shape[0])
-    opt = fr.sgd(lr=0.1, momentum=0.9)
-    strengths = torch.tensor([0.0, 0.1, 1.0])
-    kwargs = dict(penalty=fr.penalties.l2)
-    step = fr.ensemble_step(model, torch.nn.functional.cross_entropy, opt, **kwargs)
-    flat_step = fr.ensemble_step(
-        model, torch.nn.functional.cross_entropy, opt, flat=layout, **kwargs
-    )
-    states = fr.stack([opt.init(m) for m in fr.unstack(members)])
-    flat_states = fr.stack([opt.init(b) for b in fr.unstack(buffers)])
-    for _ in range(5):
-        members, states, losses = step(members, states, strengths, *train)
-        buffers, flat_states, flat_losses = flat_step(buffers, flat_states, strengths, *train)
-        torch.testing.assert_close(flat_losses, losses)
-    views = layout.unpack(buffers)
-    for name, leaf in members.items():
-        torch.testing.assert_close(views[name], leaf, rtol=1e-6, atol=1e-7)

@@ -2,7 +2,8 @@
 
 from . import schedules
 from .adam import AdamState, adam, adamw
-from .base import Optimizer, Prox, load_state_dict, state_dict
+from .base import Optimizer, Prox
+from .checkpoint import load_state_dict, state_dict
 from .decay import convert_timescale
 from .lion import LionState, lion
 from .muon import MuonState, muon

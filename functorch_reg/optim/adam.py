@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -13,38 +12,13 @@ from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
 from ..select import Where
 from ..tree import Params
 from ._fused import adam_kernel
-from .base import (
-    LEAF_TABLES,
-    LeafTable,
-    Optimizer,
-    Prox,
-    ProxMetric,
-    RuleOutput,
-    build,
-    check_prox_metric,
-    is_zero,
-)
-from .clipping import with_clipping
-from .decay import INTERVALS as DECAY_INTERVALS
-from .decay import (
-    DecayScaling,
-    check_decay_factor,
-    decay_coefficient,
-    decay_options,
-    decay_rate,
-    decayed,
-)
+from .base import LeafTable, Optimizer, Prox, ProxMetric, RuleOutput, is_zero
+from .decay import DecayScaling, decay_coefficient, decay_rate, decayed
+from .regularization import regularization
 
 __all__ = ["AdamState", "adam", "adamw"]
 
-_INTERVALS = {
-    "lr": NON_NEGATIVE,
-    "beta1": UNIT_OPEN,
-    "beta2": UNIT_OPEN,
-    "eps": NON_NEGATIVE,
-    "weight_decay": NON_NEGATIVE,
-    "prox_strength": NON_NEGATIVE,
-}
+_INTERVALS = {"beta1": UNIT_OPEN, "beta2": UNIT_OPEN, "eps": NON_NEGATIVE}
 
 
 class AdamState(NamedTuple):
@@ -80,8 +54,33 @@ class AdamState(NamedTuple):
     beta_powers: Tensor
     skipped: Tensor
 
+    @classmethod
+    def leaf_table_field(cls) -> str:
+        """The field that holds a row per leaf in one tensor (see
+        :class:`~functorch_reg.optim.base.LeafTable`)."""
+        return "beta_powers"
 
-LEAF_TABLES[AdamState] = "beta_powers"
+
+def _init_beta_powers(device: torch.device) -> Tensor:
+    return torch.ones(2, dtype=torch.float64, device=device)
+
+
+def _advance_beta_powers(beta_powers: Tensor, h: Mapping[str, Scalar]) -> tuple[Tensor, Tensor]:
+    beta_powers = torch.stack(
+        [beta_powers[:, 0] * h["beta1"], beta_powers[:, 1] * h["beta2"]], dim=1
+    )
+    # Kept in float64 like torch.optim's Python-float bias corrections, and made for
+    # all leaves at once, so each leaf's loop loads two numbers rather than
+    # recomputing a float64 division and square root in every vector iteration.
+    corrections = torch.stack(
+        [h["lr"] / (1 - beta_powers[:, 0]), (1 - beta_powers[:, 1]).sqrt()], dim=1
+    )
+    return beta_powers, corrections
+
+
+_BETA_POWERS = LeafTable(_init_beta_powers, _advance_beta_powers)
+"""The ``beta_powers`` table: per leaf, the products of the betas, and for the rule the
+step size ``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)``."""
 
 
 def adam(
@@ -234,42 +233,15 @@ def adam(
     """
 
     name = "adamw" if decoupled else "adam"
-    if fused and (cautious_decay or decay_to is not None or decay_scaling != "lr"):
-        raise ValueError(
-            f"{name}: fused=True runs torch's fused kernel, which implements "
-            "decay_scaling='lr' without cautious_decay or decay_to; drop fused=True"
-        )
-    in_metric = check_prox_metric(name, prox_metric, prox)
-    decay_hyperparams, references = decay_options(
-        name,
-        lr=lr,
-        decoupled=decoupled,
-        decay_scaling=decay_scaling,
-        decay_reference_lr=decay_reference_lr,
-        cautious_decay=cautious_decay,
-        decay_to=decay_to,
-        weight_decay=weight_decay,
-        decay_timescale=decay_timescale,
-    )
+    # The keyword tail (decay, prox, mask, skip_nonfinite, clip), read by name.
+    options = regularization(name, locals(), check_factor=True)
+    if fused:
+        _check_fused(name, decay_scaling, cautious_decay, decay_to)
+    in_metric = options.in_metric
 
     def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
         max_exp_avg_sq = torch.zeros_like(p) if amsgrad else None
         return torch.zeros_like(p), torch.zeros_like(p), max_exp_avg_sq
-
-    def init_row(device: torch.device) -> Tensor:
-        return torch.ones(2, dtype=torch.float64, device=device)
-
-    def advance(beta_powers: Tensor, h: Mapping[str, Scalar]) -> tuple[Tensor, Tensor]:
-        beta_powers = torch.stack(
-            [beta_powers[:, 0] * h["beta1"], beta_powers[:, 1] * h["beta2"]], dim=1
-        )
-        # Kept in float64 like torch.optim's Python-float bias corrections, and made for
-        # all leaves at once, so each leaf's loop loads two numbers rather than
-        # recomputing a float64 division and square root in every vector iteration.
-        corrections = torch.stack(
-            [h["lr"] / (1 - beta_powers[:, 0]), (1 - beta_powers[:, 1]).sqrt()], dim=1
-        )
-        return beta_powers, corrections
 
     def rule(
         p: Tensor,
@@ -304,31 +276,30 @@ def adam(
             return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq), denom
         return new_p, (exp_avg, exp_avg_sq, max_exp_avg_sq)
 
-    optimizer = build(
-        name,
-        state_type=AdamState,
-        init_slots=init_slots,
-        rule=rule,
-        hyperparams={
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            **({} if decay_timescale is not None else {"weight_decay": weight_decay}),
-            "prox_strength": prox_strength,
-            **decay_hyperparams,
-        },
-        intervals={**_INTERVALS, **DECAY_INTERVALS},
-        check=functools.partial(check_decay_factor, name, scaling=decay_scaling),
-        mask=mask,
-        prox=prox,
-        skip_nonfinite=skip_nonfinite,
-        table=LeafTable(init_row, advance),
-        references=references,
-        fused=adam_kernel(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
-        if fused
-        else None,
+    return options.finish(
+        options.build(
+            {"lr": lr, "betas": betas, "eps": eps},
+            AdamState,
+            init_slots,
+            rule,
+            _INTERVALS,
+            table=_BETA_POWERS,
+            fused=adam_kernel(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
+            if fused
+            else None,
+        )
     )
-    return with_clipping(name, optimizer, clip_grad_norm)
+
+
+def _check_fused(
+    name: str, decay_scaling: str, cautious_decay: bool, decay_to: Params | None
+) -> None:
+    """Refuse the decay options that torch's fused Adam kernel does not implement."""
+    if cautious_decay or decay_to is not None or decay_scaling != "lr":
+        raise ValueError(
+            f"{name}: fused=True runs torch's fused kernel, which implements "
+            "decay_scaling='lr' without cautious_decay or decay_to; drop fused=True"
+        )
 
 
 def adamw(

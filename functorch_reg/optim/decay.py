@@ -334,15 +334,17 @@ def _reference_lookup(name: str, decay_to: Params) -> References:
                     f"{name}: decay_to leaf {leaf_name!r} is {reference.dtype} "
                     f"{tuple(reference.shape)}, the param is {p.dtype} {tuple(p.shape)}"
                 )
-            if p.device.type == "meta":
-                # Optimizer.validate(params) steps meta copies of the params.
-                reference = reference.to("meta")
-            elif reference.device != p.device:
-                raise ValueError(
-                    f"{name}: decay_to leaf {leaf_name!r} is on {reference.device}, "
-                    f"the param on {p.device}"
-                )
-            found.append(reference)
+            found.append(_on_device_of(p, reference, f"{name}: decay_to leaf {leaf_name!r}"))
         return found
 
     return references
+
+
+def _on_device_of(p: Tensor, reference: Tensor, label: str) -> Tensor:
+    """``reference`` where ``p`` is: a param on the meta device holds shapes and dtypes
+    only, and so does its reference; elsewhere the two devices must agree."""
+    if p.is_meta:
+        return reference.to("meta")
+    if reference.device != p.device:
+        raise ValueError(f"{label} is on {reference.device}, the param on {p.device}")
+    return reference

@@ -8,23 +8,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
+from .._checks import UNIT_OPEN, Scalar
 from ..select import Where
 from ..tree import Params
-from .base import Optimizer, Prox, build, is_zero
-from .clipping import with_clipping
-from .decay import INTERVALS as DECAY_INTERVALS
-from .decay import DecayScaling, decay_coefficient, decay_options, decayed
+from .base import Optimizer, Prox, is_zero
+from .decay import DecayScaling, decay_coefficient, decayed
+from .regularization import regularization
 
 __all__ = ["LionState", "lion"]
 
-_INTERVALS = {
-    "lr": NON_NEGATIVE,
-    "beta1": UNIT_OPEN,
-    "beta2": UNIT_OPEN,
-    "weight_decay": NON_NEGATIVE,
-    "prox_strength": NON_NEGATIVE,
-}
+_INTERVALS = {"beta1": UNIT_OPEN, "beta2": UNIT_OPEN}
 
 
 class LionState(NamedTuple):
@@ -133,15 +126,8 @@ def lion(
         if decay_scaling is not None
         else ("schedule" if decoupled_weight_decay else "lr")
     )
-    decay_hyperparams, references = decay_options(
-        "lion",
-        lr=lr,
-        decoupled=True,
-        decay_scaling=scaling,
-        decay_reference_lr=decay_reference_lr,
-        cautious_decay=cautious_decay,
-        decay_to=decay_to,
-    )
+    # The keyword tail (decay, prox, mask, skip_nonfinite, clip), read by name.
+    options = regularization("lion", locals(), decoupled=True, decay_scaling=scaling)
 
     def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
         return (torch.zeros_like(p),)
@@ -173,22 +159,12 @@ def lion(
         exp_avg = exp_avg * beta2 + g * (1 - beta2)
         return new_p, (exp_avg,)
 
-    optimizer = build(
-        "lion",
-        state_type=LionState,
-        init_slots=init_slots,
-        rule=rule,
-        hyperparams={
-            "lr": lr,
-            "betas": betas,
-            "weight_decay": weight_decay,
-            "prox_strength": prox_strength,
-            **decay_hyperparams,
-        },
-        intervals={**_INTERVALS, **DECAY_INTERVALS},
-        mask=mask,
-        prox=prox,
-        skip_nonfinite=skip_nonfinite,
-        references=references,
+    return options.finish(
+        options.build(
+            {"lr": lr, "betas": betas, "weight_decay": weight_decay},
+            LionState,
+            init_slots,
+            rule,
+            _INTERVALS,
+        )
     )
-    return with_clipping("lion", optimizer, clip_grad_norm)

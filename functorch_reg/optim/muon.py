@@ -17,21 +17,18 @@ from ..tree import Params, flatten, is_float, matching_leaves, spec_names
 from .adam import AdamState
 from .base import (
     DISABLED,
-    LEAF_TABLES,
     Optimizer,
     Prox,
     State,
     _check_writable,
     _Update,
-    build,
     check_optimizer,
     enabled,
     is_zero,
     step_on_meta,
 )
-from .clipping import with_clipping
-from .decay import INTERVALS as DECAY_INTERVALS
-from .decay import DecayScaling, decay_coefficient, decay_options, decayed
+from .decay import DecayScaling, decay_coefficient, decayed
+from .regularization import regularization
 
 __all__ = ["MuonState", "muon", "newton_schulz", "polar"]
 
@@ -40,12 +37,7 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 EPS = 1e-7
 
-_INTERVALS = {
-    "lr": NON_NEGATIVE,
-    "momentum": NON_NEGATIVE,
-    "weight_decay": NON_NEGATIVE,
-    "prox_strength": NON_NEGATIVE,
-}
+_INTERVALS = {"momentum": NON_NEGATIVE}
 
 
 class MuonState(NamedTuple):
@@ -80,8 +72,10 @@ class MuonState(NamedTuple):
     beta_powers: Tensor | tuple[()]
     skipped: Tensor
 
-
-LEAF_TABLES[MuonState] = "beta_powers"
+    @classmethod
+    def leaf_table_field(cls) -> str:
+        """The AdamW part's leaf table (see :class:`~functorch_reg.optim.base.LeafTable`)."""
+        return "beta_powers"
 
 
 _PER_LEAF = ("momentum_buffer", "exp_avg_sq", "max_exp_avg_sq")
@@ -266,29 +260,10 @@ def muon(
         >>> params["bias"]
         tensor([-0.0010, -0.0010, -0.0010])
     """
-    if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
-        raise ValueError(
-            "muon: adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got "
-            f"{adjust_lr_fn!r}"
-        )
-    if decay_lr not in ("unadjusted", "adjusted"):
-        raise ValueError(f"muon: decay_lr must be 'unadjusted' or 'adjusted', got {decay_lr!r}")
-    if not isinstance(ns_steps, int) or not 0 <= ns_steps < 100:
-        raise ValueError(f"muon: ns_steps must be an int in [0, 100), got {ns_steps!r}")
-    if len(ns_coefficients) != 3:
-        raise ValueError(f"muon: ns_coefficients must be three floats, got {ns_coefficients!r}")
-    if prox is not None:
-        _check_elementwise(prox)
+    _check_options(adjust_lr_fn, decay_lr, ns_steps, ns_coefficients, prox)
     adam_state_fields = _check_adam(adam)
-    decay_hyperparams, references = decay_options(
-        "muon",
-        lr=lr,
-        decoupled=True,
-        decay_scaling=decay_scaling,
-        decay_reference_lr=decay_reference_lr,
-        cautious_decay=cautious_decay,
-        decay_to=decay_to,
-    )
+    # The keyword tail (decay, prox, mask, skip_nonfinite, clip), read by name.
+    options = regularization("muon", locals(), decoupled=True)
 
     def orthogonalized(matrix: Tensor) -> Tensor:
         if orthogonalize is not None:
@@ -326,29 +301,43 @@ def muon(
             p = decayed(p, coefficient, direction, reference=reference, cautious=cautious_decay)
         return p - (h["lr"] * ratio) * direction, (buf,)
 
-    matrices = build(
-        "muon",
-        state_type=_MatrixState,
-        init_slots=init_slots,
-        rule=rule,
-        hyperparams={
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "momentum": momentum,
-            "prox_strength": prox_strength,
-            **decay_hyperparams,
-        },
-        intervals={**_INTERVALS, **DECAY_INTERVALS},
-        mask=mask,
-        prox=prox,
-        skip_nonfinite=False,
-        references=references,
+    matrices = options.build(
+        {"lr": lr, "weight_decay": weight_decay, "momentum": momentum},
+        _MatrixState,
+        init_slots,
+        rule,
+        _INTERVALS,
+        skip_nonfinite=False,  # the hybrid skips both parts at once
     )
     hybrid = _Hybrid(matrices, adam, adam_state_fields, where, skip_nonfinite)
     optimizer = Optimizer(
         hybrid.init, hybrid.step, hybrid.step_, hybrid.hyperparams(), hybrid.validate
     )
-    return with_clipping("muon", optimizer, clip_grad_norm)
+    return options.finish(optimizer)
+
+
+def _check_options(
+    adjust_lr_fn: str | None,
+    decay_lr: str,
+    ns_steps: int,
+    ns_coefficients: Sequence[float],
+    prox: Prox | None,
+) -> None:
+    """Refuse the options of :func:`muon` that torch's Muon does not know, and a prox
+    that is not elementwise."""
+    if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+        raise ValueError(
+            "muon: adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got "
+            f"{adjust_lr_fn!r}"
+        )
+    if decay_lr not in ("unadjusted", "adjusted"):
+        raise ValueError(f"muon: decay_lr must be 'unadjusted' or 'adjusted', got {decay_lr!r}")
+    if not isinstance(ns_steps, int) or not 0 <= ns_steps < 100:
+        raise ValueError(f"muon: ns_steps must be an int in [0, 100), got {ns_steps!r}")
+    if len(ns_coefficients) != 3:
+        raise ValueError(f"muon: ns_coefficients must be three floats, got {ns_coefficients!r}")
+    if prox is not None:
+        _check_elementwise(prox)
 
 
 def _check_adam(adam: Optimizer | None) -> bool:

@@ -3,6 +3,7 @@ params between its training point :math:`y` and its evaluation point :math:`x`."
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -12,9 +13,8 @@ from torch import Tensor
 from .._checks import NON_NEGATIVE, UNIT_OPEN, Scalar
 from ..select import Where
 from ..tree import Params, flatten, matching_leaves
-from .base import LEAF_TABLES, LeafTable, Optimizer, Prox, State, build, is_zero, resolve
-from .clipping import with_clipping
-from .decay import decay_options
+from .base import LeafTable, Optimizer, Prox, State, is_zero, resolve
+from .regularization import regularization
 
 __all__ = [
     "ScheduleFreeState",
@@ -73,8 +73,11 @@ class ScheduleFreeState(NamedTuple):
     schedule: Tensor
     skipped: Tensor
 
-
-LEAF_TABLES[ScheduleFreeState] = "schedule"
+    @classmethod
+    def leaf_table_field(cls) -> str:
+        """The field that holds a row per leaf in one tensor (see
+        :class:`~functorch_reg.optim.base.LeafTable`)."""
+        return "schedule"
 
 
 def schedule_free_adamw(
@@ -162,27 +165,7 @@ def schedule_free_adamw(
         >>> fr.schedule_free_point(eval_state)
         'x'
     """
-    return _schedule_free(
-        "schedule_free_adamw",
-        {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "warmup_steps": warmup_steps,
-            "r": r,
-            "weight_lr_power": weight_lr_power,
-            "prox_strength": prox_strength,
-        },
-        decay_at=decay_at,
-        decay_scaling=decay_scaling,
-        cautious_decay=cautious_decay,
-        decay_to=decay_to,
-        mask=mask,
-        prox=prox,
-        skip_nonfinite=skip_nonfinite,
-        clip_grad_norm=clip_grad_norm,
-    )
+    return _schedule_free("schedule_free_adamw", locals())
 
 
 def schedule_free_sgd(
@@ -233,82 +216,30 @@ def schedule_free_sgd(
         >>> params["w"]
         tensor([0.9000, 0.9000])
     """
-    return _schedule_free(
-        "schedule_free_sgd",
-        {
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "warmup_steps": warmup_steps,
-            "r": r,
-            "weight_lr_power": weight_lr_power,
-            "prox_strength": prox_strength,
-        },
-        decay_at=decay_at,
-        decay_scaling=decay_scaling,
-        cautious_decay=cautious_decay,
-        decay_to=decay_to,
-        mask=mask,
-        prox=prox,
-        skip_nonfinite=skip_nonfinite,
-        clip_grad_norm=clip_grad_norm,
-    )
+    return _schedule_free("schedule_free_sgd", locals())
 
 
-def _schedule_free(
-    name: str,
-    hyperparams: dict[str, Any],
-    *,
-    decay_at: str,
-    decay_scaling: str,
-    cautious_decay: bool,
-    decay_to: Params | None,
-    mask: Where,
-    prox: Prox | None,
-    skip_nonfinite: bool,
-    clip_grad_norm: Scalar | None,
-) -> Optimizer:
-    """The Schedule-Free rule: the gradient normalized as Adam's when ``hyperparams``
-    has ``betas``, the raw gradient (SGD) otherwise."""
-    adaptive = "betas" in hyperparams
-    if decay_scaling != "lr":
+def _schedule_free(name: str, arguments: Mapping[str, Any]) -> Optimizer:
+    """The Schedule-Free rule of the public factory ``name``, from its ``arguments``
+    (its ``locals()``): the gradient normalized as Adam's when they hold ``betas``, the
+    raw gradient (SGD) otherwise."""
+    adaptive = "betas" in arguments
+    own = ("lr", "betas", "eps") if adaptive else ("lr", "momentum")
+    names = (*own, "weight_decay", "warmup_steps", "r", "weight_lr_power")
+    hyperparams = {key: arguments[key] for key in names}
+    decay_at, cautious_decay = arguments["decay_at"], arguments["cautious_decay"]
+    if arguments["decay_scaling"] != "lr":
         raise ValueError(
-            f"{name}: decay_scaling={decay_scaling!r} does not apply: the decay "
+            f"{name}: decay_scaling={arguments['decay_scaling']!r} does not apply: the decay "
             "enters the step direction, which both sequences follow with the scheduled lr "
             "(so it scales with the lr already); only 'lr' is accepted"
         )
     if decay_at not in ("y", "z"):
         raise ValueError(f"{name}: decay_at must be 'y' or 'z', got {decay_at!r}")
-    _, references = decay_options(
-        name,
-        lr=hyperparams["lr"],
-        decoupled=True,
-        decay_scaling="lr",
-        decay_reference_lr=None,
-        cautious_decay=cautious_decay,
-        decay_to=decay_to,
-    )
+    options = regularization(name, arguments, decoupled=True)
 
     def init_slots(p: Tensor) -> tuple[Tensor | None, ...]:
         return p.detach().clone(), torch.zeros_like(p) if adaptive else None
-
-    def init_row(device: torch.device) -> Tensor:
-        return torch.tensor([0.0, -1.0, 0.0, 1.0], dtype=torch.float64, device=device)
-
-    def advance(table: Tensor, h: Mapping[str, Scalar]) -> tuple[Tensor, Tensor]:
-        k, lr_max, weight_sum, mode = table.unbind(1)
-        t = k + 1
-        warmup = h["warmup_steps"]
-        # The division by a zero warmup is discarded by where (k < 0 never holds).
-        sched = torch.where(k < warmup, t / warmup, torch.ones_like(t))
-        lr_t = h["lr"] * sched
-        lr_max = torch.maximum(lr_t, lr_max)
-        weight = t ** h["r"] * lr_max ** h["weight_lr_power"]
-        weight_sum = weight_sum + weight
-        ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight))
-        bias_correction2 = 1 - h["beta2"] ** t if adaptive else torch.ones_like(t)
-        derived = torch.stack([lr_t, ckp1, bias_correction2], dim=1)
-        return torch.stack([t, lr_max, weight_sum, mode], dim=1), derived
 
     def rule(
         p: Tensor,
@@ -342,21 +273,40 @@ def _schedule_free(
         z = z - direction * lr_t.to(p.dtype)
         return y, (z, exp_avg_sq)
 
-    optimizer = build(
-        name,
-        state_type=ScheduleFreeState,
-        init_slots=init_slots,
-        rule=rule,
-        hyperparams=hyperparams,
-        intervals=_INTERVALS,
-        mask=mask,
-        prox=prox,
-        skip_nonfinite=skip_nonfinite,
-        table=LeafTable(init_row, advance),
-        references=references,
+    optimizer = options.build(
+        hyperparams,
+        ScheduleFreeState,
+        init_slots,
+        rule,
+        _INTERVALS,
+        table=LeafTable(_init_schedule, functools.partial(_advance_schedule, adaptive)),
     )
-    guarded = _refusing_eval_point(name, optimizer)
-    return with_clipping(name, guarded, clip_grad_norm)
+    return options.finish(_refusing_eval_point(name, optimizer))
+
+
+def _init_schedule(device: torch.device) -> Tensor:
+    """A leaf's row before its first step: ``k = 0``, no lr yet, no weight, at ``y``."""
+    return torch.tensor([0.0, -1.0, 0.0, 1.0], dtype=torch.float64, device=device)
+
+
+def _advance_schedule(
+    adaptive: bool, table: Tensor, h: Mapping[str, Scalar]
+) -> tuple[Tensor, Tensor]:
+    """The ``schedule`` table after one step, and per leaf the rule's ``(lr_t, c_t,
+    1 - beta2^t)`` (``1`` for the SGD form)."""
+    k, lr_max, weight_sum, mode = table.unbind(1)
+    t = k + 1
+    warmup = h["warmup_steps"]
+    # The division by a zero warmup is discarded by where (k < 0 never holds).
+    sched = torch.where(k < warmup, t / warmup, torch.ones_like(t))
+    lr_t = h["lr"] * sched
+    lr_max = torch.maximum(lr_t, lr_max)
+    weight = t ** h["r"] * lr_max ** h["weight_lr_power"]
+    weight_sum = weight_sum + weight
+    ckp1 = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight))
+    bias_correction2 = 1 - h["beta2"] ** t if adaptive else torch.ones_like(t)
+    derived = torch.stack([lr_t, ckp1, bias_correction2], dim=1)
+    return torch.stack([t, lr_max, weight_sum, mode], dim=1), derived
 
 
 def _refusing_eval_point(name: str, optimizer: Optimizer) -> Optimizer:

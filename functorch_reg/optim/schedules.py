@@ -26,7 +26,7 @@ from typing import TypeAlias
 import torch
 from torch import Tensor
 
-from .._checks import NON_NEGATIVE, check_scalars
+from .._checks import NON_NEGATIVE, check_positive_int, check_scalars
 
 Schedule: TypeAlias = Callable[[Tensor], Tensor]
 """A function ``schedule(step) -> value``: ``step`` an integer tensor counting optimizer
@@ -192,5 +192,4 @@ def _as_default_dtype(value: Tensor) -> Tensor:
 
 def _check_steps(owner: str, **counts: int) -> None:
     for name, count in counts.items():
-        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
-            raise ValueError(f"{owner}: {name} must be a positive int, got {count!r}")
+        check_positive_int(owner, name, count)

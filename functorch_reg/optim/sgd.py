@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -13,37 +12,13 @@ from .._checks import NON_NEGATIVE, UNIT, Scalar
 from ..select import Where
 from ..tree import Params
 from ._fused import sgd_kernel
-from .base import (
-    LEAF_TABLES,
-    LeafTable,
-    Optimizer,
-    Prox,
-    ProxMetric,
-    RuleOutput,
-    build,
-    check_prox_metric,
-    is_zero,
-)
-from .clipping import with_clipping
-from .decay import INTERVALS as DECAY_INTERVALS
-from .decay import (
-    DecayScaling,
-    check_decay_factor,
-    decay_coefficient,
-    decay_options,
-    decay_rate,
-    decayed,
-)
+from .base import LeafTable, Optimizer, Prox, ProxMetric, RuleOutput, is_zero
+from .decay import DecayScaling, decay_coefficient, decay_rate, decayed
+from .regularization import regularization
 
 __all__ = ["SGDState", "sgd"]
 
-_INTERVALS = {
-    "lr": NON_NEGATIVE,
-    "momentum": NON_NEGATIVE,
-    "dampening": UNIT,
-    "weight_decay": NON_NEGATIVE,
-    "prox_strength": NON_NEGATIVE,
-}
+_INTERVALS = {"momentum": NON_NEGATIVE, "dampening": UNIT}
 
 
 class SGDState(NamedTuple):
@@ -75,8 +50,24 @@ class SGDState(NamedTuple):
     count: Tensor | tuple[()]  # type: ignore[assignment]
     skipped: Tensor
 
+    @classmethod
+    def leaf_table_field(cls) -> str:
+        """The field that holds a row per leaf in one tensor (see
+        :class:`~functorch_reg.optim.base.LeafTable`)."""
+        return "count"
 
-LEAF_TABLES[SGDState] = "count"
+
+def _init_count(device: torch.device) -> Tensor:
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _advance_count(count: Tensor, h: Mapping[str, Scalar]) -> tuple[Tensor, Tensor]:
+    return count + 1, count > 0
+
+
+_COUNT = LeafTable(_init_count, _advance_count)
+"""The ``count`` table: per leaf, the updates applied, and for the rule whether the
+momentum buffer has started (torch.optim.SGD's first step sets ``buf = g``)."""
 
 
 def sgd(
@@ -188,40 +179,19 @@ def sgd(
         >>> params["w"]
         tensor([0.9000, 0.9000, 0.9000])
     """
-    if nesterov and (is_zero(momentum) or not is_zero(dampening)):
-        raise ValueError("sgd: nesterov needs momentum > 0 and dampening == 0")
     has_momentum = not is_zero(momentum)
     if fused and decoupled:
         raise ValueError(
             "sgd: fused=True runs torch's fused kernel, which implements coupled decay "
             "only; drop fused=True or decoupled=True"
         )
-    in_metric = check_prox_metric("sgd", prox_metric, prox) and has_momentum
-    if in_metric and not isinstance(dampening, Tensor) and dampening >= 1:
-        raise ValueError(
-            "sgd: prox_metric='preconditioned' needs dampening < 1 (with dampening=1 the "
-            "momentum buffer never takes a gradient after the first step)"
-        )
-    decay_hyperparams, references = decay_options(
-        "sgd",
-        lr=lr,
-        decoupled=decoupled,
-        decay_scaling=decay_scaling,
-        decay_reference_lr=decay_reference_lr,
-        cautious_decay=cautious_decay,
-        decay_to=decay_to,
-        weight_decay=weight_decay,
-        decay_timescale=decay_timescale,
-    )
+    # The keyword tail (decay, prox, mask, skip_nonfinite, clip), read by name.
+    options = regularization("sgd", locals(), check_factor=True)
+    in_metric = options.in_metric and has_momentum
+    _check_momentum(nesterov, momentum, dampening, in_metric)
 
     def init_slots(p: Tensor) -> tuple[Tensor | None]:
         return (torch.zeros_like(p) if has_momentum else None,)
-
-    def init_row(device: torch.device) -> Tensor:
-        return torch.zeros((), dtype=torch.int64, device=device)
-
-    def advance(count: Tensor, h: Mapping[str, Scalar]) -> tuple[Tensor, Tensor]:
-        return count + 1, count > 0
 
     def rule(
         p: Tensor,
@@ -255,28 +225,27 @@ def sgd(
             return p - h["lr"] * g, (buf,), (1 - h["momentum"]) / (1 - h["dampening"])
         return p - h["lr"] * g, (buf,)
 
-    optimizer = build(
-        "sgd",
-        state_type=SGDState,
-        init_slots=init_slots,
-        rule=rule,
-        hyperparams={
-            "lr": lr,
-            "momentum": momentum,
-            "dampening": dampening,
-            **({} if decay_timescale is not None else {"weight_decay": weight_decay}),
-            "prox_strength": prox_strength,
-            **decay_hyperparams,
-        },
-        intervals={**_INTERVALS, **DECAY_INTERVALS},
-        check=functools.partial(check_decay_factor, "sgd", scaling=decay_scaling),
-        mask=mask,
-        prox=prox,
-        skip_nonfinite=skip_nonfinite,
-        table=LeafTable(init_row, advance) if has_momentum else None,
-        references=references,
-        fused=sgd_kernel(has_momentum=has_momentum, nesterov=nesterov, maximize=maximize)
-        if fused
-        else None,
+    return options.finish(
+        options.build(
+            {"lr": lr, "momentum": momentum, "dampening": dampening},
+            SGDState,
+            init_slots,
+            rule,
+            _INTERVALS,
+            table=_COUNT if has_momentum else None,
+            fused=sgd_kernel(has_momentum=has_momentum, nesterov=nesterov, maximize=maximize)
+            if fused
+            else None,
+        )
     )
-    return with_clipping("sgd", optimizer, clip_grad_norm)
+
+
+def _check_momentum(nesterov: bool, momentum: Scalar, dampening: Scalar, in_metric: bool) -> None:
+    """The momentum options of :func:`sgd` that do not fit together."""
+    if nesterov and (is_zero(momentum) or not is_zero(dampening)):
+        raise ValueError("sgd: nesterov needs momentum > 0 and dampening == 0")
+    if in_metric and not isinstance(dampening, Tensor) and dampening >= 1:
+        raise ValueError(
+            "sgd: prox_metric='preconditioned' needs dampening < 1 (with dampening=1 the "
+            "momentum buffer never takes a gradient after the first step)"
+        )

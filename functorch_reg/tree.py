@@ -65,8 +65,14 @@ def flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
 def _is_flat_dict(tree: PyTree) -> bool:
     if type(tree) is not dict:
         return False
-    for key, value in tree.items():  # a loop: Dynamo inlines a generator slowly
-        if type(key) is not str or not (value is None or isinstance(value, Tensor)):
+    for key in tree:  # loops: Dynamo inlines a generator slowly
+        if type(key) is not str:
+            return False
+    # Read the values in the leaves' (sorted) order, as optree does: Dynamo makes the
+    # graph's inputs in the order it first reads them, and Inductor's kernels follow.
+    for key in sorted(tree):
+        value = tree[key]
+        if not (value is None or isinstance(value, Tensor)):
             return False
     return True
 

@@ -313,19 +313,88 @@ def build(
     implements outside ``torch.compile``; the prox, when one is set, then runs through
     ``rule`` instead.
     """
-    defaults = {key: _numbers_of(value) for key, value in hyperparams.items()}
+    lift = _Lift(
+        name,
+        state_type=state_type,
+        init_slots=init_slots,
+        rule=rule,
+        hyperparams=hyperparams,
+        intervals=intervals,
+        mask=mask,
+        prox=prox,
+        skip_nonfinite=skip_nonfinite,
+        table=table,
+        references=references,
+        check=check,
+        fused=fused,
+    )
 
-    def resolved(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
-        h = resolve(name, defaults, overrides, intervals)
-        if check is not None:
-            check(h)
+    def step(params: Params, grads: Params, state: State, **overrides: Any) -> tuple[Params, State]:
+        return lift.step(params, grads, state, **overrides)
+
+    def step_(params: Params, grads: Params, state: State, **overrides: Any) -> None:
+        lift.step_(params, grads, state, **overrides)
+
+    step.__doc__ = step_.__doc__ = f"One {name} step; see ``functorch_reg.{name}``."
+    return Optimizer(lift.init, step, step_, lift.defaults, lift.validate, lift.for_flat)
+
+
+class _Gathered(NamedTuple):
+    """One step's inputs, flattened and matched leaf by leaf to the params.
+
+    ``columns`` holds, per slot field of the state, one entry per leaf (``None`` for a
+    disabled field or a leaf without state); ``updated`` says which leaves step (a
+    floating-point leaf with a gradient)."""
+
+    leaves: list[Any]
+    spec: Any
+    grads: list[Any]
+    columns: list[list[Tensor | None]]
+    decays: Sequence[bool]
+    refs: Sequence[Tensor | None]
+    updated: list[bool]
+
+
+class _Lift:
+    """What :func:`build` makes of its arguments: the functions of an :class:`Optimizer`,
+    and the named steps of one update (gather, advance the table, apply the rule, prox,
+    finish), each run in that order by :meth:`update`."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        state_type: type[Any],
+        init_slots: Callable[[Tensor], tuple[Tensor | None, ...]],
+        rule: LeafRule,
+        hyperparams: Mapping[str, Any],
+        intervals: Mapping[str, Interval],
+        mask: Where,
+        prox: Prox | None,
+        skip_nonfinite: bool,
+        table: LeafTable | None,
+        references: References | None,
+        check: Callable[[Mapping[str, Scalar]], None] | None,
+        fused: FusedStep | None,
+    ) -> None:
+        self.name, self.state_type, self.init_slots, self.rule = name, state_type, init_slots, rule
+        self.intervals, self.mask, self.prox, self.table = intervals, mask, prox, table
+        self.skip_nonfinite, self.references, self.check = skip_nonfinite, references, check
+        self.fused = fused
+        self.defaults = {key: _numbers_of(value) for key, value in hyperparams.items()}
+        self.resolved({})
+        self.table_field = leaf_table_field(state_type)
+        self.slot_fields = [f for f in state_type._fields[:-1] if f != self.table_field]
+        self.checked = _Checked()
+
+    def resolved(self, overrides: Mapping[str, Any]) -> dict[str, Scalar]:
+        h = resolve(self.name, self.defaults, overrides, self.intervals)
+        if self.check is not None:
+            self.check(h)
         return h
 
-    resolved({})
-    table_field = leaf_table_field(state_type)
-    slot_fields = [field for field in state_type._fields[:-1] if field != table_field]
-
-    def init(params: Params) -> State:
+    def init(self, params: Params) -> State:
+        name = self.name
         if isinstance(params, Iterator):
             raise TypeError(
                 f"{name}.init got a {type(params).__name__} (e.g. model.parameters()), which "
@@ -339,20 +408,26 @@ def build(
         if not any(is_float(leaf) for leaf in leaves):
             raise ValueError(f"{name}.init: params hold no floating-point tensor")
         device = next(leaf.device for leaf in leaves if is_float(leaf))
-        per_leaf = [init_slots(leaf) if is_float(leaf) else None for leaf in leaves]
+        per_leaf = [self.init_slots(leaf) if is_float(leaf) else None for leaf in leaves]
         fields: dict[str, Any] = {}
-        for index, field in enumerate(slot_fields):
+        for index, field in enumerate(self.slot_fields):
             column = [None if slots is None else slots[index] for slots in per_leaf]
             fields[field] = DISABLED if all(x is None for x in column) else spec.unflatten(column)
-        if table_field is not None:
-            fields[table_field] = (
+        if self.table_field is not None:
+            table = self.table
+            fields[self.table_field] = (
                 DISABLED if table is None else torch.stack([table.init_row(device) for _ in leaves])
             )
         skipped = torch.zeros((), dtype=torch.int64, device=device)
-        return state_type(**fields, skipped=skipped)
+        return self.state_type(**fields, skipped=skipped)
 
     def update(
-        params: Params, grads: Params, state: State, overrides: dict[str, Any], in_place: bool
+        self,
+        params: Params,
+        grads: Params,
+        state: State,
+        overrides: Mapping[str, Any],
+        in_place: bool,
     ) -> _Update:
         """The new leaves and state columns; nothing is modified.
 
@@ -361,16 +436,41 @@ def build(
         ``in_place``, its writes are returned as ``pending``, to run after the checks),
         else through ``rule`` over TensorLists (:mod:`._foreach`).
         """
-        h = resolved(overrides)
+        h = self.resolved(overrides)
+        inputs = self._gather(params, grads, state)
+        prox = self.prox
+        threshold = (
+            None if prox is None or is_zero(h["prox_strength"]) else h["lr"] * h["prox_strength"]
+        )
+        present = [g for g in inputs.grads if g is not None]
+        finite = _all_finite(present) if self.skip_nonfinite and present else None
+        old_table, new_table, derived = self._advance_table(state, inputs, h, finite)
+        new_values = [list(inputs.leaves), *[list(column) for column in inputs.columns]]
+        stepped, written, pending = self._apply_rule(
+            inputs, h, derived, old_table, finite, new_values, in_place, threshold is not None
+        )
+        if prox is not None and threshold is not None:
+            _prox_step(self.name, prox, threshold, inputs, stepped)
+        _finish(inputs, stepped, new_values, finite)
+        skipped = state.skipped if finite is None else state.skipped + (~finite).long()
+        columns = [inputs.leaves, *inputs.columns]
+        return _Update(
+            inputs.spec, columns, new_values, old_table, new_table, skipped, written, pending
+        )
+
+    def _gather(self, params: Params, grads: Params, state: State) -> _Gathered:
+        """Flatten the params, match the grads and the state's per-leaf fields to them
+        (checking dtypes and devices), and look up each leaf's mask and reference."""
+        name = self.name
         leaves, spec = flatten(params)
         grad_leaves = matching_leaves(leaves, spec, grads)
         _check_grads(name, spec, leaves, grad_leaves)
-        if not isinstance(state, state_type):
+        if not isinstance(state, self.state_type):
             raise TypeError(
-                f"{name}: state must be a {state_type.__name__}, got {type(state).__name__}"
+                f"{name}: state must be a {self.state_type.__name__}, got {type(state).__name__}"
             )
         columns: list[list[Tensor | None]] = []
-        for field in slot_fields:
+        for field in self.slot_fields:
             tree = getattr(state, field)
             if not enabled(tree):
                 columns.append([None] * len(leaves))
@@ -380,61 +480,71 @@ def build(
                 )
                 _check_like_params(f"state.{field}", spec, leaves, column)
                 columns.append(column)
-        decays = selected(params, mask)
+        decays = selected(params, self.mask)
+        references = self.references
         refs = [None] * len(leaves) if references is None else references(leaves, spec, decays)
-        prox_threshold = (
-            None if prox is None or is_zero(h["prox_strength"]) else h["lr"] * h["prox_strength"]
-        )
-        present = [g for g in grad_leaves if g is not None]
-        finite = _all_finite(present) if skip_nonfinite and present else None
-
         updated = [g is not None and is_float(p) for p, g in zip(leaves, grad_leaves, strict=True)]
-        old_table = new_table = derived = None
-        if table is not None:
-            old_table = getattr(state, cast(str, table_field))
-            if old_table.shape[0] != len(leaves):
-                raise ValueError(
-                    f"{name}: state.{table_field} has rows for {old_table.shape[0]} leaves, "
-                    f"the params have {len(leaves)}"
-                )
-            new_table, derived = table.advance(old_table, h)
-            if not all(updated):
-                rows = torch.tensor(updated, device=old_table.device)
-                rows = rows.view(-1, *([1] * (old_table.dim() - 1)))
-                new_table = torch.where(rows, new_table, old_table)
-            if finite is not None:
-                new_table = torch.where(finite, new_table, old_table)
+        return _Gathered(leaves, spec, grad_leaves, columns, decays, refs, updated)
 
-        new_leaves = list(leaves)
-        new_columns = [list(column) for column in columns]
-        new_values = [new_leaves, *new_columns]
+    def _advance_table(
+        self, state: State, inputs: _Gathered, h: Mapping[str, Scalar], finite: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The leaf table before and after this step, and the rows the rule reads; rows
+        of leaves that do not step (and all rows, in a skipped step) keep their values."""
+        if self.table is None:
+            return None, None, None
+        old_table = getattr(state, cast(str, self.table_field))
+        n_leaves = len(inputs.leaves)
+        if old_table.shape[0] != n_leaves:
+            raise ValueError(
+                f"{self.name}: state.{self.table_field} has rows for {old_table.shape[0]} "
+                f"leaves, the params have {n_leaves}"
+            )
+        new_table, derived = self.table.advance(old_table, h)
+        if not all(inputs.updated):
+            rows = torch.tensor(inputs.updated, device=old_table.device)
+            rows = rows.view(-1, *([1] * (old_table.dim() - 1)))
+            new_table = torch.where(rows, new_table, old_table)
+        if finite is not None:
+            new_table = torch.where(finite, new_table, old_table)
+        return old_table, new_table, derived
+
+    def _apply_rule(
+        self,
+        inputs: _Gathered,
+        h: Mapping[str, Scalar],
+        derived: Tensor | None,
+        old_table: Tensor | None,
+        finite: Tensor | None,
+        new_values: list[list[Any]],
+        in_place: bool,
+        proxed: bool,
+    ) -> tuple[dict[int, RuleOutput], list[tuple[int, int]], list[Callable[[], None]]]:
+        """Step every updated leaf: per group through ``fused`` where it applies (a
+        decayed group with a prox excepted), else ``rule`` over the group's TensorLists,
+        else (under ``torch.compile``, for special tensors, for a rule that needs a
+        leaf's shape) ``rule`` leaf by leaf. Returns the rule's outputs by leaf, and
+        the fused kernels' writes (see :class:`_Update`)."""
         stepped: dict[int, RuleOutput] = {}
+        leaves, grad_leaves, columns = inputs.leaves, inputs.grads, inputs.columns
+        decays, refs = inputs.decays, inputs.refs
 
         def per_leaf(i: int) -> None:
             slots = tuple(column[i] for column in columns)
             row = None if derived is None else derived[i]
-            stepped[i] = rule(leaves[i], grad_leaves[i], slots, row, h, decays[i], refs[i])
+            stepped[i] = self.rule(leaves[i], grad_leaves[i], slots, row, h, decays[i], refs[i])
 
-        todo = [i for i in range(len(leaves)) if updated[i]]
+        todo = [i for i, updated in enumerate(inputs.updated) if updated]
         groups, alone = _groups(todo, leaves, grad_leaves, columns, decays, refs, h)
         for i in alone:
             per_leaf(i)
         pending: list[Callable[[], None]] = []
         written: list[tuple[int, int]] = []
-        old_rows = None
+        rows = _TableRows(old_table)
         for indices in groups:
             decay = decays[indices[0]]
-            if (
-                fused is not None
-                and not (decay and prox_threshold is not None)
-                and _contiguous(indices, [leaves, grad_leaves, *columns])
-            ):
-                table_rows = None
-                if old_table is not None and old_table.device.type == "cpu":
-                    # Read once per step: a CPU tensor's values cost no device sync.
-                    old_rows = old_table.tolist() if old_rows is None else old_rows
-                    table_rows = [old_rows[i] for i in indices]
-                run = fused([leaves[i] for i in indices], table_rows, h, decay)
+            if self.fused is not None and not (decay and proxed):
+                run = _fused_run(self.fused, inputs, indices, rows, h, decay)
                 if run is not None:
                     targets = _fused_targets(indices, new_values, in_place)
                     grads_group = [grad_leaves[i] for i in indices]
@@ -449,120 +559,165 @@ def build(
                     continue
             try:
                 results = _grouped_rule(
-                    rule, indices, leaves, grad_leaves, columns, derived, refs, h, decay
+                    self.rule, indices, leaves, grad_leaves, columns, derived, refs, h, decay
                 )
             except NotElementwiseError:
                 for i in indices:
                     per_leaf(i)
                 continue
             stepped.update(zip(indices, results, strict=True))
-        if prox is not None and prox_threshold is not None:
-            proxed = [i for i in stepped if decays[i]]
-            names = spec_names(spec)
-            if proxed and all(len(stepped[i]) == 2 for i in proxed):
-                new_ps = _apply_prox(name, prox, names, proxed, stepped, prox_threshold)
-            else:
-                # In each rule's metric D (prox_metric="preconditioned"): the threshold
-                # lr * rho / D is shaped like its leaf, so each leaf is its own call.
-                new_ps = {}
-                for i in proxed:
-                    result = stepped[i]
-                    threshold = prox_threshold if len(result) == 2 else prox_threshold / result[2]
-                    new_ps.update(_apply_prox(name, prox, names, [i], stepped, threshold))
-            for i in proxed:
-                stepped[i] = (new_ps[i], stepped[i][1])
-        for i, result in stepped.items():
-            new_p, new_slots = result[0], result[1]
-            p = leaves[i]
-            slots = tuple(column[i] for column in columns)
-            # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
-            # 0-d leaf, and a step never changes a param's (or its state's) dtype.
-            new_p = _as_dtype(new_p, p.dtype)
-            new_slots = tuple(
-                None if new is None or old is None else _as_dtype(new, old.dtype)
-                for new, old in zip(new_slots, slots, strict=True)
-            )
-            if finite is not None:
-                new_p = torch.where(finite, new_p, p)
-                new_slots = tuple(
-                    None if new is None or old is None else torch.where(finite, new, old)
-                    for new, old in zip(new_slots, slots, strict=True)
-                )
-            new_leaves[i] = new_p
-            for column, new in zip(new_columns, new_slots, strict=True):
-                column[i] = new
-        skipped = state.skipped if finite is None else state.skipped + (~finite).long()
-        return _Update(
-            spec,
-            [leaves, *columns],
-            [new_leaves, *new_columns],
-            old_table,
-            new_table,
-            skipped,
-            written,
-            pending,
-        )
+        return stepped, written, pending
 
-    def step(params: Params, grads: Params, state: State, **overrides: Any) -> tuple[Params, State]:
+    def step(
+        self, params: Params, grads: Params, state: State, **overrides: Any
+    ) -> tuple[Params, State]:
         if torch.is_grad_enabled():
-            _check_no_parameters(name, params)
-        new = update(params, grads, state, overrides, in_place=False)
+            _check_no_parameters(self.name, params)
+        new = self.update(params, grads, state, overrides, in_place=False)
         new_leaves, *new_columns = new.new_columns
         fields: dict[str, Any] = {
             field: new.spec.unflatten(column) if enabled(getattr(state, field)) else DISABLED
-            for field, column in zip(slot_fields, new_columns, strict=True)
+            for field, column in zip(self.slot_fields, new_columns, strict=True)
         }
-        if table_field is not None:
-            fields[table_field] = DISABLED if new.new_table is None else new.new_table
-        return new.spec.unflatten(new_leaves), state_type(**fields, skipped=new.skipped)
+        if self.table_field is not None:
+            fields[self.table_field] = DISABLED if new.new_table is None else new.new_table
+        return new.spec.unflatten(new_leaves), self.state_type(**fields, skipped=new.skipped)
 
-    checked = _Checked()
-
-    def step_(params: Params, grads: Params, state: State, **overrides: Any) -> None:
+    def step_(self, params: Params, grads: Params, state: State, **overrides: Any) -> None:
         with torch.no_grad():
-            new = update(params, grads, state, overrides, in_place=True)
-            _check_writable(name, slot_fields, new, state.skipped, checked)
+            new = self.update(params, grads, state, overrides, in_place=True)
+            _check_writable(self.name, self.slot_fields, new, state.skipped, self.checked)
             # Everything is computed and checked before the first write, so an error
             # leaves no trace.
-            for run in new.pending:
-                run()
-            olds, news = [], []
-            for column, new_column in zip(new.columns, new.new_columns, strict=True):
-                for old, new_value in zip(column, new_column, strict=True):
-                    if new_value is not old:
-                        olds.append(old)
-                        news.append(new_value)
-            _copy(olds, news)
-            if new.table is not None and new.new_table is not None:
-                new.table.copy_(new.new_table)
-            _write(state.skipped, new.skipped)
+            _write_update(new, state.skipped)
 
-    def validate(params: Params | None = None, **overrides: Any) -> None:
-        resolved(overrides)
+    def validate(self, params: Params | None = None, **overrides: Any) -> None:
+        self.resolved(overrides)
         if params is not None:
-            step_on_meta(init, step, params, overrides)
+            step_on_meta(self.init, self.step, params, overrides)
 
-    def for_flat(flat: Any) -> Optimizer:
+    def for_flat(self, flat: Any) -> Optimizer:
         from ..flat import mask_for, prox_for
 
+        prox = self.prox
         return build(
-            name,
-            state_type=state_type,
-            init_slots=init_slots,
-            rule=rule,
-            hyperparams=defaults,
-            intervals=intervals,
-            mask=mask_for(flat, mask, name),
+            self.name,
+            state_type=self.state_type,
+            init_slots=self.init_slots,
+            rule=self.rule,
+            hyperparams=self.defaults,
+            intervals=self.intervals,
+            mask=mask_for(flat, self.mask, self.name),
             prox=None if prox is None else cast(Prox, prox_for(flat, prox)),
-            skip_nonfinite=skip_nonfinite,
-            table=table,
-            references=references,
-            check=check,
-            fused=fused,
+            skip_nonfinite=self.skip_nonfinite,
+            table=self.table,
+            references=self.references,
+            check=self.check,
+            fused=self.fused,
         )
 
-    step.__doc__ = step_.__doc__ = f"One {name} step; see ``functorch_reg.{name}``."
-    return Optimizer(init, step, step_, defaults, validate, for_flat)
+
+class _TableRows:
+    """The leaf table's rows as Python values, read once per step and only when a fused
+    kernel asks (a CPU tensor's values cost no device sync); ``None`` off the CPU."""
+
+    def __init__(self, table: Tensor | None) -> None:
+        self.table = table
+        self.rows: list[Any] | None = None
+
+    def pick(self, indices: Sequence[int]) -> list[Any] | None:
+        if self.table is None or self.table.device.type != "cpu":
+            return None
+        if self.rows is None:
+            self.rows = self.table.tolist()
+        return [self.rows[i] for i in indices]
+
+
+def _fused_run(
+    fused: FusedStep,
+    inputs: _Gathered,
+    indices: list[int],
+    rows: _TableRows,
+    h: Mapping[str, Scalar],
+    decay: bool,
+) -> Callable[[list[list[Tensor]], list[Tensor], Tensor | None], None] | None:
+    """The fused kernel's run for one group, or ``None`` where it does not apply (a
+    non-contiguous tensor, or options it does not implement)."""
+    if not _contiguous(indices, [inputs.leaves, inputs.grads, *inputs.columns]):
+        return None
+    return fused([inputs.leaves[i] for i in indices], rows.pick(indices), h, decay)
+
+
+def _prox_step(
+    name: str,
+    prox: Prox,
+    threshold: Scalar,
+    inputs: _Gathered,
+    stepped: dict[int, RuleOutput],
+) -> None:
+    """Replace each decayed leaf's new value in ``stepped`` by its prox."""
+    proxed = [i for i in stepped if inputs.decays[i]]
+    names = spec_names(inputs.spec)
+    if proxed and all(len(stepped[i]) == 2 for i in proxed):
+        new_ps = _apply_prox(name, prox, names, proxed, stepped, threshold)
+    else:
+        # In each rule's metric D (prox_metric="preconditioned"): the threshold
+        # lr * rho / D is shaped like its leaf, so each leaf is its own call.
+        new_ps = {}
+        for i in proxed:
+            result = stepped[i]
+            leaf_threshold = threshold if len(result) == 2 else threshold / result[2]
+            new_ps.update(_apply_prox(name, prox, names, [i], stepped, leaf_threshold))
+    for i in proxed:
+        stepped[i] = (new_ps[i], stepped[i][1])
+
+
+def _finish(
+    inputs: _Gathered,
+    stepped: Mapping[int, RuleOutput],
+    new_values: list[list[Any]],
+    finite: Tensor | None,
+) -> None:
+    """Write the rule's outputs into ``new_values`` (params, then one column per slot
+    field) in their old dtypes, keeping the old values where ``finite`` is false."""
+    new_leaves, *new_columns = new_values
+    for i, result in stepped.items():
+        new_p, new_slots = result[0], result[1]
+        p = inputs.leaves[i]
+        slots = tuple(column[i] for column in inputs.columns)
+        # Float64 scalars (Adam's bias corrections, a float64 lr tensor) promote a
+        # 0-d leaf, and a step never changes a param's (or its state's) dtype.
+        new_p = _as_dtype(new_p, p.dtype)
+        new_slots = tuple(
+            None if new is None or old is None else _as_dtype(new, old.dtype)
+            for new, old in zip(new_slots, slots, strict=True)
+        )
+        if finite is not None:
+            new_p = torch.where(finite, new_p, p)
+            new_slots = tuple(
+                None if new is None or old is None else torch.where(finite, new, old)
+                for new, old in zip(new_slots, slots, strict=True)
+            )
+        new_leaves[i] = new_p
+        for column, new in zip(new_columns, new_slots, strict=True):
+            column[i] = new
+
+
+def _write_update(new: _Update, skipped: Tensor) -> None:
+    """``step_``'s writes, once everything is checked: the fused kernels, then the new
+    values of the params and state (one foreach copy), the table and ``skipped``."""
+    for run in new.pending:
+        run()
+    olds, news = [], []
+    for column, new_column in zip(new.columns, new.new_columns, strict=True):
+        for old, new_value in zip(column, new_column, strict=True):
+            if new_value is not old:
+                olds.append(old)
+                news.append(new_value)
+    _copy(olds, news)
+    if new.table is not None and new.new_table is not None:
+        new.table.copy_(new.new_table)
+    _write(skipped, new.skipped)
 
 
 def check_optimizer(optimizer: Optimizer, params: Params | None = None, **overrides: Any) -> None:

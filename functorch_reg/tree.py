@@ -47,70 +47,8 @@ __all__ = [
 
 
 def flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
-    """Leaves and structure of ``tree``, ``None`` counted as a leaf.
-
-    Under ``torch.compile``, a flat ``dict`` of tensors (``dict(model.named_parameters())``)
-    is flattened in plain Python and its structure is a :class:`_FlatDictSpec`: Dynamo
-    traces optree through Python stand-ins that cost seconds per hundred leaves.
-    """
-    if torch.compiler.is_compiling() and _is_flat_dict(tree):
-        spec = _FlatDictSpec(tuple(tree))
-        return [tree[key] for key in spec.keys], cast(optree.PyTreeSpec, spec)
+    """Leaves and structure of ``tree``, ``None`` counted as a leaf."""
     return optree.tree_flatten(tree, none_is_leaf=True)
-
-
-# --- compile only: flat dicts without optree (issue 21, compile time) -----------------
-
-
-def _is_flat_dict(tree: PyTree) -> bool:
-    if type(tree) is not dict:
-        return False
-    for key in tree:  # loops: Dynamo inlines a generator slowly
-        if type(key) is not str:
-            return False
-    # Read the values in the leaves' (sorted) order, as optree does: Dynamo makes the
-    # graph's inputs in the order it first reads them, and Inductor's kernels follow.
-    for key in sorted(tree):
-        value = tree[key]
-        if not (value is None or isinstance(value, Tensor)):
-            return False
-    return True
-
-
-class _FlatDictSpec:
-    """What :func:`flatten` gives as the structure of a flat ``{str: tensor}`` dict while
-    Dynamo traces: the part of ``optree.PyTreeSpec`` that the library uses (``paths``,
-    ``unflatten``, ``num_leaves``, equality), for dicts of one level only.
-
-    Leaves come in sorted key order and ``unflatten`` restores the dict's own key order,
-    as optree does.
-    """
-
-    __slots__ = ("keys", "order")
-
-    def __init__(self, order: tuple[str, ...]) -> None:
-        self.order = order  # the dict's own key order
-        self.keys = tuple(sorted(order))  # the leaves' order
-
-    @property
-    def num_leaves(self) -> int:
-        return len(self.keys)
-
-    def paths(self) -> list[tuple[str]]:
-        return [(key,) for key in self.keys]
-
-    def unflatten(self, leaves: Sequence[Any]) -> dict[str, Any]:
-        by_key = dict(zip(self.keys, leaves, strict=True))
-        return {key: by_key[key] for key in self.order}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _FlatDictSpec) and other.keys == self.keys
-
-    def __hash__(self) -> int:
-        return hash(self.keys)
-
-
-# --- end compile only ---------------------------------------------------------------
 
 
 def leaf_names(tree: PyTree) -> list[str]:
@@ -137,8 +75,6 @@ def leaf_names(tree: PyTree) -> list[str]:
 
 def spec_names(spec: optree.PyTreeSpec) -> list[str]:
     """Dotted names of the leaves of a structure."""
-    if isinstance(spec, _FlatDictSpec):
-        return list(spec.keys)
     return [".".join(str(key) for key in path) for path in spec.paths()]
 
 
@@ -203,8 +139,6 @@ def matching_leaves(
 
 
 def _same_structure(spec: optree.PyTreeSpec, ref_spec: optree.PyTreeSpec) -> bool:
-    if isinstance(spec, _FlatDictSpec) and isinstance(ref_spec, _FlatDictSpec):
-        return spec == ref_spec
     if torch.compiler.is_compiling():
         # PyTreeSpec equality is not traceable before torch 2.13; the leaf paths are.
         return spec.paths() == ref_spec.paths()
@@ -301,7 +235,8 @@ def unstack(stacked: PyTree) -> list[PyTree]:
         )
     (size,) = sizes
     return [
-        spec.unflatten([None if leaf is None else leaf[i] for leaf in leaves]) for i in range(size)
+        optree.tree_unflatten(spec, [None if leaf is None else leaf[i] for leaf in leaves])
+        for i in range(size)
     ]
 
 

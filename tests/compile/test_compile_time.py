@@ -1,7 +1,8 @@
-"""What keeps the first compiled call short (issue 21, item 3): under ``torch.compile`` a
-flat ``{name: tensor}`` dict is flattened without optree's traced stand-ins, with the
-same leaves, names and structure; the compiled step still equals eager and compiles
-once; the library's own compiled steps say "compiling" on first use.
+"""The compiled path's contracts that compile-time work must keep (issue 21, item 3):
+under ``torch.compile`` a dict of tensors flattens to optree's leaves, names and
+structure; the compiled step equals eager and compiles once while lr and decay change;
+the library's own compiled steps say "compiling" on first use; TensorList answers
+Python's protocol lookups as Python expects (Dynamo asks for ``__dict__``).
 
 Dynamo alone (``backend="eager"``) is enough to check what is traced, so most of these
 tests build no C++ kernel."""

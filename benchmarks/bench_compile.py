@@ -10,6 +10,12 @@ nested, so they overlap) and the median steady-state step.
     python benchmarks/bench_compile.py --layers 10 --d 256 --optimizer adamw
     python benchmarks/bench_compile.py --backend eager        # Dynamo alone
     python benchmarks/bench_compile.py --option max_fusion_buffer_group_pairwise_attempts=8
+    python benchmarks/bench_compile.py --case torch-optim   # torch.optim.AdamW's step, compiled
+    python benchmarks/bench_compile.py --isa-probed         # as on a machine that compiled before
+
+``--isa-probed`` picks Inductor's vector ISA before the clock starts: a cold cache
+directory makes Inductor build test programs for it (about 8 s here), which a machine
+pays once per cache directory, not once per optimizer.
 """
 
 from __future__ import annotations
@@ -39,6 +45,16 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--steps", type=int, default=20, help="timed steady-state steps")
     parser.add_argument(
+        "--case",
+        choices=["fr", "torch-optim"],
+        default="fr",
+        help="fr: the library's step_; torch-optim: torch.optim's step (foreach=False, "
+        "lr and weight decay as floats; compiled without fullgraph, see below)",
+    )
+    parser.add_argument(
+        "--isa-probed", action="store_true", help="pick Inductor's vector ISA before timing"
+    )
+    parser.add_argument(
         "--backend",
         default="inductor",
         help="torch.compile backend: 'eager' times Dynamo alone, 'aot_eager' adds AOTAutograd",
@@ -67,16 +83,44 @@ def main() -> None:
     else:
         opt = fr.sgd(lr=1e-2, momentum=0.9, weight_decay=1e-4)
         hyper = {"lr": torch.tensor(1e-2), "weight_decay": torch.tensor(1e-4)}
-    state = opt.init(params)
+    if args.case == "fr":
+        state = opt.init(params)
+
+        def run() -> None:
+            step(params, grads, state, **hyper)
+
+        function = opt.step_
+    else:
+        leaves = [p.requires_grad_() for p in params.values()]
+        for leaf, grad in zip(leaves, grads.values(), strict=True):
+            leaf.grad = grad
+        floats = {k: v.item() for k, v in hyper.items()}
+        if args.optimizer == "adamw":
+            reference = torch.optim.AdamW(leaves, foreach=False, **floats)
+        else:
+            reference = torch.optim.SGD(leaves, momentum=0.9, foreach=False, **floats)
+
+        def run() -> None:
+            step()
+
+        function = reference.step
+    if args.isa_probed:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        pick_vec_isa()
     torch._dynamo.reset()
-    step = torch.compile(opt.step_, fullgraph=True, backend=args.backend, options=options or None)
+    # torch.optim's step breaks the graph on purpose (torch._dynamo.graph_break in _use_grad)
+    fullgraph = args.case == "fr"
+    step = torch.compile(
+        function, fullgraph=fullgraph, backend=args.backend, options=options or None
+    )
     start = time.perf_counter()
-    step(params, grads, state, **hyper)
+    run()
     first = time.perf_counter() - start
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        step(params, grads, state, **hyper)
+        run()
         times.append(time.perf_counter() - start)
     phases = {}
     for key, values in torch._dynamo.utils.compilation_time_metrics.items():
@@ -87,6 +131,8 @@ def main() -> None:
                 "tensors": len(params),
                 "numel": sum(p.numel() for p in params.values()),
                 "optimizer": args.optimizer,
+                "case": args.case,
+                "isa_probed": args.isa_probed,
                 "backend": args.backend,
                 "options": options,
                 "first_call_s": round(first, 2),

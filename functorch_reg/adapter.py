@@ -180,6 +180,17 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._hyperparam_names = tuple(defaults)
         super().__init__(params, defaults)
 
+    @property
+    def functional(self) -> Optimizer:
+        """The functional update rule this optimizer runs (as passed to the constructor).
+
+        >>> import torch, functorch_reg as fr
+        >>> rule = fr.adamw(lr=1e-3)
+        >>> fr.TorchOptimizer(torch.nn.Linear(2, 1).parameters(), rule).functional is rule
+        True
+        """
+        return self._functional
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, checked against the functional optimizer.
 

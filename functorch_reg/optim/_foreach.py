@@ -108,13 +108,17 @@ class TensorList:
         raise NotElementwiseError("the truth value of a TensorList differs from leaf to leaf")
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            # Python's protocols (and Dynamo, which reads __dict__) ask for dunders that
+            # a TensorList has not: say so as Python would.
+            raise AttributeError(name)
         if name in ("dtype", "device"):
             # The same for every leaf of a group, which shares one dtype and device.
             values = {getattr(tensor, name) for tensor in self.tensors}
             if len(values) == 1:
                 return values.pop()
         attribute = getattr(Tensor, name, None)
-        if name.startswith("__") or not callable(attribute):
+        if not callable(attribute):
             raise NotElementwiseError(f"Tensor.{name} differs from leaf to leaf")
         method: Callable[..., Any] = attribute
 

@@ -524,7 +524,7 @@ def schedule_free_train_(optimizer: torch.optim.Optimizer) -> None:
 
 def _switch_(optimizer: torch.optim.Optimizer, *, to_eval: bool) -> None:
     name = "schedule_free_eval_" if to_eval else "schedule_free_train_"
-    functional = getattr(optimizer, "_functional", None)
+    functional = getattr(optimizer, "functional", None)
     if functional is None or not isinstance(functional.init([torch.zeros(1)]), ScheduleFreeState):
         raise TypeError(
             f"{name} takes a fr.TorchOptimizer over fr.schedule_free_adamw(...); for the "

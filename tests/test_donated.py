@@ -52,7 +52,7 @@ def clone(tree: Any) -> Any:
     return optree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
-@pytest.mark.parametrize("lr_tensor", [False, True], ids=["float_lr", "tensor_lr"])
+@pytest.mark.parametrize("lr_tensor", [False, True], ids=["floats", "tensors"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_donated_step_in_place_equals_step_and_copies_nothing(name, lr_tensor, monkeypatch):
     opt = CONFIGS[name]()
@@ -64,11 +64,17 @@ def test_donated_step_in_place_equals_step_and_copies_nothing(name, lr_tensor, m
     monkeypatch.setattr(base, "_copy", lambda t, v: copies.append(len(t)) or original(t, v))
     for step in range(4):
         grads = grads_for(params, step)
-        lr = torch.tensor(0.05 / (step + 1), dtype=torch.float64) if lr_tensor else 0.05
+        # Tensor hyperparameters (a schedule's, the benchmark's) as 0-d operands on the
+        # left of a product (weight_decay * p) keep the in-place path too.
+        hyperparams: dict[str, Any] = (
+            {"lr": torch.tensor(0.05 / (step + 1)), "weight_decay": torch.tensor(0.05)}
+            if lr_tensor
+            else {"lr": 0.05}
+        )
         pointers = [p.data_ptr() for p in params.values()]
         copies.clear()
-        opt.step_(params, grads, state, lr=lr)
-        pure_params, pure_state = opt.step(pure_params, grads, pure_state, lr=lr)
+        opt.step_(params, grads, state, **hyperparams)
+        pure_params, pure_state = opt.step(pure_params, grads, pure_state, **hyperparams)
         assert [p.data_ptr() for p in params.values()] == pointers
         if step > 0 and name in ALL_IN_PLACE:
             # Every new value was written in place by the rule's fused methods.

@@ -481,7 +481,22 @@ def _sqrt(a: Any) -> Any:
     return _unary("sqrt", a, False) if isinstance(a, TensorList) else NotImplemented
 
 
+def _reflected(name: str) -> Callable[[Any, Any], Any]:
+    """``t <op> x`` for a 0-d tensor ``t`` and a TensorList ``x`` (``Tensor.__mul__``
+    runs first, and hands ``Tensor.mul`` to the list): ``x <op> t``, the same bits for
+    an op that commutes, as one foreach call that keeps the list's layout."""
+
+    def reflected(a: Any, b: Any = None, *rest: Any) -> Any:
+        if not rest and isinstance(a, Tensor) and a.dim() == 0 and isinstance(b, TensorList):
+            return _binary(name, b, a, False, False)
+        return NotImplemented
+
+    return reflected
+
+
 _TORCH_FAST: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.maximum: _maximum,
     torch.sqrt: _sqrt,
+    Tensor.mul: _reflected("mul"),  # what Tensor.__mul__ hands over
+    Tensor.add: _reflected("add"),
 }

@@ -948,9 +948,20 @@ def _grouped_rule(
     if derived is not None:
         start, stop = first, indices[-1] + 1
         if stop - start == len(indices):  # contiguous: a view, no gather
-            row = Rows(derived[start:stop])
+            rows = derived[start:stop]
         else:
-            row = Rows(derived[torch.tensor(indices, device=derived.device)])
+            rows = derived[torch.tensor(indices, device=derived.device)]
+        dtype = params[0].dtype
+        if (
+            layout is not None
+            and dtype in (torch.float32, torch.float64)
+            and rows.is_floating_point()
+        ):
+            # Each op would cast its 0-d float64 row to the leaves' dtype, one small copy
+            # per leaf: cast them all at once (the same values; not for half precision,
+            # whose kernels read a scalar operand at its own precision).
+            rows = rows.to(dtype)
+        row = Rows(rows)
     output = rule(
         cast(Tensor, group(leaves, donate)),
         cast(Tensor, group(grad_leaves)),

@@ -13,7 +13,7 @@ import torch
 
 import functorch_reg as fr
 from functorch_reg.optim import base
-from functorch_reg.optim._foreach import TensorList
+from functorch_reg.optim._foreach import TensorList, layout_of
 
 CONFIGS: dict[str, Callable[[], fr.Optimizer]] = {
     "adam": lambda: fr.adam(lr=1e-2),
@@ -121,3 +121,20 @@ def test_a_donated_list_is_written_by_one_fused_method_only():
     assert z.tensors[0] is not storage[0] and storage[0].tolist() == [2.0] * 3
     w = x * 5.0  # operators never write a donated list
     assert w.tensors[0] is not storage[0] and storage[0].tolist() == [2.0] * 3
+
+
+def test_after_a_failed_compile_the_step_still_writes_in_place_and_names_are_safe(monkeypatch):
+    # A frame torch.compile could not trace leaves every later call's operands with one
+    # more reference (torch 2.13, CPython 3.11); temporaries are measured per step, so
+    # the in-place path survives it and a named operand is still never overwritten.
+    def fails(tree: dict[str, torch.Tensor]) -> None:
+        raise ValueError("not traced")
+
+    with pytest.raises(Exception, match="not traced"):
+        torch.compile(fails, backend="eager", fullgraph=True)({"w": torch.zeros(1)})
+    a = TensorList([torch.ones(3), torch.ones(2)], layout_of([torch.ones(3), torch.ones(2)]))
+    b = a * 2.0
+    c = b + 1.0  # b is named: a new list, b unchanged
+    assert [t.tolist() for t in b.tensors] == [[2.0] * 3, [2.0] * 2]
+    assert [t.tolist() for t in c.tensors] == [[3.0] * 3, [3.0] * 2]
+    test_donated_step_in_place_equals_step_and_copies_nothing("adam", False, monkeypatch)

@@ -326,8 +326,21 @@ def _measure_method_temporaries() -> tuple[int, int]:
     return temporary
 
 
-_TEMPORARY = _measure_temporaries()
-_METHOD_TEMPORARY = _measure_method_temporaries()
+_TEMPORARY = list(_measure_temporaries())
+_METHOD_TEMPORARY = list(_measure_method_temporaries())
+
+
+def remeasure_temporaries() -> None:
+    """Measure :data:`_TEMPORARY` again, for the interpreter as it runs now.
+
+    Called before each grouped rule: the counts are not a constant of the interpreter.
+    After ``torch.compile`` has failed on a frame, every call's operands count one more
+    reference (measured on torch 2.13, CPython 3.11). Counts taken at import would then
+    find no temporary (safe, but every op allocates); counts taken in that state and
+    read after it changed back would take a named operand for a temporary and
+    overwrite it."""
+    _TEMPORARY[:] = _measure_temporaries()
+    _METHOD_TEMPORARY[:] = _measure_method_temporaries()
 
 
 def _check_length(a: TensorList, b: TensorList) -> list[Tensor]:

@@ -26,7 +26,7 @@ from ..tree import (
     matching_leaves,
     spec_names,
 )
-from ._foreach import NotElementwiseError, Rows, TensorList, layout_of
+from ._foreach import NotElementwiseError, Rows, TensorList, layout_of, remeasure_temporaries
 from .decay import References
 
 # state_dict and load_state_dict come from .checkpoint, through __getattr__ below.
@@ -925,6 +925,7 @@ def _grouped_rule(
     what ``rule`` gives on that leaf alone. Raises :class:`NotElementwiseError` when the
     rule needs a leaf's own shape (then each leaf steps alone). With ``donate``, the
     params and slots are donated (see :func:`build`): the rule may write into them."""
+    remeasure_temporaries()
     first = indices[0]
     params = [leaves[i] for i in indices]
     layout = layout_of(params)

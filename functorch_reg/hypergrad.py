@@ -269,7 +269,7 @@ def unrolled(
         True
     """
     _check_strengths("unrolled", strengths)
-    _check_positive_int("unrolled", "steps", steps)
+    check_positive_int("hypergrad.unrolled", "steps", steps)
     _check_optimizer("unrolled", optimizer)
     split = _Split(params)
     _check_params("unrolled", split, strengths, finite=True)
@@ -500,8 +500,8 @@ def _check_tune_arguments(
 ) -> None:
     """Every argument of :func:`tune` but the params, before any forward pass."""
     _check_strengths("tune", strengths)
-    _check_positive_int("tune", "rounds", rounds)
-    _check_positive_int("tune", "steps_per_round", steps_per_round)
+    check_positive_int("hypergrad.tune", "rounds", rounds)
+    check_positive_int("hypergrad.tune", "steps_per_round", steps_per_round)
     _check_optimizer("tune", optimizer)
     if method not in ("implicit", "unrolled"):
         raise ValueError(f"tune: method must be 'implicit' or 'unrolled', got {method!r}")
@@ -712,14 +712,10 @@ def _positive_finite(value: Any) -> bool:
     return 0 < value < math.inf
 
 
-def _check_positive_int(owner: str, name: str, value: Any) -> None:
-    check_positive_int(f"hypergrad.{owner}", name, value)
-
-
 def _check_solver_settings(owner: str, maxiter: Any, tol: Any, damping: Any) -> None:
     """``maxiter``, ``tol`` and ``damping`` of an implicit hypergradient, checked before
     any forward pass."""
-    _check_positive_int(owner, "maxiter", maxiter)
+    check_positive_int(f"hypergrad.{owner}", "maxiter", maxiter)
     if not (math.isfinite(tol) and tol >= 0):
         raise ValueError(f"hypergrad.{owner}: tol must be finite and >= 0, got {tol!r}")
     if not (math.isfinite(damping) and damping >= 0):

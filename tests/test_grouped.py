@@ -275,6 +275,37 @@ def test_tensor_list_never_writes_a_named_operand():
         assert all(torch.equal(a, b) for a, b in zip(operand.tensors, tensors, strict=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_scaled_addcdiv_is_one_foreach_call_with_the_per_leaf_bits(dtype, monkeypatch):
+    """AdamW's p.addcdiv(m * step_size, denom, value=-1), with step_size a table row:
+    torch.optim's p.addcdiv(m, denom, value=-step_size) without the product in memory
+    (float32 and float64), the same bits as leaf by leaf in every dtype."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(33,), (7, 9), (1000,)]
+    ps, ms = ([torch.randn(s, generator=g).to(dtype) for s in shapes] for _ in range(2))
+    ds = [torch.rand(s, generator=g).to(dtype) + 0.1 for s in shapes]
+    table = torch.rand(3, 2, generator=g, dtype=torch.float64) * 1e-2
+    if dtype != torch.bfloat16:
+        table = table.to(dtype)  # as _grouped_rule casts the rows
+    layout = layout_of(ps)
+    p, m, d = (TensorList([t.clone() for t in ts], layout) for ts in (ps, ms, ds))
+    step_size, _ = Rows(table).unbind()
+    products = []
+    original = torch._foreach_mul
+    monkeypatch.setattr(torch, "_foreach_mul", lambda *a: products.append(1) or original(*a))
+    new_p = p.addcdiv(m * step_size, d, value=-1)
+    expected = [
+        a.addcdiv(b * s, c, value=-1) for a, b, c, s in zip(ps, ms, ds, step_size.tensors)
+    ]
+    assert all(torch.equal(x, y) for x, y in zip(new_p.tensors, expected, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(m.tensors, ms, strict=True))  # m kept
+    assert products == ([1] if dtype == torch.bfloat16 else [])
+    product = m * step_size  # read as a tensor list, it is the product
+    assert all(
+        torch.equal(x, b * s) for x, b, s in zip(product.tensors, ms, step_size.tensors)
+    )
+
+
 def test_tensor_list_refuses_what_differs_between_leaves():
     x = TensorList([torch.ones(2), torch.ones(3)])
     for ask in (lambda: x.shape, lambda: len(x), lambda: bool(x), lambda: x.numel()):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -231,6 +231,8 @@ class TensorList:
     def addcdiv(self, tensor1: Any, tensor2: Any, *, value: Any = 1) -> Any:
         """``self + value * tensor1 / tensor2``, as ``Tensor.addcdiv``."""
         temporary = sys.getrefcount(self) <= _METHOD_TEMPORARY[0] or self.donated
+        if isinstance(tensor1, _Scaled) and isinstance(tensor2, TensorList) and value in (1, -1):
+            return _scaled_addcdiv(self, tensor1, tensor2, value, temporary)
         return _fused("addcdiv", self, (tensor1, tensor2), {"value": value}, temporary)
 
     def __pow__(self, other: Any) -> Any:
@@ -291,7 +293,68 @@ class Rows(TensorList):
     def unbind(self, dim: int = 0) -> tuple[TensorList, ...]:
         if dim != 0 or self.table.dim() != 2:
             raise NotElementwiseError("Rows.unbind splits a row into its fields (dim=0) only")
-        return tuple(TensorList(column.unbind(0), SCALARS) for column in self.table.unbind(1))
+        return tuple(_Column(column) for column in self.table.unbind(1))
+
+
+class _Column(TensorList):
+    """One field of a group's rows: a list of 0-d tensors, kept as the 1-D tensor they
+    view, whose values a CPU table gives as Python numbers in one call."""
+
+    __slots__ = ("column",)
+
+    def __init__(self, column: Tensor) -> None:
+        super().__init__(column.unbind(0), SCALARS)
+        self.column = column
+
+
+class _Scaled(TensorList):
+    """``base * scale`` for a leaf list and a :class:`_Column` on the CPU, made only when
+    read: ``p.addcdiv(base * scale, d, value=±1)`` becomes one foreach ``addcdiv`` with
+    the column's values as its per-leaf ``value`` (torch.optim's form), no product in
+    memory. The same bits in float32 and float64: the kernel computes ``p + (value *
+    t1) / t2``, and ``(-s) * m == -(m * s)`` exactly; half precision, which rounds
+    ``m * s`` to its own precision first, never gets here."""
+
+    __slots__ = ("base", "scale")
+
+    def __init__(self, base: TensorList, scale: _Column, layout: Layout) -> None:
+        # Holding base keeps its reference count above a temporary's, so no op writes
+        # into it before the product is read; a donated base never gets here.
+        self.layout, self.owned, self.donated = layout, True, False
+        self.base, self.scale = base, scale
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "tensors":  # read other than by addcdiv: the product, as _binary's
+            self.tensors = torch._foreach_mul(self.base.tensors, self.scale.tensors)
+            return self.tensors
+        return super().__getattr__(name)
+
+
+def _scalable(a: TensorList, b: Any, layout: Layout | str | None) -> bool:
+    """Whether ``a * b`` may wait as a :class:`_Scaled`."""
+    return (
+        isinstance(b, _Column)
+        and isinstance(layout, Layout)
+        and not a.donated
+        and b.column.device.type == "cpu"
+        and a.tensors[0].dtype in (torch.float32, torch.float64)
+    )
+
+
+def _scaled_addcdiv(
+    a: TensorList, scaled: _Scaled, tensor2: TensorList, value: int, temporary: bool
+) -> TensorList:
+    """``a.addcdiv(scaled, tensor2, value=value)`` with ``value`` 1 or -1, as one foreach
+    call with per-leaf values (see :class:`_Scaled`)."""
+    base = _check_length(a, scaled.base)
+    denominators = _check_length(a, tensor2)
+    scalars = [value * s for s in scaled.scale.column.tolist()]
+    layout = _result_layout(_token(_result_layout(a, scaled)), tensor2)
+    if isinstance(layout, Layout) and temporary and (a.owned or a.donated) and a.layout is layout:
+        torch._foreach_addcdiv_(a.tensors, base, denominators, scalars)
+        return _written(a)
+    result = torch._foreach_addcdiv(a.tensors, base, denominators, scalars)
+    return TensorList(result, layout, owned=True)
 
 
 class _Probe:
@@ -409,6 +472,8 @@ def _binary(name: str, a: TensorList, b: Any, a_temporary: bool, b_temporary: bo
                 torch._foreach_neg_(b.tensors)
                 torch._foreach_add_(b.tensors, a.tensors)
                 return b
+    if name == "mul" and _scalable(a, b, layout):
+        return _Scaled(a, b, cast(Layout, layout))
     return TensorList(getattr(torch, f"_foreach_{name}")(a.tensors, other), layout, owned=True)
 
 

@@ -294,16 +294,12 @@ def test_a_scaled_addcdiv_is_one_foreach_call_with_the_per_leaf_bits(dtype, monk
     original = torch._foreach_mul
     monkeypatch.setattr(torch, "_foreach_mul", lambda *a: products.append(1) or original(*a))
     new_p = p.addcdiv(m * step_size, d, value=-1)
-    expected = [
-        a.addcdiv(b * s, c, value=-1) for a, b, c, s in zip(ps, ms, ds, step_size.tensors)
-    ]
+    expected = [a.addcdiv(b * s, c, value=-1) for a, b, c, s in zip(ps, ms, ds, step_size.tensors)]
     assert all(torch.equal(x, y) for x, y in zip(new_p.tensors, expected, strict=True))
     assert all(torch.equal(x, y) for x, y in zip(m.tensors, ms, strict=True))  # m kept
     assert products == ([1] if dtype == torch.bfloat16 else [])
     product = m * step_size  # read as a tensor list, it is the product
-    assert all(
-        torch.equal(x, b * s) for x, b, s in zip(product.tensors, ms, step_size.tensors)
-    )
+    assert all(torch.equal(x, b * s) for x, b, s in zip(product.tensors, ms, step_size.tensors))
 
 
 def test_tensor_list_refuses_what_differs_between_leaves():

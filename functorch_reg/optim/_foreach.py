@@ -325,7 +325,7 @@ class _Scaled(TensorList):
 
     def __getattr__(self, name: str) -> Any:
         if name == "tensors":  # read other than by addcdiv: the product, as _binary's
-            self.tensors = torch._foreach_mul(self.base.tensors, self.scale.tensors)
+            self.tensors = list(torch._foreach_mul(self.base.tensors, self.scale.tensors))
             return self.tensors
         return super().__getattr__(name)
 

@@ -260,7 +260,7 @@ def mask(params: Params, where: Where = None) -> PyTree:
 def selected(params: Params, where: Where) -> list[bool]:
     """Flat list of bools, one per leaf of ``params`` in flattening order."""
     leaves, spec = flatten(params)
-    floats = [is_float(leaf) for leaf in leaves]
+    floats = [isinstance(leaf, Tensor) and leaf.is_floating_point() for leaf in leaves]
     if where is None:  # every step of a rule without a mask: no names needed
         return floats
     names = spec_names(spec)

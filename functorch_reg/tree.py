@@ -127,7 +127,7 @@ def matching_leaves(
             f"{other_name} do not match {reference_name}: "
             + _first_difference(spec_names(ref_spec), spec_names(spec), reference_name, other_name)
         )
-    if check_shapes:
+    if check_shapes and any(map(_shapes_differ, leaves, ref_leaves)):
         for name, ref, leaf in zip(spec_names(spec), ref_leaves, leaves, strict=True):
             if isinstance(ref, Tensor) and isinstance(leaf, Tensor) and leaf.shape != ref.shape:
                 raise ValueError(
@@ -136,6 +136,10 @@ def matching_leaves(
                     f"{reference_name}"
                 )
     return leaves
+
+
+def _shapes_differ(leaf: Any, ref: Any) -> bool:
+    return isinstance(ref, Tensor) and isinstance(leaf, Tensor) and leaf.shape != ref.shape
 
 
 def _same_structure(spec: optree.PyTreeSpec, ref_spec: optree.PyTreeSpec) -> bool:

@@ -7,6 +7,7 @@ Checkpoints of a state (:func:`state_dict`, :func:`load_state_dict`) live in
 from __future__ import annotations
 
 import functools
+import operator
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, cast
@@ -248,7 +249,7 @@ class _Update(NamedTuple):
     """Params leaves and state columns (params first) before and after one step.
 
     ``pending`` are fused kernels that write their new values in place (``step_``
-    only), run after the checks; ``written`` names the (column, leaf) they write.
+    only), run after the checks; ``written`` names the (column, leaves) they write.
     """
 
     spec: Any
@@ -257,7 +258,7 @@ class _Update(NamedTuple):
     table: Tensor | None
     new_table: Tensor | None
     skipped: Tensor
-    written: Sequence[tuple[int, int]] = ()
+    written: Sequence[tuple[int, Sequence[int]]] = ()
     pending: Sequence[Callable[[], None]] = ()
 
 
@@ -495,7 +496,10 @@ class _Lift:
         decays = selected(params, self.mask)
         references = self.references
         refs = [None] * len(leaves) if references is None else references(leaves, spec, decays)
-        updated = [g is not None and is_float(p) for p, g in zip(leaves, grad_leaves, strict=True)]
+        updated = [
+            g is not None and isinstance(p, Tensor) and p.is_floating_point()
+            for p, g in zip(leaves, grad_leaves, strict=True)
+        ]
         return _Gathered(leaves, spec, grad_leaves, columns, decays, refs, updated)
 
     def _advance_table(
@@ -551,7 +555,7 @@ class _Lift:
         for i in alone:
             per_leaf(i)
         pending: list[Callable[[], None]] = []
-        written: list[tuple[int, int]] = []
+        written: list[tuple[int, Sequence[int]]] = []
         rows = _TableRows(old_table)
         for indices in groups:
             decay = decays[indices[0]]
@@ -562,9 +566,7 @@ class _Lift:
                     grads_group = [grad_leaves[i] for i in indices]
                     found_inf = None if finite is None else (~finite).to(torch.float32)
                     if in_place:
-                        written.extend(
-                            (c, i) for c, column in enumerate(targets) if column for i in indices
-                        )
+                        written.extend((c, indices) for c, column in enumerate(targets) if column)
                         pending.append(functools.partial(run, targets, grads_group, found_inf))
                     else:
                         run(targets, grads_group, found_inf)
@@ -572,9 +574,7 @@ class _Lift:
             key = _group_key(indices, inputs, h) if self.donates else None
             if in_place and finite is None and not (decay and proxed) and key in self.elementwise:
                 targets = _fused_targets(indices, new_values, in_place)
-                written.extend(
-                    (c, i) for c, column in enumerate(targets) if column for i in indices
-                )
+                written.extend((c, indices) for c, column in enumerate(targets) if column)
                 deferred = functools.partial(
                     _grouped_rule, self.rule, indices, leaves, grad_leaves, columns, derived
                 )
@@ -882,31 +882,47 @@ def _groups(
     if torch.compiler.is_compiling():
         return [], list(todo)
     grad_mode = torch.is_grad_enabled()
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    special = () if dtensor is None else (dtensor.DTensor,)
-
-    def plain(x: Tensor) -> bool:
-        return not (wrapped(x) or isinstance(x, special) or (grad_mode and x.requires_grad))
-
-    if not all(plain(value) for value in h.values() if isinstance(value, Tensor)):
+    if not _plain([value for value in h.values() if isinstance(value, Tensor)], grad_mode):
         return [], list(todo)
+    ps = [leaves[i] for i in todo]
+    slots = [[column[i] for i in todo] for column in columns]
+    tensors = [*ps, *(grad_leaves[i] for i in todo), *(refs[i] for i in todo)]
+    tensors.extend(s for column in slots for s in column)
+    if _plain([t for t in tensors if t is not None], grad_mode):
+        together, alone = list(range(len(todo))), []
+    else:  # find the special leaves
+        together, alone = [], []
+        for j, i in enumerate(todo):
+            mine = [leaves[i], grad_leaves[i], refs[i], *(column[j] for column in slots)]
+            (together if _plain([t for t in mine if t is not None], grad_mode) else alone).append(j)
+    if len(together) < len(todo):
+        ps, slots = [ps[j] for j in together], [[c[j] for j in together] for c in slots]
+    indices = [todo[j] for j in together]
+    keys = zip(
+        map(_DEVICE, ps),
+        map(_DTYPE, ps),
+        [decays[i] for i in indices],
+        [refs[i] is None for i in indices],
+        *[[s is None for s in column] for column in slots],
+    )
     groups: dict[tuple[Any, ...], list[int]] = {}
-    alone: list[int] = []
-    for i in todo:
-        p, g, reference = leaves[i], grad_leaves[i], refs[i]
-        slots = [column[i] for column in columns]
-        if not (
-            plain(p)
-            and plain(g)
-            and all(s is None or plain(s) for s in slots)
-            and (reference is None or plain(reference))
-        ):
-            alone.append(i)
-            continue
-        key = (p.device, p.dtype, decays[i], reference is None, *[s is None for s in slots])
+    for i, key in zip(indices, keys):
         groups.setdefault(key, []).append(i)
-    return list(groups.values()), alone
+    return list(groups.values()), [todo[j] for j in alone]
+
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+def _plain(tensors: Sequence[Tensor], grad_mode: bool) -> bool:
+    """Whether all ``tensors`` are plain (no DTensor, no functorch wrapper, not recorded
+    by autograd), read at C speed: the grouped path runs on plain tensors only."""
+    if _TENSOR_TYPES.issuperset(map(type, tensors)):
+        if any(map(torch._C._functorch.is_functorch_wrapped_tensor, tensors)):
+            return False
+    elif any(_wrapped(t) or is_dtensor(t) for t in tensors):
+        return False
+    return not (grad_mode and any(map(_REQUIRES_GRAD, tensors)))
 
 
 def _grouped_rule(
@@ -924,12 +940,14 @@ def _grouped_rule(
     """``rule`` over the group's leaves at once, as TensorLists: per leaf,
     what ``rule`` gives on that leaf alone. Raises :class:`NotElementwiseError` when the
     rule needs a leaf's own shape (then each leaf steps alone). With ``donate``, the
-    params and slots are donated (see :func:`build`): the rule may write into them."""
+    params and slots are donated (see :func:`build`): the rule may write into them, and
+    the result is per column (new params, then each slot field; ``None`` for a disabled
+    one), not per leaf."""
     remeasure_temporaries()
     first = indices[0]
     params = [leaves[i] for i in indices]
     layout = layout_of(params)
-    shapes = [p.shape for p in params]
+    shapes = list(map(_SHAPE, params))
 
     def group(column: Sequence[Any], donated: bool = False) -> TensorList | None:
         if column[first] is None:
@@ -937,9 +955,10 @@ def _grouped_rule(
         tensors = [column[i] for i in indices]
         # The leaf layout lets an op reuse a temporary in place: only for tensors of
         # the params' shapes and dtype (a factored state slot has other shapes).
-        same = layout is not None and all(
-            t.shape == shape and t.dtype == params[0].dtype
-            for t, shape in zip(tensors, shapes, strict=True)
+        same = (
+            layout is not None
+            and list(map(_SHAPE, tensors)) == shapes
+            and set(map(_DTYPE, tensors)) == {params[0].dtype}
         )
         result = TensorList(tensors, layout if same else None)
         result.donated = donated
@@ -979,12 +998,11 @@ def _grouped_rule(
     ):
         raise NotElementwiseError("the rule gave a tensor for a group of leaves")
     lists = [None if x is None else cast(TensorList, x).tensors for x in outputs]
+    if donate:  # _donated_run reads the columns
+        return lists
     results: list[Any] = [
-        (
-            cast(list[Tensor], lists[0])[j],
-            tuple(None if column is None else column[j] for column in lists[1:]),
-        )
-        for j in range(len(indices))
+        (p, tuple(None if column is None else column[j] for column in lists[1:]))
+        for j, p in enumerate(cast(list[Tensor], lists[0]))
     ]
     if len(output) == 3:  # the rule's metric D (prox_metric="preconditioned")
         metric: Any = output[2]
@@ -1001,7 +1019,7 @@ def _group_key(indices: list[int], inputs: _Gathered, h: Mapping[str, Scalar]) -
     first = indices[0]
     leaf = inputs.leaves[first]
     present = tuple(column[first] is None for column in (*inputs.columns, inputs.refs))
-    shapes = tuple(inputs.leaves[i].shape for i in indices)
+    shapes = tuple(map(_SHAPE, (inputs.leaves[i] for i in indices)))
     kinds = tuple((key, type(value), is_zero(value)) for key, value in h.items())
     return (tuple(indices), shapes, leaf.dtype, leaf.device, inputs.decays[first], present, kinds)
 
@@ -1015,14 +1033,13 @@ def _donated_run(
 ) -> None:
     """``step_``'s deferred rule over a group whose params and state it may write
     (see :func:`build`), then a copy of each new value it did not write in place."""
-    results = run(refs, h, decay, True)
     olds: list[Tensor] = []
     news: list[Tensor] = []
-    for j, (new_p, new_slots, *_) in enumerate(results):
-        for column, new in zip(targets, (new_p, *new_slots), strict=True):
-            if column and new is not None and new is not column[j]:
-                olds.append(column[j])
-                news.append(new)
+    for column, new_column in zip(targets, run(refs, h, decay, True), strict=True):
+        if column and new_column is not None:
+            pairs = [(old, new) for old, new in zip(column, new_column) if new is not old]
+            olds.extend(old for old, _ in pairs)
+            news.extend(new for _, new in pairs)
     _copy(olds, news)
 
 
@@ -1089,6 +1106,8 @@ def _check_not_complex(name: str, names: Sequence[str], leaves: Sequence[Any]) -
 
 def _check_grads(name: str, spec: Any, leaves: Sequence[Any], grad_leaves: Sequence[Any]) -> None:
     """Each gradient has its param's dtype and device, as autograd's do."""
+    if _alike(leaves, grad_leaves):
+        return
     for i, (p, g) in enumerate(zip(leaves, grad_leaves, strict=True)):
         if g is None or not isinstance(p, Tensor):
             continue
@@ -1110,6 +1129,8 @@ def _check_grads(name: str, spec: Any, leaves: Sequence[Any], grad_leaves: Seque
 
 def _check_like_params(field: str, spec: Any, leaves: Sequence[Any], column: Sequence[Any]) -> None:
     """A state field's tensors have their params' dtypes and devices."""
+    if _alike(leaves, column):
+        return
     for i, (p, s) in enumerate(zip(leaves, column, strict=True)):
         if not (is_float(p) and isinstance(s, Tensor)):
             continue
@@ -1119,6 +1140,31 @@ def _check_like_params(field: str, spec: Any, leaves: Sequence[Any], column: Seq
                 f"{p.dtype} on {p.device}; build the state with init(params) or "
                 "load_state_dict(optimizer, params, saved)"
             )
+
+
+_DTYPE, _DEVICE, _SHAPE = (operator.attrgetter(a) for a in ("dtype", "device", "shape"))
+
+
+def _alike(leaves: Sequence[Any], others: Sequence[Any]) -> bool:
+    """Whether the common case holds at C speed: every leaf and its partner are plain
+    real floating tensors of one dtype and device (``None`` partners skipped). False
+    sends the caller to its leaf-by-leaf checks, which name what differs."""
+    pairs = [(p, x) for p, x in zip(leaves, others, strict=True) if x is not None]
+    if not pairs:
+        return True
+    firsts, seconds = zip(*pairs, strict=True)
+    if not _TENSOR_TYPES.issuperset(map(type, firsts + seconds)):
+        return False
+    dtypes = list(map(_DTYPE, firsts))
+    return (
+        dtypes == list(map(_DTYPE, seconds))
+        and list(map(_DEVICE, firsts)) == list(map(_DEVICE, seconds))
+        and all(map(_REAL_FLOATS.__contains__, dtypes))
+    )
+
+
+_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
+_REAL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 def _check_no_parameters(name: str, params: Params) -> None:
@@ -1162,12 +1208,15 @@ def _layout_key(targets: Sequence[tuple[int, int, Tensor]]) -> tuple[Any, ...] |
     dtensor = sys.modules.get("torch.distributed.tensor")
     if dtensor is not None and any(isinstance(t, dtensor.DTensor) for _, _, t in targets):
         return None
+    tensors = [t for _, _, t in targets]
     return (
         torch.is_inference_mode_enabled(),
-        *[
-            (c, i, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t.is_inference())
-            for c, i, t in targets
-        ],
+        tuple((c, i) for c, i, _ in targets),
+        *(
+            tuple(map(read, tensors))
+            for read in (Tensor.data_ptr, _SHAPE, Tensor.stride, _DTYPE, _DEVICE)
+        ),
+        tuple(map(Tensor.is_inference, tensors)),
     )
 
 
@@ -1187,13 +1236,18 @@ def _check_writable(
     # (column, leaf index) of each target, the table and skipped as column -1 and -2;
     # labels are only spelled out for an error.
     targets: list[tuple[int, int, Tensor]] = []
-    written = set(new.written)
+    written: dict[int, set[int]] = {}
+    for column_index, indices in new.written:
+        written.setdefault(column_index, set()).update(indices)
     for column_index, (column, new_column) in enumerate(
         zip(new.columns, new.new_columns, strict=True)
     ):
-        for i, (old, new_value) in enumerate(zip(column, new_column, strict=True)):
-            if new_value is not old or (column_index, i) in written:
-                targets.append((column_index, i, old))
+        mine = written.get(column_index, ())
+        targets.extend(
+            (column_index, i, old)
+            for i, (old, new_value) in enumerate(zip(column, new_column, strict=True))
+            if new_value is not old or i in mine
+        )
     if new.table is not None and new.new_table is not None:
         targets.append((-1, 0, new.table))
     targets.append((-2, 0, skipped))

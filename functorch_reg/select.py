@@ -26,7 +26,7 @@ from typing import Any, TypeAlias
 import torch  # noqa: F401  # the doctests use it
 from torch import Tensor, nn
 
-from .tree import Params, PyTree, check_structure, flatten, is_float, spec_names
+from .tree import Params, PyTree, check_structure, flatten, spec_names
 
 Predicate: TypeAlias = Callable[[str, Tensor], bool]
 """A function ``(name, leaf) -> bool`` of a leaf's dotted name (as in

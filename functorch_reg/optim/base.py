@@ -904,9 +904,10 @@ def _groups(
         [decays[i] for i in indices],
         [refs[i] is None for i in indices],
         *[[s is None for s in column] for column in slots],
+        strict=True,
     )
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, key in zip(indices, keys):
+    for i, key in zip(indices, keys, strict=True):
         groups.setdefault(key, []).append(i)
     return list(groups.values()), [todo[j] for j in alone]
 
@@ -1037,7 +1038,9 @@ def _donated_run(
     news: list[Tensor] = []
     for column, new_column in zip(targets, run(refs, h, decay, True), strict=True):
         if column and new_column is not None:
-            pairs = [(old, new) for old, new in zip(column, new_column) if new is not old]
+            pairs = [
+                (old, new) for old, new in zip(column, new_column, strict=True) if new is not old
+            ]
             olds.extend(old for old, _ in pairs)
             news.extend(new for _, new in pairs)
     _copy(olds, news)

@@ -535,7 +535,7 @@ class _Lift:
         new_values: list[list[Any]],
         in_place: bool,
         proxed: bool,
-    ) -> tuple[dict[int, RuleOutput], list[tuple[int, int]], list[Callable[[], None]]]:
+    ) -> tuple[dict[int, RuleOutput], list[tuple[int, Sequence[int]]], list[Callable[[], None]]]:
         """Step every updated leaf: per group through ``fused`` where it applies (a
         decayed group with a prox excepted), else ``rule`` over the group's TensorLists,
         else (under ``torch.compile``, for special tensors, for a rule that needs a
@@ -888,10 +888,11 @@ def _groups(
     slots = [[column[i] for i in todo] for column in columns]
     tensors = [*ps, *(grad_leaves[i] for i in todo), *(refs[i] for i in todo)]
     tensors.extend(s for column in slots for s in column)
+    together: list[int] = []
+    alone: list[int] = []
     if _plain([t for t in tensors if t is not None], grad_mode):
-        together, alone = list(range(len(todo))), []
+        together = list(range(len(todo)))
     else:  # find the special leaves
-        together, alone = [], []
         for j, i in enumerate(todo):
             mine = [leaves[i], grad_leaves[i], refs[i], *(column[j] for column in slots)]
             (together if _plain([t for t in mine if t is not None], grad_mode) else alone).append(j)

@@ -1051,9 +1051,8 @@ def _contiguous(indices: Sequence[int], columns: Sequence[Sequence[Any]]) -> boo
     """Whether every tensor of the group is contiguous, as the fused kernels need (they
     walk memory in order, so a transposed leaf next to a contiguous grad would mix up
     elements)."""
-    return all(
-        column[i] is None or column[i].is_contiguous() for column in columns for i in indices
-    )
+    tensors = [column[i] for column in columns for i in indices]
+    return all(map(Tensor.is_contiguous, [t for t in tensors if t is not None]))
 
 
 def _fused_targets(

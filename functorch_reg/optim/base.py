@@ -1151,7 +1151,10 @@ _DTYPE, _DEVICE, _SHAPE = (operator.attrgetter(a) for a in ("dtype", "device", "
 def _alike(leaves: Sequence[Any], others: Sequence[Any]) -> bool:
     """Whether the common case holds at C speed: every leaf and its partner are plain
     real floating tensors of one dtype and device (``None`` partners skipped). False
-    sends the caller to its leaf-by-leaf checks, which name what differs."""
+    sends the caller to its leaf-by-leaf checks, which name what differs (and which
+    torch.compile traces: it has no attrgetter)."""
+    if torch.compiler.is_compiling():
+        return False
     pairs = [(p, x) for p, x in zip(leaves, others, strict=True) if x is not None]
     if not pairs:
         return True

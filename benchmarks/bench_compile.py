@@ -12,6 +12,12 @@ nested, so they overlap) and the median steady-state step.
     python benchmarks/bench_compile.py --option max_fusion_buffer_group_pairwise_attempts=8
     python benchmarks/bench_compile.py --case torch-optim   # torch.optim.AdamW's step, compiled
     python benchmarks/bench_compile.py --isa-probed         # as on a machine that compiled before
+    python benchmarks/bench_compile.py --case floor-foreach  # a bare AdamW: what Inductor needs
+
+``--case floor-foreach`` and ``floor-loop`` compile a bare AdamW written by hand (eight
+``torch._foreach_*`` calls, or the same ops leaf by leaf: no checks, no pytrees, no state
+type) over the same tensors: the compile time of the arithmetic alone, a floor for any
+optimizer of these tensors.
 
 ``--isa-probed`` picks Inductor's vector ISA before the clock starts: a cold cache
 directory makes Inductor build test programs for it (about 8 s here), which a machine
@@ -46,10 +52,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steady-state steps")
     parser.add_argument(
         "--case",
-        choices=["fr", "torch-optim"],
+        choices=["fr", "torch-optim", "floor-foreach", "floor-loop"],
         default="fr",
         help="fr: the library's step_; torch-optim: torch.optim's step (foreach=False, "
-        "lr and weight decay as floats; compiled without fullgraph, see below)",
+        "lr and weight decay as floats; compiled without fullgraph, see below); floor-*: "
+        "a bare AdamW by hand (--optimizer adamw only)",
     )
     parser.add_argument(
         "--isa-probed", action="store_true", help="pick Inductor's vector ISA before timing"
@@ -90,6 +97,17 @@ def main() -> None:
             step(params, grads, state, **hyper)
 
         function = opt.step_
+    elif args.case.startswith("floor"):
+        if args.optimizer != "adamw":
+            parser.error("--case floor-* is an AdamW")
+        lists = [list(params.values()), list(grads.values())]
+        lists += [[torch.zeros_like(p) for p in lists[0]] for _ in range(2)]
+        sizes = [torch.tensor(1e-3, dtype=dtype) for _ in lists[0]]
+
+        def run() -> None:
+            step(*lists, sizes)
+
+        function = _floor_foreach if args.case == "floor-foreach" else _floor_loop
     else:
         leaves = [p.requires_grad_() for p in params.values()]
         for leaf, grad in zip(leaves, grads.values(), strict=True):
@@ -110,7 +128,7 @@ def main() -> None:
         pick_vec_isa()
     torch._dynamo.reset()
     # torch.optim's step breaks the graph on purpose (torch._dynamo.graph_break in _use_grad)
-    fullgraph = args.case == "fr"
+    fullgraph = args.case != "torch-optim"
     step = torch.compile(
         function, fullgraph=fullgraph, backend=args.backend, options=options or None
     )
@@ -143,6 +161,39 @@ def main() -> None:
             }
         )
     )
+
+
+def _floor_foreach(
+    ps: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    ms: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    sizes: list[torch.Tensor],
+) -> None:
+    """AdamW's arithmetic by hand (lr 1e-3, decay 1e-2, constant bias corrections)."""
+    torch._foreach_mul_(ps, 1 - 1e-5)
+    torch._foreach_lerp_(ms, gs, 0.1)
+    torch._foreach_mul_(vs, 0.999)
+    torch._foreach_addcmul_(vs, gs, gs, 0.001)
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denom, 0.5)
+    torch._foreach_add_(denom, 1e-8)
+    torch._foreach_addcdiv_(ps, torch._foreach_mul(ms, sizes), denom, value=-1)
+
+
+def _floor_loop(
+    ps: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    ms: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    sizes: list[torch.Tensor],
+) -> None:
+    """:func:`_floor_foreach` leaf by leaf."""
+    for p, g, m, v, size in zip(ps, gs, ms, vs, sizes, strict=True):
+        p.mul_(1 - 1e-5)
+        m.lerp_(g, 0.1)
+        v.mul_(0.999).addcmul_(g, g, value=0.001)
+        p.addcdiv_(m * size, v.sqrt() / 0.5 + 1e-8, value=-1)
 
 
 if __name__ == "__main__":

@@ -949,18 +949,23 @@ def _grouped_rule(
     first = indices[0]
     params = [leaves[i] for i in indices]
     layout = layout_of(params)
-    shapes = list(map(_SHAPE, params))
+    shapes = list(map(_SHAPE, params)) if layout is not None else []
 
-    def group(column: Sequence[Any], donated: bool = False) -> TensorList | None:
+    def group(
+        column: Sequence[Any], donated: bool = False, like: bool = False
+    ) -> TensorList | None:
         if column[first] is None:
             return None
         tensors = [column[i] for i in indices]
         # The leaf layout lets an op reuse a temporary in place: only for tensors of
-        # the params' shapes and dtype (a factored state slot has other shapes).
-        same = (
-            layout is not None
-            and list(map(_SHAPE, tensors)) == shapes
-            and set(map(_DTYPE, tensors)) == {params[0].dtype}
+        # the params' shapes and dtype (a factored state slot has other shapes; the
+        # params and their grads, ``like``, are known to fit: _gather checked them).
+        same = layout is not None and (
+            like
+            or (
+                list(map(_SHAPE, tensors)) == shapes
+                and set(map(_DTYPE, tensors)) == {params[0].dtype}
+            )
         )
         result = TensorList(tensors, layout if same else None)
         result.donated = donated
@@ -985,8 +990,8 @@ def _grouped_rule(
             rows = rows.to(dtype)
         row = Rows(rows)
     output = rule(
-        cast(Tensor, group(leaves, donate)),
-        cast(Tensor, group(grad_leaves)),
+        cast(Tensor, group(leaves, donate, like=True)),
+        cast(Tensor, group(grad_leaves, like=True)),
         tuple(cast(Tensor | None, group(column, donate)) for column in columns),
         cast(Tensor | None, row),
         h,

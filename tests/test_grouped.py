@@ -111,9 +111,14 @@ def per_leaf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(base, "_groups", lambda todo, *args: ([], list(todo)))
 
 
-def run(make: Callable[[], fr.Optimizer], in_place: bool, nonfinite: bool = False) -> Any:
+def run(
+    make: Callable[[], fr.Optimizer],
+    in_place: bool,
+    nonfinite: bool = False,
+    make_params: Callable[[], dict[str, Any]] = tricky_params,
+) -> Any:
     opt = make()
-    params = tricky_params()
+    params = make_params()
     state = opt.init(params)
     for step in range(STEPS):
         grads = tricky_grads(params, step)
@@ -143,6 +148,47 @@ def test_grouped_step_equals_the_per_leaf_rule_bit_for_bit(name, in_place, monke
     params = grouped[0]
     assert params["transposed"].stride() == (1, 7)  # layouts and dtypes kept
     assert params["scale"].dtype == torch.float32 and params["steps"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["step", "step_"])
+@pytest.mark.parametrize("name", ["adamw", "adam_coupled_amsgrad_maximize", "sgd_momentum", "lion"])
+def test_cache_blocks_give_the_per_leaf_bits(name, in_place, monkeypatch):
+    """A CPU group larger than two cache blocks runs block by block (each block's params,
+    grads and state stay in cache across the rule's passes), with the same bits."""
+    monkeypatch.setattr(base, "CACHE_BLOCK", 64)  # bytes: 16 float32, 8 float64
+    calls = []
+    original = base._grouped_rule
+    monkeypatch.setattr(base, "_grouped_rule", lambda *a: calls.append(a[1]) or original(*a))
+    blocked = run(CONFIGS[name], in_place)
+    last_step = calls[-len(calls) // STEPS :]
+    assert len(last_step) > 3 and all(len(block) <= 3 for block in last_step), last_step
+    per_leaf(monkeypatch)
+    torch.testing.assert_close(blocked, run(CONFIGS[name], in_place), rtol=0, atol=0)
+
+
+def test_cache_blocks_split_a_large_cpu_group_only():
+    leaves = [torch.zeros(2**18), torch.zeros(2**18), torch.zeros(2**20), torch.zeros(10)]
+    assert base._cache_blocks([0, 1, 2, 3], leaves) == [[0, 1], [2], [3]]  # 2 MiB, 4 MiB, tail
+    assert base._cache_blocks([0, 1], leaves) == [[0, 1]]  # two blocks or less: whole
+    meta = [torch.zeros(2**21, device="meta") for _ in range(3)]
+    assert base._cache_blocks([0, 1, 2], meta) == [[0, 1, 2]]  # off the CPU: whole
+
+
+def no_scalar_leaves() -> dict[str, Any]:
+    """tricky_params without its 0-d leaves: each dtype's group then has one leaf layout,
+    so the rule's table values meet whole leaf lists (cast once for them)."""
+    return {k: v for k, v in tricky_params().items() if k not in ("scale", "scale64")}
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["step", "step_"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_groups_of_one_layout_equal_the_per_leaf_rule_bit_for_bit(name, in_place, monkeypatch):
+    """Schedule-free computes with its table's values (lr * (beta1 * (1 - ckp1) - 1))
+    before they meet a leaf: in float64, as each leaf's rule does, not cast first."""
+    grouped = run(CONFIGS[name], in_place, "skip" in name, no_scalar_leaves)
+    per_leaf(monkeypatch)
+    reference = run(CONFIGS[name], in_place, "skip" in name, no_scalar_leaves)
+    torch.testing.assert_close(grouped, reference, rtol=0, atol=0)
 
 
 FUSED: dict[str, tuple[Callable[..., fr.Optimizer], str]] = {

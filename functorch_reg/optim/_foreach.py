@@ -268,7 +268,25 @@ class TensorList:
     __hash__ = None  # type: ignore[assignment]
 
 
-class Rows(TensorList):
+class _TableValues(TensorList):
+    """0-d values, one per leaf, that view one 1-D tensor ``values`` (a leaf table's
+    column, float64): an op with a float32 or float64 leaf list reads them cast to the
+    leaves' dtype, cast once for the list (:func:`_operand`), where the op on each leaf
+    would cast its 0-d operand itself. Ops among the values keep their dtype, as the
+    per-leaf rule's do."""
+
+    __slots__ = ("casts", "values")
+    casts: dict[torch.dtype, list[Tensor]]
+    values: Tensor | None
+
+    def cast_to(self, dtype: torch.dtype) -> list[Tensor]:
+        if dtype not in self.casts:
+            assert self.values is not None
+            self.casts[dtype] = list(self.values.to(dtype).unbind(0))
+        return self.casts[dtype]
+
+
+class Rows(_TableValues):
     """The rows of a leaf table for a group of leaves (``row`` of a :class:`LeafRule`).
 
     Kept as one ``[n, *row]`` tensor, so that ``unbind()`` (a row's values, one per
@@ -283,6 +301,8 @@ class Rows(TensorList):
         self.layout = SCALARS if table.dim() == 1 else None
         self.owned = self.donated = False
         self.table = table
+        self.values = table if table.dim() == 1 else None
+        self.casts = {}
 
     def __getattr__(self, name: str) -> Any:
         if name == "tensors":
@@ -296,15 +316,32 @@ class Rows(TensorList):
         return tuple(_Column(column) for column in self.table.unbind(1))
 
 
-class _Column(TensorList):
-    """One field of a group's rows: a list of 0-d tensors, kept as the 1-D tensor they
-    view, whose values a CPU table gives as Python numbers in one call."""
+class _Column(_TableValues):
+    """One field of a group's rows, whose values a CPU table also gives as Python
+    numbers in one call."""
 
     __slots__ = ("column",)
 
     def __init__(self, column: Tensor) -> None:
         super().__init__(column.unbind(0), SCALARS)
-        self.column = column
+        self.values = self.column = column
+        self.casts = {}
+
+
+def _operand(a: TensorList, b: TensorList) -> list[Tensor]:
+    """``b``'s tensors as the operand of an element-wise op with ``a``: a table's values
+    cast to ``a``'s leaf dtype when that is float32 or float64, the cast each leaf's op
+    would make (half precision kernels read a scalar operand at their own precision,
+    so they get the values as they are)."""
+    tensors = _check_length(a, b)
+    if not (isinstance(b, _TableValues) and b.values is not None):
+        return tensors
+    if not isinstance(a.layout, Layout) or not b.values.is_floating_point():
+        return tensors
+    dtype = a.tensors[0].dtype
+    if dtype == b.values.dtype or dtype not in (torch.float32, torch.float64):
+        return tensors
+    return b.cast_to(dtype)
 
 
 class _Scaled(TensorList):
@@ -325,7 +362,9 @@ class _Scaled(TensorList):
 
     def __getattr__(self, name: str) -> Any:
         if name == "tensors":  # read other than by addcdiv: the product, as _binary's
-            self.tensors = list(torch._foreach_mul(self.base.tensors, self.scale.tensors))
+            self.tensors = list(
+                torch._foreach_mul(self.base.tensors, _operand(self.base, self.scale))
+            )
             return self.tensors
         return super().__getattr__(name)
 
@@ -451,7 +490,7 @@ _SINGLE: dict[str, Callable[..., Any]] = {
 def _binary(name: str, a: TensorList, b: Any, a_temporary: bool, b_temporary: bool) -> Any:
     """``a <op> b``, in place in a temporary operand where that computes the same."""
     if isinstance(b, TensorList):
-        other: Any = _check_length(a, b)
+        other: Any = _operand(a, b)
     elif _is_scalar(b) or (isinstance(b, Tensor) and name != "pow"):
         other = b
     else:
@@ -491,7 +530,7 @@ def _fused(
     layout = a.layout
     for operand in operands:
         if isinstance(operand, TensorList):
-            lists.append(_check_length(a, operand))
+            lists.append(_operand(a, operand))
         elif isinstance(operand, Tensor) and operand.dim() == 0 and name != "lerp":
             lists.append([operand] * len(a.tensors))
         elif _is_scalar(operand) and name == "lerp":

@@ -323,9 +323,17 @@ class _Column(_TableValues):
     __slots__ = ("column",)
 
     def __init__(self, column: Tensor) -> None:
-        super().__init__(column.unbind(0), SCALARS)
+        # The 0-d tensors (``tensors``) are split off on first use only: AdamW reads its
+        # step sizes as numbers and its other field cast to the leaves' dtype.
+        self.layout, self.owned, self.donated = SCALARS, False, False
         self.values = self.column = column
         self.casts = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "tensors":
+            self.tensors = list(self.column.unbind(0))
+            return self.tensors
+        return super().__getattr__(name)
 
 
 def _operand(a: TensorList, b: TensorList) -> list[Tensor]:

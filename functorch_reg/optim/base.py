@@ -883,8 +883,10 @@ def _cache_blocks(group: list[int], leaves: Sequence[Tensor]) -> list[list[int]]
     """``group`` in consecutive runs of about :data:`CACHE_BLOCK` bytes of params (a leaf
     larger than that alone), or whole: off the CPU (one launch per op is what counts
     there) and when it holds at most two blocks."""
-    sizes = [leaves[i].numel() * leaves[i].element_size() for i in group]
-    if leaves[group[0]].device.type != "cpu" or sum(sizes) <= 2 * CACHE_BLOCK:
+    if leaves[group[0]].device.type != "cpu":
+        return [group]
+    sizes = list(map(_NBYTES, [leaves[i] for i in group]))
+    if sum(sizes) <= 2 * CACHE_BLOCK:
         return [group]
     blocks: list[list[int]] = [[]]
     filled = 0
@@ -944,7 +946,7 @@ def _groups(
     return list(groups.values()), [todo[j] for j in alone]
 
 
-_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_REQUIRES_GRAD, _NBYTES = operator.attrgetter("requires_grad"), operator.attrgetter("nbytes")
 
 
 def _plain(tensors: Sequence[Tensor], grad_mode: bool) -> bool:

@@ -9,9 +9,16 @@ Two measures, both uncompiled, on one CPU thread:
   of the library's named phases (gather and check the inputs, group the leaves, check
   the write targets, the grouped rule with its kernels), next to one torch.optim foreach
   step on the same tensors.
+* ``--blocks`` (with ``--size``): ``step_`` with its CPU cache blocks
+  (``optim.base.CACHE_BLOCK``) and without them (one run per group), against
+  torch.optim's foreach and for-loop steps, in rounds of ``--repeat`` consecutive calls
+  per case: 1 interleaves the cases call by call, so each step finds the caches and
+  the allocator as another case left them (as a step after a forward and backward
+  pass does); 5 times the 5th of five calls in a row (as ``bench_step.py`` does).
 
     python benchmarks/bench_overhead.py --optimizer adamw --leaves 80
     python benchmarks/bench_overhead.py --optimizer sgd --size 1M
+    python benchmarks/bench_overhead.py --optimizer adamw --size 8M --blocks --repeat 1
 """
 
 from __future__ import annotations
@@ -114,16 +121,61 @@ def phases(args: argparse.Namespace) -> None:
     )
 
 
+def blocks(args: argparse.Namespace) -> None:
+    cases: dict[str, Callable[[], object]] = {}
+    for name, block in (("step_ in cache blocks", base.CACHE_BLOCK), ("step_ whole", None)):
+        opt, params, grads, _, overrides = problem(args.optimizer, args.size, 0)
+        state = opt.init(params)
+
+        def step(
+            opt: Any = opt,
+            params: Any = params,
+            grads: Any = grads,
+            state: Any = state,
+            overrides: Any = overrides,
+            block: int | None = block,
+        ) -> None:
+            base.CACHE_BLOCK = block if block is not None else 2**62
+            opt.step_(params, grads, state, **overrides)
+
+        cases[name] = step
+    for foreach in (True, False):
+        _, _, _, reference, _ = problem(args.optimizer, args.size, 0)
+        reference.defaults["foreach"] = foreach
+        for group in reference.param_groups:
+            group["foreach"] = foreach
+        cases[f"torch.optim {'foreach' if foreach else 'for-loop'}"] = reference.step
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(3):
+        for fn in cases.values():
+            fn()
+    for _ in range(args.steps):
+        for name, fn in cases.items():
+            for _ in range(args.repeat - 1):
+                fn()
+            times[name].append(timed(fn))
+    anchor = times["torch.optim foreach"]
+    print(f"{args.optimizer} at {args.size}, {args.repeat} call(s) per case per round:")
+    for name, values in times.items():
+        ratio = statistics.median(a / b for a, b in zip(values, anchor, strict=True))
+        print(f"  {name:22s} {1e3 * statistics.median(values):7.2f} ms  {ratio:.2f}x foreach")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--size", choices=("tiny", "1M", "8M"), default="tiny")
     parser.add_argument("--leaves", type=int, default=80, help="tensors, for --size tiny")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--blocks", action="store_true", help="cache blocks on and off")
+    parser.add_argument("--repeat", type=int, default=1, help="calls per case per round")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"# {load()}")
-    tiny(args) if args.size == "tiny" else phases(args)
+    if args.size == "tiny":
+        tiny(args)
+    else:
+        blocks(args) if args.blocks else phases(args)
 
 
 if __name__ == "__main__":

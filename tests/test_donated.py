@@ -138,3 +138,23 @@ def test_after_a_failed_compile_the_step_still_writes_in_place_and_names_are_saf
     assert [t.tolist() for t in b.tensors] == [[2.0] * 3, [2.0] * 2]
     assert [t.tolist() for t in c.tensors] == [[3.0] * 3, [3.0] * 2]
     test_donated_step_in_place_equals_step_and_copies_nothing("adam", False, monkeypatch)
+
+
+def test_many_cache_blocks_keep_writing_in_place(monkeypatch):
+    """A step of more cache blocks than the remembered layouts once held (256) still
+    writes every block in place from the second step on, with step's values."""
+    monkeypatch.setattr(base, "CACHE_BLOCK", 8)  # bytes: blocks of two 1-element leaves
+    params = {f"w{i:03d}": torch.randn(1) for i in range(600)}  # 300 blocks
+    pure_params, opt = clone(params), fr.adamw(lr=1e-2, weight_decay=0.1)
+    state, pure_state = opt.init(params), opt.init(params)
+    copies: list[int] = []
+    original = base._copy
+    monkeypatch.setattr(base, "_copy", lambda t, v: copies.append(len(t)) or original(t, v))
+    for step in range(3):
+        grads = {k: torch.randn_like(v) for k, v in params.items()}
+        copies.clear()
+        opt.step_(params, grads, state)
+        pure_params, pure_state = opt.step(pure_params, grads, pure_state)
+        if step > 0:
+            assert sum(copies) == 0, sum(copies)
+    torch.testing.assert_close((params, state), (pure_params, pure_state), rtol=0, atol=0)

@@ -593,7 +593,9 @@ class _Lift:
                         per_leaf(i)
                     continue
                 if key is not None:
-                    if len(self.elementwise) >= 256:  # params of ever new layouts: start over
+                    # Params of ever new layouts: start over (a step adds at most a key
+                    # per leaf, one per cache block or group).
+                    if len(self.elementwise) >= max(256, 4 * len(todo)):
                         self.elementwise.clear()
                     self.elementwise.add(key)
                 stepped.update(zip(indices, results, strict=True))

@@ -14,7 +14,8 @@ Two measures, both uncompiled, on one CPU thread:
   torch.optim's foreach and for-loop steps, in rounds of ``--repeat`` consecutive calls
   per case: 1 interleaves the cases call by call, so each step finds the caches and
   the allocator as another case left them (as a step after a forward and backward
-  pass does); 5 times the 5th of five calls in a row (as ``bench_step.py`` does).
+  pass does); 5 times the 5th of five calls in a row (as ``bench_step.py`` does). Also
+  prints the median minor page faults of a timed call (``getrusage``).
 
     python benchmarks/bench_overhead.py --optimizer adamw --leaves 80
     python benchmarks/bench_overhead.py --optimizer sgd --size 1M
@@ -24,6 +25,7 @@ Two measures, both uncompiled, on one CPU thread:
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -146,6 +148,7 @@ def blocks(args: argparse.Namespace) -> None:
             group["foreach"] = foreach
         cases[f"torch.optim {'foreach' if foreach else 'for-loop'}"] = reference.step
     times: dict[str, list[float]] = {name: [] for name in cases}
+    faults: dict[str, list[int]] = {name: [] for name in cases}
     for _ in range(3):
         for fn in cases.values():
             fn()
@@ -153,12 +156,17 @@ def blocks(args: argparse.Namespace) -> None:
         for name, fn in cases.items():
             for _ in range(args.repeat - 1):
                 fn()
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times[name].append(timed(fn))
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     anchor = times["torch.optim foreach"]
     print(f"{args.optimizer} at {args.size}, {args.repeat} call(s) per case per round:")
     for name, values in times.items():
         ratio = statistics.median(a / b for a, b in zip(values, anchor, strict=True))
-        print(f"  {name:22s} {1e3 * statistics.median(values):7.2f} ms  {ratio:.2f}x foreach")
+        print(
+            f"  {name:22s} {1e3 * statistics.median(values):7.2f} ms  {ratio:.2f}x foreach  "
+            f"{statistics.median(faults[name]):.0f} minor page faults"
+        )
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 import optree
 import pytest
 import torch
@@ -180,15 +181,49 @@ def no_scalar_leaves() -> dict[str, Any]:
     return {k: v for k, v in tricky_params().items() if k not in ("scale", "scale64")}
 
 
+def half_leaves() -> dict[str, Any]:
+    """no_scalar_leaves in bfloat16 and float16 (REFERENCE's leaves keep their dtypes)."""
+    halves = (torch.bfloat16, torch.float16)
+    return {
+        k: v.to(halves[k.startswith("b.")]) if v.is_floating_point() else v
+        for k, v in no_scalar_leaves().items()
+    }
+
+
+ONE_LAYOUT = [(no_scalar_leaves, name) for name in CONFIGS] + [
+    # REFERENCE (decay_to) holds float32 and float64 tensors, not the half leaves' dtypes.
+    (half_leaves, name)
+    for name in CONFIGS
+    if not name.endswith("_to")
+]
+
+
 @pytest.mark.parametrize("in_place", [False, True], ids=["step", "step_"])
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_groups_of_one_layout_equal_the_per_leaf_rule_bit_for_bit(name, in_place, monkeypatch):
+@pytest.mark.parametrize(
+    ("leaves", "name"), ONE_LAYOUT, ids=[f"{f.__name__}-{n}" for f, n in ONE_LAYOUT]
+)
+def test_groups_of_one_layout_equal_the_per_leaf_rule_bit_for_bit(
+    leaves, name, in_place, monkeypatch
+):
     """Schedule-free computes with its table's values (lr * (beta1 * (1 - ckp1) - 1))
-    before they meet a leaf: in float64, as each leaf's rule does, not cast first."""
-    grouped = run(CONFIGS[name], in_place, "skip" in name, no_scalar_leaves)
+    before they meet a leaf: in float64, as each leaf's rule does, not cast first. In
+    half precision a product by a number is never made in place, nor is ``t * x`` for a
+    0-d ``t`` turned into ``x * t`` (torch rounds them otherwise there)."""
+    grouped = run(CONFIGS[name], in_place, "skip" in name, leaves)
     per_leaf(monkeypatch)
-    reference = run(CONFIGS[name], in_place, "skip" in name, no_scalar_leaves)
+    reference = run(CONFIGS[name], in_place, "skip" in name, leaves)
     torch.testing.assert_close(grouped, reference, rtol=0, atol=0)
+
+
+def test_a_grad_that_is_not_a_tensor_is_named_and_changes_nothing():
+    params = {"a": torch.randn(3), "b": torch.randn(2)}
+    opt = fr.adamw(lr=1e-2)
+    state = opt.init(params)
+    before = clone((params, state))
+    for grad in (1.0, np.ones(2, dtype=np.float32)):
+        with pytest.raises(TypeError, match="grad of leaf 'b' is a (float|ndarray)"):
+            opt.step_(params, {"a": torch.randn(3), "b": grad}, state)
+    torch.testing.assert_close((params, state), before, rtol=0, atol=0)
 
 
 FUSED: dict[str, tuple[Callable[..., fr.Optimizer], str]] = {

@@ -1146,6 +1146,11 @@ def _check_grads(name: str, spec: Any, leaves: Sequence[Any], grad_leaves: Seque
     for i, (p, g) in enumerate(zip(leaves, grad_leaves, strict=True)):
         if g is None or not isinstance(p, Tensor):
             continue
+        if not isinstance(g, Tensor):
+            raise TypeError(
+                f"{name}: the grad of leaf {spec_names(spec)[i]!r} is a {type(g).__name__}, "
+                "not a tensor; pass a tensor like its param (or None for no gradient)"
+            )
         if p.is_complex() or g.is_complex():
             _check_not_complex(name, spec_names(spec)[i : i + 1], [p if p.is_complex() else g])
         if not is_float(p):

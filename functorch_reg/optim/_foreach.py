@@ -269,20 +269,32 @@ class TensorList:
 
 
 class _TableValues(TensorList):
-    """0-d values, one per leaf, that view one 1-D tensor ``values`` (a leaf table's
-    column, float64): an op with a float32 or float64 leaf list reads them cast to the
-    leaves' dtype, cast once for the list (:func:`_operand`), where the op on each leaf
-    would cast its 0-d operand itself. Ops among the values keep their dtype, as the
-    per-leaf rule's do."""
+    """A group's entries of a leaf table: the slices along dim 0 of one tensor ``whole``,
+    split off only when read as ``tensors`` (a rule that reads a 2-D table through
+    ``unbind()``, or AdamW's step sizes as numbers, never needs them).
 
-    __slots__ = ("casts", "values")
-    casts: dict[torch.dtype, list[Tensor]]
-    values: Tensor | None
+    A 1-D ``whole`` holds one 0-d value per leaf (a table column, float64): an op with a
+    float32 or float64 leaf list reads them cast to the leaves' dtype, cast once for the
+    list (:func:`_operand`), where the op on each leaf would cast its 0-d operand itself.
+    Ops among the values keep their dtype, as the per-leaf rule's do."""
+
+    __slots__ = ("casts", "whole")
+
+    def __init__(self, whole: Tensor) -> None:
+        self.layout = SCALARS if whole.dim() == 1 else None
+        self.owned = self.donated = False
+        self.whole = whole
+        self.casts: dict[torch.dtype, list[Tensor]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "tensors":
+            self.tensors = list(self.whole.unbind(0))
+            return self.tensors
+        return super().__getattr__(name)
 
     def cast_to(self, dtype: torch.dtype) -> list[Tensor]:
         if dtype not in self.casts:
-            assert self.values is not None
-            self.casts[dtype] = list(self.values.to(dtype).unbind(0))
+            self.casts[dtype] = list(self.whole.to(dtype).unbind(0))
         return self.casts[dtype]
 
 
@@ -293,47 +305,19 @@ class Rows(_TableValues):
     field) splits all the leaves' rows with two calls rather than one per leaf.
     """
 
-    __slots__ = ("table",)
-
-    def __init__(self, table: Tensor) -> None:
-        # The rows themselves (``tensors``) are split off on first use only: a rule
-        # that reads its fields through unbind() never needs them.
-        self.layout = SCALARS if table.dim() == 1 else None
-        self.owned = self.donated = False
-        self.table = table
-        self.values = table if table.dim() == 1 else None
-        self.casts = {}
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "tensors":
-            self.tensors = list(self.table.unbind(0))
-            return self.tensors
-        return super().__getattr__(name)
+    __slots__ = ()
 
     def unbind(self, dim: int = 0) -> tuple[TensorList, ...]:
-        if dim != 0 or self.table.dim() != 2:
+        if dim != 0 or self.whole.dim() != 2:
             raise NotElementwiseError("Rows.unbind splits a row into its fields (dim=0) only")
-        return tuple(_Column(column) for column in self.table.unbind(1))
+        return tuple(_Column(column) for column in self.whole.unbind(1))
 
 
 class _Column(_TableValues):
     """One field of a group's rows, whose values a CPU table also gives as Python
     numbers in one call."""
 
-    __slots__ = ("column",)
-
-    def __init__(self, column: Tensor) -> None:
-        # The 0-d tensors (``tensors``) are split off on first use only: AdamW reads its
-        # step sizes as numbers and its other field cast to the leaves' dtype.
-        self.layout, self.owned, self.donated = SCALARS, False, False
-        self.values = self.column = column
-        self.casts = {}
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "tensors":
-            self.tensors = list(self.column.unbind(0))
-            return self.tensors
-        return super().__getattr__(name)
+    __slots__ = ()
 
 
 def _operand(a: TensorList, b: TensorList) -> list[Tensor]:
@@ -342,12 +326,12 @@ def _operand(a: TensorList, b: TensorList) -> list[Tensor]:
     would make (half precision kernels read a scalar operand at their own precision,
     so they get the values as they are)."""
     tensors = _check_length(a, b)
-    if not (isinstance(b, _TableValues) and b.values is not None):
+    if not (isinstance(b, _TableValues) and b.whole.dim() == 1):
         return tensors
-    if not isinstance(a.layout, Layout) or not b.values.is_floating_point():
+    if not isinstance(a.layout, Layout) or not b.whole.is_floating_point():
         return tensors
     dtype = a.tensors[0].dtype
-    if dtype == b.values.dtype or dtype not in (torch.float32, torch.float64):
+    if dtype == b.whole.dtype or dtype not in (torch.float32, torch.float64):
         return tensors
     return b.cast_to(dtype)
 
@@ -383,7 +367,7 @@ def _scalable(a: TensorList, b: Any, layout: Layout | str | None) -> bool:
         isinstance(b, _Column)
         and isinstance(layout, Layout)
         and not a.donated
-        and b.column.device.type == "cpu"
+        and b.whole.device.type == "cpu"
         and a.tensors[0].dtype in (torch.float32, torch.float64)
     )
 
@@ -395,7 +379,7 @@ def _scaled_addcdiv(
     call with per-leaf values (see :class:`_Scaled`)."""
     base = _check_length(a, scaled.base)
     denominators = _check_length(a, tensor2)
-    scalars = [value * s for s in scaled.scale.column.tolist()]
+    scalars = [value * s for s in scaled.scale.whole.tolist()]
     layout = _result_layout(_token(_result_layout(a, scaled)), tensor2)
     if isinstance(layout, Layout) and temporary and (a.owned or a.donated) and a.layout is layout:
         torch._foreach_addcdiv_(a.tensors, base, denominators, scalars)

@@ -33,6 +33,13 @@ from .decay import References
 # state_dict and load_state_dict come from .checkpoint, through __getattr__ below.
 __all__ = ["Optimizer", "Prox", "State", "load_state_dict", "state_dict"]  # noqa: F822
 
+# Tensor attributes read over many leaves at C speed with map() (the eager step's checks).
+_DTYPE, _DEVICE, _SHAPE, _NBYTES, _REQUIRES_GRAD = (
+    operator.attrgetter(a) for a in ("dtype", "device", "shape", "nbytes", "requires_grad")
+)
+_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
+_REAL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
 State = Any
 """An optimizer state: a NamedTuple whose fields are pytrees of tensors, ``skipped`` last.
 
@@ -948,9 +955,6 @@ def _groups(
     return list(groups.values()), [todo[j] for j in alone]
 
 
-_REQUIRES_GRAD, _NBYTES = operator.attrgetter("requires_grad"), operator.attrgetter("nbytes")
-
-
 def _plain(tensors: Sequence[Tensor], grad_mode: bool) -> bool:
     """Whether all ``tensors`` are plain (no DTensor, no functorch wrapper, not recorded
     by autograd), read at C speed: the grouped path runs on plain tensors only."""
@@ -1182,9 +1186,6 @@ def _check_like_params(field: str, spec: Any, leaves: Sequence[Any], column: Seq
             )
 
 
-_DTYPE, _DEVICE, _SHAPE = (operator.attrgetter(a) for a in ("dtype", "device", "shape"))
-
-
 def _alike(leaves: Sequence[Any], others: Sequence[Any]) -> bool:
     """Whether the common case holds at C speed: every leaf and its partner are plain
     real floating tensors of one dtype and device (``None`` partners skipped). False
@@ -1204,10 +1205,6 @@ def _alike(leaves: Sequence[Any], others: Sequence[Any]) -> bool:
         and list(map(_DEVICE, firsts)) == list(map(_DEVICE, seconds))
         and all(map(_REAL_FLOATS.__contains__, dtypes))
     )
-
-
-_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
-_REAL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 def _check_no_parameters(name: str, params: Params) -> None:

@@ -883,9 +883,11 @@ CACHE_BLOCK = 2 * 2**20
 """Bytes of params per run of a rule over a CPU group larger than two of these: the rule
 makes several passes over each tensor (AdamW about eight), and a run over a block whose
 params, grads and state fit in the CPU's cache makes them there rather than in main
-memory, as torch.optim's for-loop does leaf by leaf. AdamW over 8M parameters in 160
-tensors took 0.6 to 0.7x the time of one run over the whole group (2-core Zen 3, 32 MiB
-L3; ``benchmarks/RESULTS.md``); the same bits, since each leaf sees the same ops."""
+memory, as torch.optim's for-loop does leaf by leaf, and its temporaries are small enough
+to be reused rather than faulted in afresh. AdamW over 8M parameters in 160 tensors took
+0.6 to 0.7x the time of one run over the whole group where that run page-faulted its
+temporaries, and about the same where it did not (2-core Zen 3, 32 MiB L3;
+``benchmarks/RESULTS.md``); the same bits, since each leaf sees the same ops."""
 
 
 def _cache_blocks(group: list[int], leaves: Sequence[Tensor]) -> list[list[int]]:

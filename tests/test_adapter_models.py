@@ -111,3 +111,62 @@ def test_near_misses_of_a_hyperparameter_are_refused(key, message):
     with pytest.raises(TypeError, match=message):
         optimizer.add_param_group({"params": model[0].parameters(), key: 0.1})
     assert len(optimizer.param_groups) == 1
+
+
+def small_cnn() -> torch.nn.Module:
+    """Conv (frozen) + BatchNorm2d + Dropout + Linear, float64, in train mode."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Dropout(0.2), torch.nn.Flatten(), torch.nn.Linear(64, 3),
+    ).double()  # fmt: skip
+    model[0].requires_grad_(False)
+    return model
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    """GPT-2 from a tiny config: tied embedding and head, dropout, float64."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=8, n_head=2, n_positions=16, vocab_size=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def loss_of(model: torch.nn.Module) -> torch.Tensor:
+    if isinstance(model, torch.nn.Sequential):
+        x, y = torch.randn(8, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+        return torch.nn.functional.cross_entropy(model(x), y)
+    ids = torch.randint(0, 32, (4, 12))
+    return model(input_ids=ids, labels=ids).loss
+
+
+@pytest.mark.parametrize("make", [small_cnn, tiny_gpt2], ids=["cnn", "gpt2"])
+def test_cache_blocks_on_a_real_model_match_torch_adamw(make, monkeypatch):
+    """The eager step in many cache blocks (as a model over 4 MiB runs on the CPU),
+    through TorchOptimizer, against torch.optim.AdamW on a copy of the same model."""
+    from functorch_reg.optim import base
+
+    monkeypatch.setattr(base, "CACHE_BLOCK", 64)  # bytes: blocks of a few leaves
+    blocks: list[int] = []
+    split = base._cache_blocks
+    monkeypatch.setattr(
+        base, "_cache_blocks", lambda *a: blocks.append(len(out := split(*a))) or out
+    )
+    model = make()
+    reference = copy.deepcopy(model)
+    optimizer = fr.TorchOptimizer(model.parameters(), fr.adamw(lr=1e-2, weight_decay=0.1))
+    torch_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    for net, opt in ((model, optimizer), (reference, torch_optimizer)):
+        torch.manual_seed(1)  # the same batches and dropout masks for both
+        for _ in range(5):
+            opt.zero_grad()
+            loss_of(net).backward()
+            opt.step()
+    assert max(blocks) > 1  # the step ran block by block
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=name)
+    for (name, b), c in zip(model.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, c, rtol=0, atol=1e-12, msg=name)  # BatchNorm's stats
